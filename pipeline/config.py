@@ -1,0 +1,194 @@
+"""The one settings object of warmcast, and its one loader.
+
+Precedence (later wins): built-in defaults < a TOML or YAML file < ``WARMCAST_*`` environment
+variables < explicit overrides (command-line flags).
+
+The file is the path given to :func:`load_settings`, else ``$WARMCAST_CONFIG``, else none.
+Top-level keys map to :class:`Settings` fields; the tables ``[ingest]`` and ``[aws]`` map to
+:class:`IngestSettings` and :class:`AwsSettings`. Environment variables use the same names,
+upper-cased, with ``__`` between a table and its key::
+
+    WARMCAST_LAKE=s3://bucket/lake
+    WARMCAST_INGEST__MAX_QUARANTINE_SHARE=0.1
+    WARMCAST_AWS__ENDPOINT_URL=http://127.0.0.1:5000
+
+Secrets (AWS keys, database passwords) are never settings fields: AWS credentials come from the
+standard boto3 chain (or Airflow's ``aws_default`` connection); a password inside ``store_url``
+is masked whenever settings are printed (see :meth:`Settings.redacted`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "WARMCAST_"
+
+
+class ConfigError(ValueError):
+    """A settings file or variable is missing, unreadable or has a bad value."""
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """How ingest checks and gates each data interval."""
+
+    #: Lake slot length; an ingest interval must start and end on this grid.
+    slot_minutes: int = 5
+    #: Gate: the batch fails when more than this share of its rows is quarantined.
+    max_quarantine_share: float = 0.05
+    #: Gate: row-count bounds for one ingest run (0 allows empty intervals).
+    min_rows: int = 0
+    max_rows: int = 500_000_000
+    #: Rows sampled (seeded) into the Great Expectations batch.
+    ge_sample_rows: int = 20_000
+    #: Gate: the batch median request duration must lie in this range (seconds).
+    median_duration_max_s: float = 6 * 3600.0
+    #: Absurd-value bounds; a row above any of them is quarantined.
+    max_duration_s: float = 7 * 24 * 3600.0
+    max_cpu_cores: float = 1024.0
+    max_memory_mb: float = 16.0 * 1024 * 1024
+    max_gpus: float = 64.0
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    """Where AWS calls go. Credentials are not settings: boto3's chain provides them."""
+
+    region: str = "us-east-1"
+    #: A local endpoint (moto server, LocalStack) for demos; None means real AWS.
+    endpoint_url: str | None = None
+    #: Endpoint for the lake's S3 filesystem when it differs from ``endpoint_url``.
+    s3_endpoint_url: str | None = None
+    retry_mode: str = "standard"
+    max_attempts: int = 8
+
+
+@dataclass(frozen=True)
+class Settings:
+    lake: str = "var/lake"
+    landing: str = "var/landing"
+    store_url: str = "sqlite:///var/warmcast.db"
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    aws: AwsSettings = field(default_factory=AwsSettings)
+
+    def redacted(self) -> dict[str, Any]:
+        """A printable dict with any password in ``store_url`` masked."""
+        out = dataclasses.asdict(self)
+        out["store_url"] = _mask_url_password(self.store_url)
+        return out
+
+
+def _mask_url_password(url: str) -> str:
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    if ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}://{creds}@{host}"
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except Exception as exc:  # both parsers raise their own error types
+        raise ConfigError(f"config file {path} does not parse: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings, not {type(data).__name__}")
+    return data
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Convert a file or environment value to the field's declared type."""
+    origin_args = typing.get_args(typ)
+    if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+        if type(None) in origin_args:
+            return None
+        raise ConfigError(f"{where} must not be empty")
+    base = next((a for a in origin_args if a is not type(None)), typ) if origin_args else typ
+    try:
+        if base is bool and isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        return base(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}={value!r} is not a valid {base.__name__}") from exc
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in {where}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}.{name} must be a table")
+            kwargs[name] = _build(typ, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, typ, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _env_tree(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        parts = key[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Load settings: defaults < file < ``WARMCAST_*`` environment < ``overrides``.
+
+    ``overrides`` uses the same nesting as the file (``{"ingest": {"slot_minutes": 5}}``);
+    ``None`` values in it are ignored so unset CLI flags do not clobber the file.
+    """
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(ENV_PREFIX + "CONFIG") or None
+    data: dict[str, Any] = {}
+    if path:
+        data = _read_file(Path(path))
+    data = _merge(data, _env_tree(environ))
+    data = _merge(data, overrides or {})
+    return _build(Settings, data, "settings")
