@@ -42,6 +42,9 @@ class IngestSettings:
     slot_minutes: int = 5
     #: Gate: the batch fails when more than this share of its rows is quarantined.
     max_quarantine_share: float = 0.05
+    #: ...checked only for runs with at least this many rows (one bad row in a quiet
+    #: 5-minute interval should land in quarantine, not page anyone).
+    share_gate_min_rows: int = 200
     #: Gate: row-count bounds for one ingest run (0 allows empty intervals).
     min_rows: int = 0
     max_rows: int = 500_000_000
