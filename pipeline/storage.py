@@ -80,7 +80,7 @@ class Location:
         self.makedirs(parent)
         tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{name}")
         try:
-            with self.fs.open_output_stream(tmp) as out:
+            with self.fs.open_output_stream(tmp, compression=None) as out:
                 yield out
             self.fs.move(tmp, path)
         except BaseException:
@@ -93,7 +93,7 @@ class Location:
             out.write(data)
 
     def read_bytes(self, path: str) -> bytes:
-        with self.fs.open_input_stream(path) as f:
+        with self.fs.open_input_stream(path, compression=None) as f:
             return f.read()
 
     def delete(self, path: str) -> None:

@@ -1,0 +1,199 @@
+"""The ``warmcast`` command: the one place that reaches across packages.
+
+Heavy packages are imported inside the subcommands that need them, so ``warmcast ingest``
+never loads torch. Exit codes: 0 success, 1 a run failed its validation gate, 2 bad input or
+configuration (the message names the problem; nothing was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from pipeline.config import ConfigError, Settings, load_settings
+from pipeline.intervals import IntervalError, floor_to_slot, parse_time
+
+log = logging.getLogger("warmcast")
+
+#: Embedded defaults of ``warmcast demo``: a small synthetic platform.
+DEMO_USERS = 60
+DEMO_DAYS = 2.0
+DEMO_START = "2026-11-02T00:00:00Z"  # a Monday
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {"lake": getattr(args, "lake", None), "landing": getattr(args, "landing", None)}
+    return load_settings(getattr(args, "config", None), overrides=overrides)
+
+
+def _time(text: str) -> datetime:
+    try:
+        return parse_time(text)
+    except IntervalError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _ingest_range(settings: Settings, start: datetime, end: datetime, run_hours: int, as_json: bool) -> int:
+    """Ingest ``[start, end)`` as runs of at most ``run_hours``; each run is gated on its own."""
+    from pipeline.ingest import ValidationGateError, ingest_interval
+
+    failed = 0
+    t = start
+    while t < end:
+        stop = min(end, t + timedelta(hours=run_hours))
+        try:
+            report = ingest_interval(settings, t, stop)
+        except ValidationGateError as exc:
+            report, failed = exc.report, failed + 1
+            print(f"error: {exc}", file=sys.stderr)
+        print(json.dumps(report.to_dict()) if as_json else report.summary())
+        t = stop
+    return 1 if failed else 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    return _ingest_range(settings, args.start, args.end, args.run_hours, args.json)
+
+
+def cmd_demand(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from pipeline.demand import demand_from_lake, summarize
+    from pipeline.storage import location_from_settings
+
+    settings = _settings(args)
+    lake = location_from_settings(settings.lake, settings)
+    demand = demand_from_lake(lake, args.since, args.until)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(demand, args.out, compression="zstd")
+        print(f"wrote {demand.num_rows} rows to {args.out}")
+    print(summarize(demand).render())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pipeline.generate import generate_landing
+    from pipeline.storage import location_from_settings
+
+    settings = load_settings(args.config)
+    landing = location_from_settings(args.out, settings)
+    summary = generate_landing(
+        landing, users=args.users, days=args.days, start=args.start, seed=args.seed,
+        fmt=args.format, gzip_files=args.gzip, target_rows=args.rows,
+    )
+    print(json.dumps(summary.to_dict(), default=str))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from pipeline.storage import location_from_settings
+
+    settings = load_settings(args.config)
+    landing = location_from_settings(args.out, settings)
+    if args.source == "azure-functions":
+        from pipeline.importers.azure_functions import import_azure_functions
+
+        summary = import_azure_functions(args.trace_dir, landing, seed=args.seed, start=args.start, fmt=args.format)
+    else:
+        from pipeline.importers.servegen import import_servegen
+
+        summary = import_servegen(
+            args.trace_dir, landing, seed=args.seed, start=args.start, fmt=args.format,
+            max_rows_per_client=args.max_rows_per_client,
+        )
+    print(json.dumps(summary.to_dict(), default=str))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on embedded defaults: generate → ingest → demand series → summary."""
+    from pipeline.demand import demand_from_lake, summarize
+    from pipeline.generate import generate_landing
+    from pipeline.storage import location_from_settings
+
+    settings = _settings(args)
+    start = parse_time(DEMO_START)
+    end = start + timedelta(days=args.days)
+    landing = location_from_settings(settings.landing, settings)
+    print(f"[1/3] generating {args.users} synthetic users x {args.days:g} days into {settings.landing}")
+    generated = generate_landing(landing, users=args.users, days=args.days, start=start, seed=args.seed)
+    print(f"      {generated.rows:,} requests")
+    print(f"[2/3] ingesting {start:%Y-%m-%d %H:%M} – {end:%Y-%m-%d %H:%M} UTC into {settings.lake}")
+    rc = _ingest_range(settings, start, floor_to_slot(end, settings.ingest.slot_minutes), 24, False)
+    print("[3/3] demand series")
+    lake = location_from_settings(settings.lake, settings)
+    print(summarize(demand_from_lake(lake, start, end)).render())
+    return rc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="warmcast", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", help="settings file (TOML or YAML); default $WARMCAST_CONFIG")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("ingest", cmd_ingest, "ingest [start, end) of raw request logs from the landing zone into the lake")
+    p.add_argument("--landing", help="landing location (folder or s3://bucket/prefix)")
+    p.add_argument("--lake", help="lake location (folder or s3://bucket/prefix)")
+    p.add_argument("--start", type=_time, required=True, help="interval start, UTC ISO-8601 on the slot grid")
+    p.add_argument("--end", type=_time, required=True, help="interval end (exclusive)")
+    p.add_argument("--run-hours", type=int, default=24, help="split long ranges into runs of this many hours (default 24)")
+    p.add_argument("--json", action="store_true", help="print each run's report as JSON")
+
+    p = add("demand", cmd_demand, "build per-user 5-minute demand series from the lake and summarise them")
+    p.add_argument("--lake", help="lake location")
+    p.add_argument("--since", type=_time, help="first bucket (UTC ISO-8601)")
+    p.add_argument("--until", type=_time, help="end of the last bucket (exclusive)")
+    p.add_argument("--out", help="also write the series to this Parquet file")
+
+    p = add("generate", cmd_generate, "write synthetic request logs (several user archetypes) to a landing location")
+    p.add_argument("--users", type=int, default=100)
+    p.add_argument("--days", type=float, default=1.0)
+    p.add_argument("--start", type=_time, default=parse_time(DEMO_START))
+    p.add_argument("--out", required=True, help="landing location to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("parquet", "csv", "jsonl"), default="parquet")
+    p.add_argument("--gzip", action="store_true", help="gzip the files")
+    p.add_argument("--rows", type=int, help="scale arrival rates to about this many rows")
+
+    p = add("import", cmd_import, "turn a published production trace into request-log landing files")
+    p.add_argument("source", choices=("azure-functions", "servegen"))
+    p.add_argument("trace_dir", help="folder holding the trace files")
+    p.add_argument("--out", required=True, help="landing location to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start", type=_time, default=parse_time(DEMO_START), help="UTC time the trace's first minute maps to")
+    p.add_argument("--format", choices=("parquet", "csv", "jsonl"), default="parquet")
+    p.add_argument("--max-rows-per-client", type=int, help="servegen: cap rows per client")
+
+    p = add("demo", cmd_demo, "the main job on embedded defaults: generate, ingest, build and summarise demand")
+    p.add_argument("--landing", help="landing location (default var/landing)")
+    p.add_argument("--lake", help="lake location (default var/lake)")
+    p.add_argument("--users", type=int, default=DEMO_USERS)
+    p.add_argument("--days", type=float, default=DEMO_DAYS)
+    p.add_argument("--seed", type=int, default=7)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, IntervalError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
