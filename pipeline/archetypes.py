@@ -13,7 +13,7 @@ Archetypes (default mix in parentheses):
 * ``office_hours`` (40 %): weekday 09:00-18:00 plateau with a lunch dip, ~3 % at night,
   ~10 % on weekends; short interactive runs (median 20 s), 0.5-2 cores.
 * ``bursty`` (20 %): a mild diurnal Poisson base plus random bursts (scripts, CI fan-outs) of
-  a few requests per minute lasting minutes; very short runs (median 4 s).
+  ~6 extra requests per minute lasting ~8 minutes; very short runs (median 4 s).
 * ``sparse`` (25 %): a few requests a day, mostly daytime; median 45 s.
 * ``nightly_batch`` (10 %): a burst around 02:00 local every day (each user's job time jittered
   by up to ±45 min); long runs (median 5 min) on 2-8 cores.
@@ -122,7 +122,7 @@ ARCHETYPES: tuple[Archetype, ...] = (
     Archetype("bursty", 0.20, _bursty, 0.15, 4.0, 0.7,
               cores=((0.25, 0.3), (0.5, 0.5), (1.0, 0.2)),
               memory_per_core_mb=((1024.0, 0.5), (2048.0, 0.5)),
-              tier_p=(0.4, 0.4, 0.2), burst_starts_per_hour=0.4, burst_mean_min=8.0, burst_rate_per_min=3.0),
+              tier_p=(0.4, 0.4, 0.2), burst_starts_per_hour=0.4, burst_mean_min=8.0, burst_rate_per_min=6.0),
     Archetype("sparse", 0.25, _sparse, 0.005, 45.0, 1.2,
               cores=((0.5, 0.3), (1.0, 0.5), (2.0, 0.2)),
               memory_per_core_mb=((1024.0, 0.3), (2048.0, 0.5), (4096.0, 0.2)),

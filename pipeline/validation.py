@@ -52,6 +52,11 @@ def _context():
     return context, source
 
 
+def warm_up() -> None:
+    """Import Great Expectations and build its context now (a fixed cost of a few seconds)."""
+    _context()
+
+
 def _batch_expectations(settings: IngestSettings, rows_in: int) -> list:
     import great_expectations.expectations as gxe
 
