@@ -7,7 +7,7 @@ refused rows to quarantine.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -39,34 +39,42 @@ def check_rows(table: pa.Table, reason: pa.Array, hour_start: datetime, settings
 
     ``hour_start`` is the landing partition's hour: a row's ``ts`` must fall inside it.
     """
+    checks: list[tuple[pa.Array, str]] = []
     for name in REQUEST_LOG.names:
-        reason = add_reason(reason, pc.is_null(table[name]), f"missing {name}")
+        checks.append((pc.is_null(table[name]), f"missing {name}"))
     for name in ID_COLUMNS:
         col = table[name]
         ok = pc.and_(pc.match_substring_regex(col, ID_PATTERN), pc.invert(pc.match_substring(col, "..")))
-        reason = add_reason(reason, pc.invert(ok), f"{name} is not a well-formed id (pattern {ID_PATTERN}, no '..')")
+        checks.append((pc.invert(ok), f"{name} is not a well-formed id (pattern {ID_PATTERN}, no '..')"))
     for name, limit in _limits(settings).items():
         col = table[name]
-        reason = add_reason(reason, pc.is_nan(col), f"{name} is NaN")
-        reason = add_reason(reason, pc.less(col, 0.0), f"negative {name}")
-        reason = add_reason(reason, pc.greater(col, limit), f"{name} above the limit of {limit:g}")
+        checks.append((pc.is_nan(col), f"{name} is NaN"))
+        checks.append((pc.less(col, 0.0), f"negative {name}"))
+        checks.append((pc.greater(col, limit), f"{name} above the limit of {limit:g}"))
     hour = pa.scalar(hour_start, table["ts"].type)
-    hour_end = pa.scalar(hour_start.timestamp() * 1e6 + 3_600_000_000, pa.int64()).cast(table["ts"].type)
+    hour_end = pa.scalar(hour_start + timedelta(hours=1), table["ts"].type)
     outside = pc.or_(pc.less(table["ts"], hour), pc.greater_equal(table["ts"], hour_end))
-    reason = add_reason(reason, outside, f"ts outside its landing partition hour {hour_start:%Y-%m-%dT%H}:00Z")
+    checks.append((outside, f"ts outside its landing partition hour {hour_start:%Y-%m-%dT%H}:00Z"))
+    for bad, message in checks:
+        if pc.any(bad).as_py():  # most checks refuse nothing: skip the per-row reason update
+            reason = add_reason(reason, bad, message)
     return reason
 
 
 def first_occurrences(request_id: pa.Array, eligible: np.ndarray) -> np.ndarray:
     """Boolean mask: the row is the first *eligible* row with its ``request_id``."""
-    n = len(request_id)
     idx = np.flatnonzero(eligible)
-    first = np.zeros(n, dtype=bool)
+    first = np.zeros(len(request_id), dtype=bool)
     if len(idx) == 0:
         return first
-    ids = pc.take(request_id, pa.array(idx))
-    grouped = pa.table({"id": ids, "i": pa.array(idx, pa.int64())}).group_by("id", use_threads=False).aggregate([("i", "min")])
-    first[grouped["i_min"].to_numpy()] = True
+    ids = request_id if len(idx) == len(request_id) else pc.take(request_id, pa.array(idx))
+    encoded = pc.dictionary_encode(ids)
+    encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
+    if len(encoded.dictionary) == len(idx):  # all distinct: the common case
+        first[idx] = True
+        return first
+    _, first_pos = np.unique(encoded.indices.to_numpy(), return_index=True)
+    first[idx[first_pos]] = True
     return first
 
 

@@ -190,11 +190,14 @@ def _ingest_hour(run: _Run, hour: datetime, rng: np.random.Generator) -> None:
         bad = pa.concat_tables([bad, broken])
         bad_slot = np.concatenate([bad_slot, np.full(broken.num_rows, (hour_us - start_us) // slot_us)])
 
-    good_idx = np.flatnonzero(owned & valid)
-    good_slot = slot_idx[good_idx]
-    order = np.argsort(good_slot, kind="stable")
-    good = table.take(pa.array(good_idx[order]))
-    good_slot = good_slot[order]
+    keep = owned & valid
+    good_slot = slot_idx[keep]
+    if np.all(good_slot[1:] >= good_slot[:-1]):  # landing files are usually in time order
+        good = table if keep.all() else table.filter(pa.array(keep))
+    else:
+        order = np.argsort(good_slot, kind="stable")
+        good = table.take(pa.array(np.flatnonzero(keep)[order]))
+        good_slot = good_slot[order]
 
     hour_slots = [s for s in slots(run.start, run.end, run.settings.ingest.slot_minutes) if hour <= s < hour + timedelta(hours=1)]
     for s in hour_slots:

@@ -151,10 +151,11 @@ def _open(landing: Location, path: str) -> pa.NativeFile:
         raise LandingFileError(f"landing file {landing.display(path)} is unreadable: {exc}") from exc
 
 
-def _read_all(landing: Location, path: str) -> bytes:
+def _read_all(landing: Location, path: str) -> pa.Buffer:
+    """The whole (decompressed) file; landing files are bounded by one hour of requests."""
     try:
         with _open(landing, path) as f:
-            return f.read()
+            return f.read_buffer()
     except LandingFileError:
         raise
     except (OSError, EOFError) as exc:  # e.g. a truncated or corrupt gzip stream
@@ -169,38 +170,41 @@ def _read_csv(landing: Location, path: str) -> FileRows:
         broken.append(BrokenRow(row.number, row.text, f"CSV row has {row.actual_columns} columns, expected {row.expected_columns}"))
         return "skip"
 
-    if not data.strip():
-        return _empty(path)
-    parse = pacsv.ParseOptions(invalid_row_handler=on_invalid)
-    read = pacsv.ReadOptions(use_threads=False, block_size=1 << 24)
-    try:
-        header = pacsv.read_csv(pa.BufferReader(data.split(b"\n", 1)[0] + b"\n")).column_names
-    except pa.ArrowInvalid as exc:
-        raise LandingFileError(f"landing file {landing.display(path)} has no readable CSV header: {exc}") from exc
-    known = [c for c in header if c in REQUEST_LOG.names]
-    try:
-        table = pacsv.read_csv(
-            pa.BufferReader(data), read_options=read, parse_options=parse,
-            convert_options=pacsv.ConvertOptions(column_types={c: REQUEST_LOG.field(c).type for c in known}, include_columns=known, strings_can_be_null=False),
-        )
-    except pa.ArrowInvalid:  # a value of the wrong type: re-read as text and convert with checks
+    def attempt(column_type, threads: bool) -> pa.Table:
         broken.clear()
-        table = pacsv.read_csv(
-            pa.BufferReader(data), read_options=read, parse_options=parse,
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in known}, include_columns=known),
+        return pacsv.read_csv(
+            pa.BufferReader(data),
+            read_options=pacsv.ReadOptions(use_threads=threads, block_size=1 << 22),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(
+                column_types={f.name: column_type(f) for f in REQUEST_LOG}, strings_can_be_null=False
+            ),
         )
-    typed, reason, text = conform(table)
-    bad_lines = {b.line for b in broken if b.line is not None}
-    total = table.num_rows + len(broken)
-    lines = np.arange(2, total + 2, dtype=np.int64)
-    if bad_lines:
-        lines = lines[~np.isin(lines, np.fromiter(bad_lines, np.int64))][: table.num_rows]
-    return FileRows(path, typed, _reasons(reason, typed.num_rows), pa.array(lines[: table.num_rows]), text, broken)
+
+    typed = lambda f: f.type  # noqa: E731
+    as_text = lambda f: pa.string()  # noqa: E731
+    try:
+        table, column_type = attempt(typed, True), typed
+    except pa.ArrowInvalid as exc:
+        if "Empty CSV file" in str(exc):
+            return _empty(path)
+        try:  # a value of the wrong type: re-read as text and convert with checks
+            table, column_type = attempt(as_text, True), as_text
+        except pa.ArrowInvalid as exc2:
+            raise LandingFileError(f"landing file {landing.display(path)} is not readable CSV: {exc2}") from exc2
+    lines = np.arange(2, table.num_rows + 2, dtype=np.int64)  # line 1 is the header
+    if broken:  # line numbers of refused rows are only reported by a single-threaded read
+        table = attempt(column_type, False)
+        bad_lines = np.array([b.line for b in broken if b.line is not None], dtype=np.int64)
+        lines = np.arange(2, table.num_rows + len(broken) + 2, dtype=np.int64)
+        lines = lines[~np.isin(lines, bad_lines)][: table.num_rows]
+    typed_table, reason, text = conform(table)
+    return FileRows(path, typed_table, _reasons(reason, typed_table.num_rows), pa.array(lines), text, list(broken))
 
 
 def _read_jsonl(landing: Location, path: str) -> FileRows:
     data = _read_all(landing, path)
-    if not data.strip():
+    if not data.to_pybytes().strip():
         return _empty(path)
     try:
         table = pajson.read_json(
@@ -212,7 +216,7 @@ def _read_jsonl(landing: Location, path: str) -> FileRows:
     except pa.ArrowInvalid:
         pass  # a malformed line or a value of the wrong type: parse line by line
     records, lines, broken = [], [], []
-    for number, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), start=1):
+    for number, line in enumerate(data.to_pybytes().decode("utf-8", errors="replace").split("\n"), start=1):
         if not line.strip():
             continue
         try:

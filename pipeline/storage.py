@@ -71,6 +71,8 @@ class Location:
         return sorted(i.path for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
 
     def makedirs(self, path: str) -> None:
+        if isinstance(self.fs, pafs.S3FileSystem):
+            return  # S3 has no folders; creating one would leave a marker object behind
         self.fs.create_dir(path, recursive=True)
 
     @contextlib.contextmanager

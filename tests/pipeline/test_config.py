@@ -1,0 +1,60 @@
+"""Settings: defaults < file < WARMCAST_* environment < overrides; clear errors; no secrets shown."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, load_settings
+
+
+def test_defaults_need_no_file_and_no_server():
+    s = load_settings(environ={})
+    assert s.lake == "var/lake" and s.store_url.startswith("sqlite:///")
+    assert s.ingest.slot_minutes == 5 and s.aws.retry_mode == "standard"
+
+
+def test_precedence_file_env_overrides(tmp_path):
+    cfg = tmp_path / "warmcast.toml"
+    cfg.write_text('lake = "/file/lake"\nlanding = "/file/landing"\n[ingest]\nmax_quarantine_share = 0.2\n[aws]\nregion = "eu-west-1"\n')
+    env = {"WARMCAST_LANDING": "/env/landing", "WARMCAST_INGEST__MAX_QUARANTINE_SHARE": "0.3", "OTHER": "x"}
+    s = load_settings(cfg, overrides={"lake": None, "landing": "/flag/landing"}, environ=env)
+    assert s.lake == "/file/lake"  # a None override (unset flag) does not clobber the file
+    assert s.landing == "/flag/landing"
+    assert s.ingest.max_quarantine_share == 0.3
+    assert s.aws.region == "eu-west-1"
+
+
+def test_yaml_and_config_from_environment(tmp_path):
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text("lake: s3://b/lake\naws:\n  endpoint_url: http://127.0.0.1:5000\n")
+    s = load_settings(environ={"WARMCAST_CONFIG": str(cfg)})
+    assert s.lake == "s3://b/lake" and s.aws.endpoint_url == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WARMCAST_INGEST__SLOT_MINUTES": "five"}, "settings.ingest.slot_minutes='five' is not a valid int"),
+        ({"WARMCAST_LAKES": "/x"}, "unknown setting(s) in settings: lakes"),
+        ({"WARMCAST_INGEST__NOPE": "1"}, "unknown setting(s) in settings.ingest: nope"),
+    ],
+)
+def test_bad_values_name_the_setting(env, message):
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ=env)
+    assert message in str(err.value)
+
+
+def test_unreadable_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "missing.toml", environ={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lake = [unclosed")
+    with pytest.raises(ConfigError, match="does not parse"):
+        load_settings(bad, environ={})
+
+
+def test_password_is_masked_when_printed():
+    s = load_settings(overrides={"store_url": "postgresql+psycopg://warmcast:s3cret@db:5432/wc"}, environ={})
+    shown = str(s.redacted())
+    assert "s3cret" not in shown and "warmcast:***@db:5432/wc" in shown
