@@ -166,6 +166,7 @@ class DemandSummary:
     peak_memory_gb: float
     peak_gpus: float
     top_users: list[tuple[str, float, int]]  # (user, mean cpu cores, requests)
+    hourly_cpu: list[tuple[str, float]]  # (UTC hour of day, mean system cpu cores)
 
     def render(self) -> str:
         lines = [
@@ -177,17 +178,23 @@ class DemandSummary:
             "  top users by mean cpu cores:",
         ]
         lines += [f"    {u:<24} {c:>8.2f} cores  {r:>9,} requests" for u, c, r in self.top_users]
+        if self.hourly_cpu:
+            peak = max(c for _, c in self.hourly_cpu) or 1.0
+            lines.append("  system cpu cores by hour of day (UTC, mean):")
+            lines += [f"    {h}  {'#' * round(40 * c / peak):<40} {c:>8.1f}" for h, c in self.hourly_cpu]
         return "\n".join(lines)
 
 
 def summarize(demand: pa.Table, top: int = 5) -> DemandSummary:
     """A readable summary: system peaks (sum over users per bucket) and the heaviest users."""
     if demand.num_rows == 0:
-        return DemandSummary(0, 0, "-", "-", 0, 0.0, 0.0, 0.0, 0.0, [])
+        return DemandSummary(0, 0, "-", "-", 0, 0.0, 0.0, 0.0, 0.0, [], [])
     system = demand.group_by("ts", use_threads=False).aggregate([("cpu_cores", "sum"), ("memory_gb", "sum"), ("gpus", "sum")])
     per_user = demand.group_by("user_id", use_threads=False).aggregate([("cpu_cores", "mean"), ("requests", "sum")])
     per_user = per_user.sort_by([("cpu_cores_mean", "descending")]).slice(0, top)
     ts = demand["ts"]
+    by_hour = system.append_column("hour", pc.hour(system["ts"])).group_by("hour").aggregate([("cpu_cores_sum", "mean")])
+    by_hour = by_hour.sort_by("hour").to_pylist()
     return DemandSummary(
         users=len(pc.unique(demand["user_id"])),
         buckets=demand.num_rows,
@@ -199,4 +206,5 @@ def summarize(demand: pa.Table, top: int = 5) -> DemandSummary:
         peak_memory_gb=float(pc.max(system["memory_gb_sum"]).as_py()),
         peak_gpus=float(pc.max(system["gpus_sum"]).as_py()),
         top_users=[(r["user_id"], r["cpu_cores_mean"], r["requests_sum"]) for r in per_user.to_pylist()],
+        hourly_cpu=[(f"{r['hour']:02d}:00", r["cpu_cores_sum_mean"]) for r in by_hour],
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -136,18 +136,18 @@ def join_ids(*parts: str | np.ndarray) -> pa.Array:
 class ChunkWriter:
     """Collects per-stream tables and writes them as numbered landing file sets.
 
-    A chunk is flushed once it holds ``chunk_rows`` rows; ``name_for(i)`` names chunk ``i``'s
-    files (one per UTC hour its rows touch). The summary's rows, users, programs, files and
+    A chunk is flushed once it holds ``chunk_rows`` rows; chunk ``i``'s files (one per UTC hour
+    its rows touch) are named ``{prefix}-{i:05d}``. The summary's rows, users, programs, files and
     first/last arrival are kept up to date.
     """
 
-    def __init__(self, landing: Location, fmt: str, summary: ImportSummary, name_for: Callable[[int], str], chunk_rows: int = CHUNK_ROWS):
+    def __init__(self, landing: Location, fmt: str, summary: ImportSummary, prefix: str, chunk_rows: int = CHUNK_ROWS):
         self.landing = landing
         self.fmt = check_format(fmt)
         self.summary = summary
-        self.name_for = name_for
         self.chunk_rows = chunk_rows
         self.paths: list[str] = []
+        self._prefix = prefix
         self._tables: list[pa.Table] = []
         self._pending = 0
         self._chunks = 0
@@ -155,6 +155,11 @@ class ChunkWriter:
         self._programs: set[str] = set()
         self._min_us: int | None = None
         self._max_us: int | None = None
+
+    def set_prefix(self, prefix: str) -> None:
+        """Write what is pending, then name the next chunks ``{prefix}-00000``, ``{prefix}-00001``, ..."""
+        self.flush()
+        self._prefix, self._chunks = prefix, 0
 
     def add(self, table: pa.Table, ts_us: np.ndarray) -> None:
         """Queue one stream's rows (a single user and program); ``ts_us`` is their arrival column."""
@@ -175,7 +180,7 @@ class ChunkWriter:
             return
         table = pa.concat_tables(self._tables)
         self._tables, self._pending = [], 0
-        self.paths += write_landing(self.landing, table, self.name_for(self._chunks), self.fmt)
+        self.paths += write_landing(self.landing, table, f"{self._prefix}-{self._chunks:05d}", self.fmt)
         self._chunks += 1
         s = self.summary
         s.rows += len(table)
