@@ -34,6 +34,20 @@ def _limits(settings: IngestSettings) -> dict[str, float]:
     }
 
 
+def _is_malformed(values) -> pa.Array:
+    return pc.invert(pc.and_(pc.match_substring_regex(values, ID_PATTERN), pc.invert(pc.match_substring(values, ".."))))
+
+
+def _malformed_ids(col, few_distinct: bool):
+    """Rows whose id is not well-formed. Users, programs and configurations repeat a lot, so
+    their distinct values are checked once each; request ids are all distinct."""
+    if not few_distinct:
+        return _is_malformed(col)
+    distinct = pc.unique(col)
+    bad_values = pc.filter(distinct, pc.fill_null(_is_malformed(distinct), False))
+    return pc.is_in(col, value_set=bad_values)
+
+
 def check_rows(table: pa.Table, reason: pa.Array, hour_start: datetime, settings: IngestSettings) -> pa.Array:
     """Reasons per row after the content checks (null = the row is valid so far).
 
@@ -43,9 +57,7 @@ def check_rows(table: pa.Table, reason: pa.Array, hour_start: datetime, settings
     for name in REQUEST_LOG.names:
         checks.append((pc.is_null(table[name]), f"missing {name}"))
     for name in ID_COLUMNS:
-        col = table[name]
-        ok = pc.and_(pc.match_substring_regex(col, ID_PATTERN), pc.invert(pc.match_substring(col, "..")))
-        checks.append((pc.invert(ok), f"{name} is not a well-formed id (pattern {ID_PATTERN}, no '..')"))
+        checks.append((_malformed_ids(table[name], name != "request_id"), f"{name} is not a well-formed id (pattern {ID_PATTERN}, no '..')"))
     for name, limit in _limits(settings).items():
         col = table[name]
         checks.append((pc.is_nan(col), f"{name} is NaN"))
@@ -68,11 +80,11 @@ def first_occurrences(request_id: pa.Array, eligible: np.ndarray) -> np.ndarray:
     if len(idx) == 0:
         return first
     ids = request_id if len(idx) == len(request_id) else pc.take(request_id, pa.array(idx))
-    encoded = pc.dictionary_encode(ids)
-    encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
-    if len(encoded.dictionary) == len(idx):  # all distinct: the common case
+    if len(pc.unique(ids)) == len(idx):  # all distinct: the common case
         first[idx] = True
         return first
+    encoded = pc.dictionary_encode(ids)
+    encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
     _, first_pos = np.unique(encoded.indices.to_numpy(), return_index=True)
     first[idx[first_pos]] = True
     return first

@@ -48,6 +48,8 @@ class IngestSettings:
     #: Gate: row-count bounds for one ingest run (0 allows empty intervals).
     min_rows: int = 0
     max_rows: int = 500_000_000
+    #: Landing hours processed at once (memory grows with it: one landing hour each).
+    threads: int = 2
     #: Rows sampled (seeded) into the Great Expectations batch.
     ge_sample_rows: int = 20_000
     #: Gate: the batch median request duration must lie in this range (seconds).
@@ -57,6 +59,16 @@ class IngestSettings:
     max_cpu_cores: float = 1024.0
     max_memory_mb: float = 16.0 * 1024 * 1024
     max_gpus: float = 64.0
+
+    def __post_init__(self) -> None:
+        if self.slot_minutes < 1 or 60 % self.slot_minutes:
+            raise ConfigError(f"ingest.slot_minutes={self.slot_minutes} must divide an hour (1, 5, 10, 15, 30 or 60)")
+        if not 0.0 <= self.max_quarantine_share <= 1.0:
+            raise ConfigError(f"ingest.max_quarantine_share={self.max_quarantine_share} must lie in [0, 1]")
+        if self.threads < 1:
+            raise ConfigError(f"ingest.threads={self.threads} must be at least 1")
+        if self.ge_sample_rows < 1:
+            raise ConfigError(f"ingest.ge_sample_rows={self.ge_sample_rows} must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -121,11 +122,26 @@ class _Run:
     sample_parts: list[tuple[int, pa.Table]] = field(default_factory=list)
     reasons: Counter = field(default_factory=Counter)
 
-    def stage(self, final: str, table: pa.Table) -> None:
-        staged = f"{self.staging}/{len(self.staged):06d}.parquet"
+    def stage(self, final: str, table: pa.Table) -> str:
+        """Write ``table`` aside for ``final``; returns the staged path (published later)."""
+        staged = f"{self.staging}/{final.rsplit('/', 4)[-4]}-{final.rsplit('/', 1)[-1]}"
         with self.lake.write_atomic(staged) as out:
             pq.write_table(table, out, compression="zstd")
-        self.staged[final] = staged
+        return staged
+
+
+@dataclass
+class _HourResult:
+    """What one landing hour contributed; merged into the run in hour order."""
+
+    files_read: int
+    empty_files: list[str]
+    rows_valid: int
+    rows_quarantined: int
+    reasons: Counter
+    examples: list[str]
+    staged: dict[str, str]
+    sample: tuple[int, pa.Table] | None
 
 
 def _quarantine_rows(files: list[FileRows], offsets: list[int], take: np.ndarray, reason: pa.Array, landing: Location) -> pa.Table:
@@ -159,11 +175,10 @@ def _broken_rows(files: list[FileRows], landing: Location) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=QUARANTINE) if rows else QUARANTINE.empty_table()
 
 
-def _ingest_hour(run: _Run, hour: datetime, rng: np.random.Generator) -> None:
+def _ingest_hour(run: _Run, hour: datetime) -> _HourResult:
+    """Read, check and stage one landing hour (runs in a worker thread; touches no shared state)."""
     paths = landing_files(run.landing, hour)
     files = [read_landing_file(run.landing, p) for p in paths]
-    run.report.files_read += len(files)
-    run.report.empty_files += [run.landing.display(f.path) for f in files if f.table.num_rows == 0 and not f.broken]
     offsets = list(np.cumsum([0] + [f.table.num_rows for f in files])[:-1])
     table = pa.concat_tables([f.table for f in files]) if files else REQUEST_LOG.empty_table()
     table = table.combine_chunks()
@@ -199,27 +214,48 @@ def _ingest_hour(run: _Run, hour: datetime, rng: np.random.Generator) -> None:
         good = table.take(pa.array(np.flatnonzero(keep)[order]))
         good_slot = good_slot[order]
 
+    staged = {}
     hour_slots = [s for s in slots(run.start, run.end, run.settings.ingest.slot_minutes) if hour <= s < hour + timedelta(hours=1)]
     for s in hour_slots:
         k = (int(s.timestamp()) * _US - start_us) // slot_us
         lo, hi = np.searchsorted(good_slot, [k, k + 1])
-        run.stage(lake_file(run.lake, LAKE_TABLE, s), good.slice(lo, hi - lo))
+        final = lake_file(run.lake, LAKE_TABLE, s)
+        staged[final] = run.stage(final, good.slice(lo, hi - lo))
         qmask = bad_slot == k
         if qmask.any():
-            run.stage(lake_file(run.lake, QUARANTINE_TABLE, s), bad.filter(pa.array(qmask)))
+            final = lake_file(run.lake, QUARANTINE_TABLE, s)
+            staged[final] = run.stage(final, bad.filter(pa.array(qmask)))
 
     n_good, n_bad = good.num_rows, bad.num_rows
-    run.report.rows_valid += n_good
-    run.report.rows_quarantined += n_bad
-    run.reasons.update(Counter(bad["reason"].to_pylist()))
-    room = _MAX_EXAMPLES - len(run.report.examples)
-    if room > 0 and n_bad:
-        head = bad.slice(0, room).select(["source_file", "source_row", "reason"]).to_pylist()
-        run.report.examples += [f"{r['source_file']}:{r['source_row']}: {r['reason']}" for r in head]
-    cap = run.settings.ingest.ge_sample_rows
-    if n_good:
-        pick = np.sort(rng.choice(n_good, size=min(n_good, cap), replace=False))
-        run.sample_parts.append((n_good, good.take(pa.array(pick))))
+    head = bad.slice(0, _MAX_EXAMPLES).select(["source_file", "source_row", "reason"]).to_pylist()
+    sample = None
+    if n_good:  # seeded by the run and the hour, so the sample does not depend on thread timing
+        rng = np.random.default_rng([start_us, int(hour.timestamp())])
+        pick = np.sort(rng.choice(n_good, size=min(n_good, run.settings.ingest.ge_sample_rows), replace=False))
+        sample = (n_good, good.take(pa.array(pick)))
+    return _HourResult(
+        files_read=len(files),
+        empty_files=[run.landing.display(f.path) for f in files if f.table.num_rows == 0 and not f.broken],
+        rows_valid=n_good,
+        rows_quarantined=n_bad,
+        reasons=Counter(bad["reason"].to_pylist()),
+        examples=[f"{r['source_file']}:{r['source_row']}: {r['reason']}" for r in head],
+        staged=staged,
+        sample=sample,
+    )
+
+
+def _merge(run: _Run, hour: _HourResult) -> None:
+    report = run.report
+    report.files_read += hour.files_read
+    report.empty_files += hour.empty_files
+    report.rows_valid += hour.rows_valid
+    report.rows_quarantined += hour.rows_quarantined
+    run.reasons.update(hour.reasons)
+    report.examples += hour.examples[: _MAX_EXAMPLES - len(report.examples)]
+    run.staged.update(hour.staged)
+    if hour.sample is not None:
+        run.sample_parts.append(hour.sample)
 
 
 def _ge_sample(run: _Run, rng: np.random.Generator):
@@ -267,8 +303,14 @@ def ingest_interval(settings: Settings, start: datetime, end: datetime) -> Inges
     run = _Run(settings, lake, landing, start, end, lake.path("_staging", uuid.uuid4().hex), report)
     rng = np.random.default_rng([int(start.timestamp()), int(end.timestamp())])
     try:
-        for hour in hours_overlapping(start, end):
-            _ingest_hour(run, hour, rng)
+        # Hours are independent until publishing; Arrow releases the GIL, so threads use every core.
+        with ThreadPoolExecutor(max_workers=settings.ingest.threads) as pool:
+            try:
+                for hour in pool.map(lambda h: _ingest_hour(run, h), hours_overlapping(start, end)):
+                    _merge(run, hour)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # do not read the remaining hours for nothing
+                raise
         report.rows_in = report.rows_valid + report.rows_quarantined
         report.reasons = dict(run.reasons)
         gate = validate_run(_ge_sample(run, rng), report.rows_in, report.rows_quarantined, settings.ingest)

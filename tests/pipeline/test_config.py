@@ -58,3 +58,12 @@ def test_password_is_masked_when_printed():
     s = load_settings(overrides={"store_url": "postgresql+psycopg://warmcast:s3cret@db:5432/wc"}, environ={})
     shown = str(s.redacted())
     assert "s3cret" not in shown and "warmcast:***@db:5432/wc" in shown
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("slot_minutes", "7", "must divide an hour"), ("max_quarantine_share", "1.5", "must lie in [0, 1]"), ("threads", "0", "at least 1")],
+)
+def test_ingest_settings_are_range_checked(key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_settings(environ={f"WARMCAST_INGEST__{key.upper()}": value})
