@@ -36,6 +36,7 @@ START = datetime(2026, 11, 2, tzinfo=timezone.utc)
 
 
 def _phase_baseline(landing: str, out: str) -> dict:
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -46,7 +47,10 @@ def _phase_baseline(landing: str, out: str) -> dict:
     for hour_dir in sorted(Path(landing).glob("date=*/hour=*")):
         for f in sorted(hour_dir.iterdir()):
             if f.suffix == ".csv":
-                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=REQUEST_LOG))
+                try:
+                    table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=REQUEST_LOG))
+                except pa.ArrowInvalid:  # dirty data: a plain reader can only fall back to inferred types
+                    table = pacsv.read_csv(f)
             elif f.suffix == ".parquet":
                 table = pq.read_table(f)
             else:
@@ -74,6 +78,30 @@ def _phase_ingest(landing: str, out: str) -> dict:
             "gate_passed": report.gate_passed, "seconds": seconds, "startup_s": startup}
 
 
+def _spoil(landing: Path, fmt: str, every: int) -> None:
+    """Make every ``every``-th row bad: a non-number in CSV (forcing the text path), a negative
+    duration in Parquet. Done before timing; the quarantine must then hold exactly those rows."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for f in sorted(landing.glob("date=*/hour=*/*." + fmt)):
+        if fmt == "csv":
+            lines = f.read_text().split("\n")
+            for i in range(every, len(lines) - 1, every):
+                cells = lines[i].split(",")
+                cells[6] = "oops"  # cpu_cores: not a number, not a null marker
+                lines[i] = ",".join(cells)
+            f.write_text("\n".join(lines))
+        else:
+            table = pq.read_table(f)
+            bad = np.zeros(table.num_rows, dtype=bool)
+            bad[every - 1 :: every] = True
+            col = pc.if_else(pa.array(bad), -1.0, table["duration_s"])
+            pq.write_table(table.set_column(table.schema.get_field_index("duration_s"), "duration_s", col), f, compression="zstd")
+
+
 def _run_phase(phase: str, landing: str, out: str) -> dict:
     """Run one phase in a fresh interpreter; returns its result plus its own peak RSS."""
     cmd = [sys.executable, __file__, "--phase", phase, "--landing", landing, "--out", out]
@@ -88,6 +116,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--formats", default="csv,parquet")
+    parser.add_argument("--bad-every", type=int, default=0, help="spoil every N-th row (0: clean data)")
     parser.add_argument("--workdir", help="keep generated data here (default: a temporary folder)")
     parser.add_argument("--phase", choices=("baseline", "ingest"), help=argparse.SUPPRESS)
     parser.add_argument("--landing", help=argparse.SUPPRESS)
@@ -104,6 +133,7 @@ def main() -> None:
     from pipeline.generate import generate_landing
     from pipeline.storage import open_location
 
+
     work = Path(args.workdir or tempfile.mkdtemp(prefix="warmcast-bench-"))
     for fmt in args.formats.split(","):
         landing = work / f"landing-{fmt}"
@@ -111,11 +141,14 @@ def main() -> None:
         gen = generate_landing(open_location(str(landing)), users=args.users, days=1.0, start=START, seed=1,
                                fmt=fmt, target_rows=args.rows)
         gen_s = time.perf_counter() - t0
+        if args.bad_every:
+            _spoil(landing, fmt, args.bad_every)
         base = _run_phase("baseline", str(landing), str(work / f"baseline-{fmt}"))
         ing = _run_phase("ingest", str(landing), str(work / f"lake-{fmt}"))
         print(json.dumps({
             "benchmark": "ingest",
             "format": fmt,
+            "bad_every": args.bad_every,
             "rows": ing["rows"],
             "generated_rows": gen.rows,
             "ingest_rows_per_s": round(ing["rows"] / ing["seconds"]),

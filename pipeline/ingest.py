@@ -42,7 +42,7 @@ from pipeline.checks import check_rows, duplicate_reason
 from pipeline.config import Settings
 from pipeline.intervals import check_interval, slots
 from pipeline.landing import hour_partition, hours_overlapping, landing_files
-from pipeline.readers import FileRows, read_landing_file
+from pipeline.readers import FileRows, as_text, read_landing_file
 from pipeline.schemas import QUARANTINE, REQUEST_LOG
 from pipeline.storage import Location, StorageError, location_from_settings
 from pipeline.validation import validate_run
@@ -152,10 +152,11 @@ def _quarantine_rows(files: list[FileRows], offsets: list[int], take: np.ndarray
         if len(local) == 0:
             continue
         idx = pa.array(local)
-        if f.text is not None:
-            values = f.text.take(idx)
-        else:
-            values = pa.Table.from_arrays([pc.cast(f.table[c].take(idx), pa.string()) for c in REQUEST_LOG.names], names=REQUEST_LOG.names)
+        source = f.original if f.original is not None else f.table
+        values = pa.Table.from_arrays(
+            [as_text(source[c].take(idx)) if c in source.column_names else pa.nulls(len(local), pa.string()) for c in REQUEST_LOG.names],
+            names=REQUEST_LOG.names,
+        )
         n = len(local)
         parts.append(
             values.append_column("reason", pc.take(reason, pa.array(local + off)))

@@ -2,16 +2,18 @@
 
 Reading never drops a row. A file becomes a :class:`FileRows`: the rows that parsed, converted
 to the request-log types (a value that does not convert becomes null and the row gets a parse
-``reason``), their original text where a conversion was needed, and the *broken* lines that did
+``reason``), the rows as read where a conversion was needed, and the *broken* lines that did
 not parse at all (malformed JSON, wrong CSV column count), each with its line number.
 
 Fast path first: Arrow's typed readers parse clean files in C++. Only when a file holds a value
-of the wrong type is it re-read as text and converted column by column with vectorised checks.
+of the wrong type is that column re-read as text and converted with vectorised checks.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,7 +50,7 @@ class FileRows:
     table: pa.Table  # REQUEST_LOG schema; nulls where a value did not convert
     reason: pa.Array  # string per row: why the row did not convert, null when it did
     source_row: pa.Array  # int64 per row: 1-based line (CSV/JSON) or row (Parquet)
-    text: pa.Table | None = None  # the rows' original text, when a conversion was needed
+    original: pa.Table | None = None  # the rows as read, when a conversion was needed
     broken: list[BrokenRow] = field(default_factory=list)
 
 
@@ -111,7 +113,8 @@ def _parse_ts(value: str | None):
 
 
 def conform(table: pa.Table) -> tuple[pa.Table, pa.Array | None, pa.Table | None]:
-    """Bring any table to REQUEST_LOG: (typed table, parse reasons or None, text or None)."""
+    """Bring any table to REQUEST_LOG: (typed table, parse reasons or None, the table as read
+    when some column needed a conversion that refused a value, else None)."""
     n = table.num_rows
     columns, reason, needs_text = [], None, False
     for fld in REQUEST_LOG:
@@ -127,16 +130,13 @@ def conform(table: pa.Table) -> tuple[pa.Table, pa.Array | None, pa.Table | None
             reason = _first_reason(reason, bad, why)
         columns.append(typed)
     typed_table = pa.Table.from_arrays(columns, schema=REQUEST_LOG)
-    text = None
-    if needs_text and reason is not None:
-        text = pa.Table.from_arrays(
-            [_as_text(table[f.name]) if f.name in table.column_names else pa.nulls(n, pa.string()) for f in REQUEST_LOG],
-            schema=_TEXT_SCHEMA,
-        )
-    return typed_table, reason, text
+    # Keep the rows as they came when a conversion was needed; only refused rows get rendered.
+    original = table if needs_text and reason is not None else None
+    return typed_table, reason, original
 
 
-def _as_text(col) -> pa.Array:
+def as_text(col) -> pa.Array:
+    """A column rendered as text (for quarantine rows, which keep values as they came)."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     try:
         return col.cast(pa.string())
@@ -162,6 +162,14 @@ def _read_all(landing: Location, path: str) -> pa.Buffer:
         raise LandingFileError(f"landing file {landing.display(path)} is unreadable: {exc}") from exc
 
 
+_CSV_COLUMN_RE = re.compile(r"In CSV column #(\d+)")
+
+
+def _csv_header(data: pa.Buffer) -> list[str]:
+    first = data.slice(0, min(data.size, 1 << 16)).to_pybytes().split(b"\n", 1)[0]
+    return next(csv.reader([first.decode("utf-8", errors="replace").rstrip("\r")]), [])
+
+
 def _read_csv(landing: Location, path: str) -> FileRows:
     data = _read_all(landing, path)
     broken: list[BrokenRow] = []
@@ -170,36 +178,38 @@ def _read_csv(landing: Location, path: str) -> FileRows:
         broken.append(BrokenRow(row.number, row.text, f"CSV row has {row.actual_columns} columns, expected {row.expected_columns}"))
         return "skip"
 
-    def attempt(column_type, threads: bool) -> pa.Table:
+    def attempt(column_types: dict[str, pa.DataType], threads: bool) -> pa.Table:
         broken.clear()
         return pacsv.read_csv(
             pa.BufferReader(data),
             read_options=pacsv.ReadOptions(use_threads=threads, block_size=1 << 22),
             parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
-            convert_options=pacsv.ConvertOptions(
-                column_types={f.name: column_type(f) for f in REQUEST_LOG}, strings_can_be_null=False
-            ),
+            convert_options=pacsv.ConvertOptions(column_types=column_types, strings_can_be_null=False),
         )
 
-    typed = lambda f: f.type  # noqa: E731
-    as_text = lambda f: pa.string()  # noqa: E731
-    try:
-        table, column_type = attempt(typed, True), typed
-    except pa.ArrowInvalid as exc:
-        if "Empty CSV file" in str(exc):
-            return _empty(path)
-        try:  # a value of the wrong type: re-read as text and convert with checks
-            table, column_type = attempt(as_text, True), as_text
-        except pa.ArrowInvalid as exc2:
-            raise LandingFileError(f"landing file {landing.display(path)} is not readable CSV: {exc2}") from exc2
+    header = _csv_header(data)
+    types = {f.name: f.type for f in REQUEST_LOG}
+    while True:
+        try:
+            table = attempt(types, True)
+            break
+        except pa.ArrowInvalid as exc:
+            if "Empty CSV file" in str(exc):
+                return _empty(path)
+            # A value of the wrong type: read that column as text and convert it with checks.
+            m = _CSV_COLUMN_RE.search(str(exc))
+            name = header[int(m.group(1))] if m and int(m.group(1)) < len(header) else None
+            if name not in types or types[name] == pa.string():
+                raise LandingFileError(f"landing file {landing.display(path)} is not readable CSV: {exc}") from exc
+            types[name] = pa.string()
     lines = np.arange(2, table.num_rows + 2, dtype=np.int64)  # line 1 is the header
     if broken:  # line numbers of refused rows are only reported by a single-threaded read
-        table = attempt(column_type, False)
+        table = attempt(types, False)
         bad_lines = np.array([b.line for b in broken if b.line is not None], dtype=np.int64)
         lines = np.arange(2, table.num_rows + len(broken) + 2, dtype=np.int64)
         lines = lines[~np.isin(lines, bad_lines)][: table.num_rows]
-    typed_table, reason, text = conform(table)
-    return FileRows(path, typed_table, _reasons(reason, typed_table.num_rows), pa.array(lines), text, list(broken))
+    typed_table, reason, original = conform(table)
+    return FileRows(path, typed_table, _reasons(reason, typed_table.num_rows), pa.array(lines), original, list(broken))
 
 
 def _read_jsonl(landing: Location, path: str) -> FileRows:
@@ -211,8 +221,8 @@ def _read_jsonl(landing: Location, path: str) -> FileRows:
             pa.BufferReader(data),
             parse_options=pajson.ParseOptions(explicit_schema=REQUEST_LOG, unexpected_field_behavior="ignore"),
         )
-        typed, reason, text = conform(table)
-        return FileRows(path, typed, _reasons(reason, typed.num_rows), pa.array(np.arange(1, typed.num_rows + 1, dtype=np.int64)), text)
+        typed, reason, original = conform(table)
+        return FileRows(path, typed, _reasons(reason, typed.num_rows), pa.array(np.arange(1, typed.num_rows + 1, dtype=np.int64)), original)
     except pa.ArrowInvalid:
         pass  # a malformed line or a value of the wrong type: parse line by line
     records, lines, broken = [], [], []
@@ -230,8 +240,8 @@ def _read_jsonl(landing: Location, path: str) -> FileRows:
         records.append({k: None if obj.get(k) is None else (obj[k] if isinstance(obj[k], str) else json.dumps(obj[k])) for k in REQUEST_LOG.names})
         lines.append(number)
     table = pa.Table.from_pylist(records, schema=_TEXT_SCHEMA)
-    typed, reason, text = conform(table)
-    return FileRows(path, typed, _reasons(reason, typed.num_rows), pa.array(lines, pa.int64()), text, broken)
+    typed, reason, original = conform(table)
+    return FileRows(path, typed, _reasons(reason, typed.num_rows), pa.array(lines, pa.int64()), original, broken)
 
 
 def _read_parquet(landing: Location, path: str) -> FileRows:
@@ -244,8 +254,8 @@ def _read_parquet(landing: Location, path: str) -> FileRows:
         table = pf.read(columns=cols)
     except (OSError, pa.ArrowInvalid) as exc:
         raise LandingFileError(f"landing file {landing.display(path)} is not readable Parquet: {exc}") from exc
-    typed, reason, text = conform(table)
-    return FileRows(path, typed, _reasons(reason, typed.num_rows), pa.array(np.arange(1, typed.num_rows + 1, dtype=np.int64)), text)
+    typed, reason, original = conform(table)
+    return FileRows(path, typed, _reasons(reason, typed.num_rows), pa.array(np.arange(1, typed.num_rows + 1, dtype=np.int64)), original)
 
 
 def _reasons(reason: pa.Array | None, n: int) -> pa.Array:
