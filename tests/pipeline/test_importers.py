@@ -390,3 +390,22 @@ def test_real_servegen_trace_first_clients(tmp_path):
     assert summary.start_ts >= START and summary.end_ts < START + timedelta(days=14)
     sample = pq.read_table(sorted((tmp_path / "landing").rglob("*.parquet"))[0])
     assert sample.schema.equals(REQUEST_LOG) and len(sample) > 0
+
+
+@pytest.mark.slow
+def test_real_azure_trace_through_ingest_and_demand(tmp_path):
+    """The whole foundation on real data: every imported invocation reaches the lake or quarantine,
+    and the demand series counts each arrival once."""
+    from pipeline.config import load_settings
+    from pipeline.demand import demand_from_lake
+    from pipeline.ingest import ingest_interval
+
+    summary = import_azure_functions(trace_dir() / "azure_functions_2019_sample500", open_location(tmp_path / "landing"), 0, START)
+    settings = load_settings(overrides={"landing": str(tmp_path / "landing"), "lake": str(tmp_path / "lake")}, environ={})
+    report = ingest_interval(settings, START, START + timedelta(days=1))
+    assert report.rows_in == summary.rows
+    assert report.rows_valid + report.rows_quarantined == report.rows_in
+    assert report.gate_passed and report.rows_quarantined == 0, report.reasons
+    demand = demand_from_lake(open_location(tmp_path / "lake"), START, START + timedelta(days=1))
+    assert sum(demand.column("requests").to_pylist()) == summary.rows
+    assert len(set(demand.column("user_id").to_pylist())) == summary.users
