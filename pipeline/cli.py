@@ -111,6 +111,71 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aws_settings(settings: Settings, endpoint_url: str | None):
+    from dataclasses import replace
+
+    return replace(settings.aws, endpoint_url=endpoint_url) if endpoint_url else settings.aws
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    """One scaling cycle: read a system forecast, plan every pool of the fleet, apply or dry-run."""
+    import pyarrow.parquet as pq
+
+    from scaler.aws import RetryPolicy, is_backfill, make_clients, scale_cycle
+    from scaler.fleet import load_fleet
+    from scaler.policy import PlanOptions
+
+    settings = load_settings(args.config)
+    sc = settings.scaler
+    fleet = load_fleet(args.fleet or sc.fleet)
+    forecast = pq.read_table(args.forecast)
+    now = args.now or datetime.now(timezone.utc)
+    backfill = is_backfill(now, max_lag_s=sc.max_forecast_age_s)
+    clients = make_clients(_aws_settings(settings, args.endpoint_url))
+    plan, report = scale_cycle(
+        clients.autoscaling, fleet.policy_pools(), forecast, now,
+        dry_run=args.dry_run or sc.dry_run or backfill,
+        options=PlanOptions(sc.max_forecast_age_s, sc.upper_shading),
+        max_workers=sc.apply_workers,
+        retry=RetryPolicy(sc.retry_attempts, sc.retry_base_delay_s, sc.retry_max_delay_s),
+    )
+    if backfill and not args.dry_run:
+        print(f"note: {now.isoformat()} is in the past: a historical run records decisions and never touches AWS")
+    print(report.render())
+    if args.decisions_out:
+        Path(args.decisions_out).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(report.table(), args.decisions_out)
+    return 1 if report.failed else 0
+
+
+def cmd_aws(args: argparse.Namespace) -> int:
+    from scaler.aws_bootstrap import iam_policy
+
+    if args.aws_command == "iam-policy":
+        print(json.dumps(iam_policy(), indent=2))
+        return 0
+    if args.aws_command == "local-endpoint":
+        import time
+
+        from scaler.local_endpoint import local_aws_endpoint
+
+        with local_aws_endpoint(args.port) as url:
+            print(f"local AWS endpoint on {url} (Ctrl-C stops it); use it with WARMCAST_AWS__ENDPOINT_URL={url}", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                return 0
+    from scaler.aws import make_clients
+    from scaler.aws_bootstrap import bootstrap
+    from scaler.fleet import load_fleet
+
+    settings = load_settings(args.config)
+    fleet = load_fleet(args.fleet or settings.scaler.fleet)
+    print(bootstrap(make_clients(_aws_settings(settings, args.endpoint_url)), fleet).render())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on embedded defaults: generate → ingest → demand series → summary."""
     from pipeline.demand import demand_from_lake, summarize
@@ -175,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=_time, default=parse_time(DEMO_START), help="UTC time the trace's first minute maps to")
     p.add_argument("--format", choices=("parquet", "csv", "jsonl"), default="parquet")
     p.add_argument("--max-rows-per-client", type=int, help="servegen: cap rows per client")
+
+    p = add("scale", cmd_scale, "one scaling cycle: size every pool of the fleet from a system forecast and apply it")
+    p.add_argument("--forecast", required=True, help="system forecast Parquet file (SYSTEM_FORECAST contract)")
+    p.add_argument("--fleet", help="fleet file (TOML/YAML); default: settings' scaler.fleet, else the example fleet")
+    p.add_argument("--now", type=_time, help="decision time (default: now); a past time never touches AWS")
+    p.add_argument("--dry-run", action="store_true", help="record decisions, call no mutating AWS API")
+    p.add_argument("--endpoint-url", help="AWS endpoint (e.g. a local one from `warmcast aws local-endpoint`)")
+    p.add_argument("--decisions-out", help="also write the decisions (SCALING_DECISION) to this Parquet file")
+
+    p = add("aws", cmd_aws, "AWS set-up: bootstrap the fleet's groups, print the IAM policy, run a local endpoint")
+    p.add_argument("aws_command", choices=("bootstrap", "iam-policy", "local-endpoint"))
+    p.add_argument("--fleet", help="fleet file for bootstrap")
+    p.add_argument("--endpoint-url", help="AWS endpoint for bootstrap")
+    p.add_argument("--port", type=int, default=5000, help="local-endpoint: port on 127.0.0.1 (default 5000)")
 
     p = add("demo", cmd_demo, "the main job on embedded defaults: generate, ingest, build and summarise demand")
     p.add_argument("--landing", help="landing location (default var/landing)")

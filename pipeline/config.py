@@ -4,8 +4,8 @@ Precedence (later wins): built-in defaults < a TOML or YAML file < ``WARMCAST_*`
 variables < explicit overrides (command-line flags).
 
 The file is the path given to :func:`load_settings`, else ``$WARMCAST_CONFIG``, else none.
-Top-level keys map to :class:`Settings` fields; the tables ``[ingest]`` and ``[aws]`` map to
-:class:`IngestSettings` and :class:`AwsSettings`. Environment variables use the same names,
+Top-level keys map to :class:`Settings` fields; the tables ``[ingest]``, ``[aws]`` and
+``[scaler]`` map to :class:`IngestSettings`, :class:`AwsSettings` and :class:`ScalerSettings`. Environment variables use the same names,
 upper-cased, with ``__`` between a table and its key::
 
     WARMCAST_LAKE=s3://bucket/lake
@@ -85,12 +85,33 @@ class AwsSettings:
 
 
 @dataclass(frozen=True)
+class ScalerSettings:
+    """How ``warmcast scale`` sizes and applies (see :mod:`scaler.policy`, :mod:`scaler.aws`)."""
+
+    #: Fleet file (TOML/YAML) describing the pools; None: the example fleet shipped with warmcast.
+    fleet: str | None = None
+    #: A forecast older than this is not acted on (the pools hold; the reason says why).
+    max_forecast_age_s: float = 600.0
+    #: 0 sizes for the forecast's upper bound; 1 for its mean (a cost preference).
+    upper_shading: float = 0.0
+    #: Record decisions without calling any mutating AWS API.
+    dry_run: bool = False
+    apply_workers: int = 8
+    retry_attempts: int = 5
+    retry_base_delay_s: float = 0.2
+    retry_max_delay_s: float = 5.0
+    #: Airflow connection the DAG's clients come from.
+    aws_conn_id: str = "aws_default"
+
+
+@dataclass(frozen=True)
 class Settings:
     lake: str = "var/lake"
     landing: str = "var/landing"
     store_url: str = "sqlite:///var/warmcast.db"
     ingest: IngestSettings = field(default_factory=IngestSettings)
     aws: AwsSettings = field(default_factory=AwsSettings)
+    scaler: ScalerSettings = field(default_factory=ScalerSettings)
 
     def redacted(self) -> dict[str, Any]:
         """A printable dict with any password in ``store_url`` masked."""
