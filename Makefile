@@ -21,7 +21,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/warmcast demo
 
-## test: the default suite (slow tests that read ../shared/data are deselected; see test-slow)
+## test: the default suite (slow tests that read ../shared/data are deselected; see test-slow).
+## Store tests also run against the PostgreSQL server below (each run creates and drops its own
+## schema); set WARMCAST_TEST_PG_URL= (empty) where no server runs, and they report as skipped.
+WARMCAST_TEST_PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+export WARMCAST_TEST_PG_URL
 test: $(STAMP)
 	$(VENV)/bin/pytest
 
