@@ -1,0 +1,376 @@
+"""The policies :func:`scaler.simulate.simulate` replays, each with its main knob (``knob``).
+
+Each policy precomputes per-step targets with numpy in ``prepare`` and reads them in ``decide``.
+At step ``t`` a policy reads demand of steps ``< t`` only, except :class:`Oracle`. "Need at
+utilisation u" means the instances whose ``vcpu × u`` cores and ``memory_gb × u`` GB cover the
+demand (:meth:`FleetModel.need`); without ``u``, the fleet's serving capacity.
+
+* :class:`ReactiveTargetTracking` (knob ``target_utilisation``): AWS target tracking on a
+  1-minute (one-step) metric: scale out at once to the need at target for the last step (AWS's
+  high alarm waits 3 datapoints; the issue asks for "immediately"); scale in
+  to the need for the highest step of the last ``scale_in_window_s`` only when that window is full
+  and ``scale_in_cooldown_s`` has passed since the last scaling. Optional static stopped warm pool.
+* :class:`KnativeAutoscaler` (knob ``target_utilisation``): Knative KPA: need for the average
+  over the stable window (60 s); panic when the panic window's need reaches ``panic_threshold`` ×
+  ready instances, and while panicking (until a stable window passes without the condition) never
+  scale down; otherwise scale down at most to ready / ``max_scale_down_rate``.
+* :class:`AwsPredictive` (knob ``target_utilisation``): AWS predictive scaling on top of target
+  tracking: every 6 h an hourly load forecast for 48 h is issued from completed hours (the mean
+  of the same hour one day and one week earlier, the latest such hours that lie before the issue);
+  capacity for an hour is in service ``boot_s`` before the hour starts (the scheduling buffer) and
+  is a minimum: the tracking part never scales in below it.
+* :class:`NaivePredictive` (knob ``level``): last value plus the ``level`` quantile of past
+  increments over the boot time (``max(x[s..s+boot]) − x[s−1]``, trailing 7 days, refit hourly),
+  at serving capacity, every step, scale-in at once.
+* :class:`Warmcast` (knob ``level``): ``scaler.policy.plan_pools`` every ``decide_every_s``
+  (the forecast-and-scale cadence), from a system forecast issued with past data only — by default
+  :func:`empirical_forecast` (last value + empirical error quantiles of the system series), or an
+  injected :class:`ForecastArrays` — plus an optional reactive safety net that pulls warm instances
+  as soon as the last step did not fit. The plan's pool is given ``boot_s + decide_every_s`` as
+  boot time, so its active horizon covers demand until the *next* plan's launches are in service.
+* :class:`Oracle` (knob ``coverage``): perfect foresight over the boot time: ``coverage`` × the
+  peak of steps ``t .. t + boot``, at serving capacity.
+* :class:`Scheduled`: replays given targets (recorded decisions, or tests).
+
+Users are summed before any policy sees them. The default warmcast forecast is issued on that sum,
+so its error quantiles carry the users' joint behaviour (DESIGN.md "Aggregation": a bound of the
+sum, never a sum of bounds); per-user model forecasts enter as the pipeline's SYSTEM_FORECAST,
+converted with :func:`forecast_from_table`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.schemas import HORIZONS_MIN
+from scaler.policy import InstanceShape, PlanOptions, Pool, PoolPolicy, PoolState, plan_pools
+from scaler.simulate import Decision, FleetModel, FleetState, ScalingPolicy, SystemTrace
+
+WEEK_S = 7 * 86_400.0
+_HOLD = np.iinfo(np.int64).max
+_SIM_RESOURCES = ("cpu_cores", "memory_gb")
+
+
+def _demand(trace: SystemTrace) -> np.ndarray:
+    return np.stack([trace.cores, trace.memory_gb], axis=1)  # [T, 2]
+
+
+def _lag(a: np.ndarray, k: int = 1) -> np.ndarray:
+    """``out[t] = a[t - k]``, 0 before the start."""
+    out = np.zeros_like(a)
+    out[k:] = a[: len(a) - k]
+    return out
+
+
+def _max_ahead(a: np.ndarray, w: int) -> np.ndarray:
+    """``out[t] = max(a[t : t + w])`` (truncated at the end), along axis 0."""
+    pad = np.concatenate([a, np.full((w - 1,) + a.shape[1:], -np.inf)]) if w > 1 else a
+    out = np.lib.stride_tricks.sliding_window_view(pad, w, axis=0).max(axis=-1)
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+def _mean_behind(a: np.ndarray, w: int) -> np.ndarray:
+    """``out[t] = mean(a[t - w : t])`` over the steps that exist (0 at t = 0)."""
+    cs = np.concatenate([np.zeros((1,) + a.shape[1:]), np.cumsum(a, axis=0)])
+    t = np.arange(len(a))
+    lo = np.maximum(t - w, 0)
+    cnt = np.maximum(t - lo, 1).reshape((-1,) + (1,) * (a.ndim - 1))
+    return (cs[t] - cs[lo]) / cnt
+
+
+def trailing_stats(samples: np.ndarray, known_at: np.ndarray, n_steps: int, refit: int, window: int,
+                   level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per step, the ``level`` quantile and the mean of the samples known by the last refit.
+
+    ``samples``: ``[S, ...]``; ``known_at``: ``[S]`` ascending, the step from which each sample is
+    known. Step ``t`` uses refit point ``c = t − t % refit`` and the samples with
+    ``c − window < known_at <= c``; none: 0. Returns two ``[n_steps, ...]`` arrays.
+    """
+    refits = np.arange(0, n_steps, refit)
+    q = np.zeros((len(refits),) + samples.shape[1:])
+    m = np.zeros_like(q)
+    his = np.searchsorted(known_at, refits, side="right")
+    los = np.searchsorted(known_at, refits - window, side="right")
+    for j, (lo, hi) in enumerate(zip(los, his)):
+        if hi > lo:
+            q[j] = np.quantile(samples[lo:hi], level, axis=0)
+            m[j] = samples[lo:hi].mean(axis=0)
+    idx = np.arange(n_steps) // refit
+    return q[idx], m[idx]
+
+
+@dataclass
+class ReactiveTargetTracking(ScalingPolicy):
+    """AWS-style target tracking; see the module doc. Times in seconds, ``warm_size`` instances."""
+
+    target_utilisation: float = 0.7
+    scale_in_window_s: float = 900.0
+    scale_in_cooldown_s: float = 300.0
+    warm_size: int = 0
+    name = "reactive"
+    knob = "target_utilisation"
+
+    def prepare(self, trace: SystemTrace, fleet: FleetModel) -> None:
+        dt = trace.step_s
+        self._out = fleet.need(_lag(trace.cores), _lag(trace.memory_gb), self.target_utilisation)
+        w = max(1, round(self.scale_in_window_s / dt))
+        self._in = _max_ahead(self._out[::-1], w)[::-1].astype(np.int64)  # max of out[t-w+1 .. t]
+        self._in[:w] = _HOLD  # the low alarm needs a full window of datapoints
+        self._cool = max(0, round(self.scale_in_cooldown_s / dt))
+        self._floor = np.zeros(trace.steps, dtype=np.int64)
+
+    def decide(self, t: int, state: FleetState) -> Decision:
+        cur, floor = state.desired, int(self._floor[t])
+        want = max(int(self._out[t]), floor)
+        if want > cur:
+            return Decision(want, self.warm_size)
+        want = max(int(self._in[t]), floor)
+        if want < cur and t - max(state.last_scale_out, state.last_scale_in) >= self._cool:
+            return Decision(want, self.warm_size)
+        return Decision(cur, self.warm_size)
+
+
+@dataclass
+class AwsPredictive(ReactiveTargetTracking):
+    """Target tracking under an hourly forecast minimum; see the module doc."""
+
+    reissue_h: int = 6
+    name = "aws_predictive"
+
+    def prepare(self, trace: SystemTrace, fleet: FleetModel) -> None:
+        super().prepare(trace, fleet)
+        n, sph = trace.steps, max(1, round(3600 / trace.step_s))
+        boot, _ = fleet.delay_steps(trace.step_s)
+        nh = -(-n // sph)
+        x = np.zeros((nh * sph, 2))
+        x[:n] = _demand(trace)
+        cnt = np.minimum(sph, n - np.arange(nh) * sph)[:, None]
+        hourly = x.reshape(nh, sph, 2).sum(axis=1) / cnt  # [H, 2] mean load per hour
+        t = np.arange(n)
+        target = (t + boot) // sph
+        issue = (t // (self.reissue_h * sph)) * self.reissue_h  # hours before `issue` are known
+        total, count = np.zeros((n, 2)), np.zeros((n, 1))
+        for period in (24, 168):
+            k = np.maximum(1, -(-(target + 1 - issue) // period))
+            src = target - k * period
+            ok = (src >= 0)[:, None]
+            total += np.where(ok, hourly[np.clip(src, 0, nh - 1)], 0.0)
+            count += ok
+        load = total / np.maximum(count, 1)
+        self.forecast_load = load  # [T, 2] forecast mean load (cores, GB) of the hour holding step t + boot
+        self._floor = fleet.need(load[:, 0], load[:, 1], self.target_utilisation)
+
+
+@dataclass
+class KnativeAutoscaler(ScalingPolicy):
+    """Knative KPA stable/panic windows; see the module doc. Windows in seconds."""
+
+    target_utilisation: float = 0.7
+    stable_window_s: float = 60.0
+    panic_window_pct: float = 10.0
+    panic_threshold: float = 2.0
+    max_scale_down_rate: float = 2.0
+    name = "knative"
+    knob = "target_utilisation"
+
+    def prepare(self, trace: SystemTrace, fleet: FleetModel) -> None:
+        dt, x = trace.step_s, _demand(trace)
+        self._stable_steps = max(1, round(self.stable_window_s / dt))
+        panic = max(1, round(self.stable_window_s * self.panic_window_pct / 100 / dt))
+        s, p = _mean_behind(x, self._stable_steps), _mean_behind(x, panic)
+        self._stable = fleet.need(s[:, 0], s[:, 1], self.target_utilisation)
+        self._panic = fleet.need(p[:, 0], p[:, 1], self.target_utilisation)
+        self._panic_until = -1
+
+    def decide(self, t: int, state: FleetState) -> Decision:
+        cur = state.desired
+        if t == 0:
+            return Decision(cur)
+        dp, ready = int(self._panic[t]), max(state.ready, 1)
+        if dp >= self.panic_threshold * ready:
+            self._panic_until = t + self._stable_steps
+        if t < self._panic_until:
+            return Decision(max(dp, cur))
+        return Decision(max(int(self._stable[t]), int(state.ready // self.max_scale_down_rate)))
+
+
+@dataclass
+class NaivePredictive(ScalingPolicy):
+    """Last value + ``level`` quantile of past increments over the boot time; see the module doc."""
+
+    level: float = 0.95
+    window_s: float = WEEK_S
+    refit_s: float = 3600.0
+    name = "naive_predictive"
+    knob = "level"
+
+    def prepare(self, trace: SystemTrace, fleet: FleetModel) -> None:
+        n, dt, x = trace.steps, trace.step_s, _demand(trace)
+        boot, _ = fleet.delay_steps(dt)
+        ahead = _max_ahead(x, boot + 1)  # peak of x[s .. s+boot]
+        s = np.arange(1, max(1, n - boot))
+        inc = ahead[s] - x[s - 1]  # known once x[s+boot] is, i.e. from step s+boot+1
+        q, _ = trailing_stats(inc, s + boot + 1, n, max(1, round(self.refit_s / dt)),
+                              max(1, round(self.window_s / dt)), self.level)
+        self.upper = np.maximum(_lag(x) + q, 0.0)  # [T, 2] forecast peak over the boot time
+        self._want = fleet.need(self.upper[:, 0], self.upper[:, 1])
+
+    def decide(self, t: int, state: FleetState) -> Decision:
+        return Decision(int(self._want[t]) if t else state.desired)
+
+
+@dataclass
+class Oracle(ScalingPolicy):
+    """Perfect foresight of the peak over the boot time, scaled by ``coverage``."""
+
+    coverage: float = 1.0
+    name = "oracle"
+    knob = "coverage"
+
+    def prepare(self, trace: SystemTrace, fleet: FleetModel) -> None:
+        boot, _ = fleet.delay_steps(trace.step_s)
+        peak = _max_ahead(_demand(trace), boot + 1) * self.coverage
+        self._want = fleet.need(peak[:, 0], peak[:, 1])
+
+    def decide(self, t: int, state: FleetState) -> Decision:
+        return Decision(int(self._want[t]))
+
+
+@dataclass
+class Scheduled(ScalingPolicy):
+    """Replays targets: ``active[t]`` (and ``warm[t]``) instances at step ``t``."""
+
+    active: np.ndarray
+    warm: np.ndarray | None = None
+    warm_running: bool = False
+    name = "scheduled"
+
+    def decide(self, t: int, state: FleetState) -> Decision:
+        return Decision(int(self.active[t]), 0 if self.warm is None else int(self.warm[t]), self.warm_running)
+
+
+@dataclass(frozen=True)
+class ForecastArrays:
+    """System forecasts on the step grid: issue ``i`` is read from step ``issued_step[i]`` on
+    (ascending). ``upper``, ``mean``: ``[N, 6, 2]`` for horizons 5..30 min and
+    (cpu_cores, memory_gb), demand units."""
+
+    issued_step: np.ndarray
+    upper: np.ndarray
+    mean: np.ndarray
+
+
+def empirical_forecast(trace: SystemTrace, level: float, *, window_s: float = WEEK_S, refit_s: float = 3600.0,
+                       bucket_s: float = 300.0) -> ForecastArrays:
+    """Last value + empirical error quantiles of the system series, issued at every step.
+
+    Target of horizon ``h`` issued at ``o``: the highest step of bucket ``h`` (steps
+    ``o + (h−1)K .. o + hK − 1``, ``K = bucket_s / step_s``) — what capacity must cover; on a
+    5-minute grid it is the bucket's average, as in the forecast contract. ``upper`` = last value
+    + the ``level`` quantile of errors (target − last value) of origins on the bucket grid, trailing
+    ``window_s``, refit every ``refit_s``, each error used only once all six buckets are past;
+    ``mean`` likewise with the mean error. Before any error is known, both are the last value.
+    """
+    n, x = trace.steps, _demand(trace)
+    k = max(1, round(bucket_s / trace.step_s))
+    if abs(k * trace.step_s - bucket_s) > 1e-6:
+        raise ValueError(f"step_s={trace.step_s} must divide the forecast bucket of {bucket_s} s")
+    hz = len(HORIZONS_MIN)
+    peak = _max_ahead(x, k)
+    o = np.arange(1, n - hz * k + 1, k)
+    err = np.stack([peak[o + j * k] for j in range(hz)], axis=1) - x[o - 1][:, None, :]  # [S, 6, 2]
+    q, m = trailing_stats(err, o + hz * k, n, max(1, round(refit_s / trace.step_s)),
+                          max(1, round(window_s / trace.step_s)), level)
+    last = _lag(x)[:, None, :]
+    upper = np.maximum(last + q, 0.0)
+    return ForecastArrays(np.arange(n), upper, np.clip(last + m, 0.0, upper))
+
+
+def forecast_from_table(table: pa.Table, trace: SystemTrace) -> ForecastArrays:
+    """A SYSTEM_FORECAST table as :class:`ForecastArrays` on ``trace``'s grid: each issue is read
+    from the first step that starts at or after ``issued_at``. Missing cells are NaN (the plan holds)."""
+    t0 = int(trace.start.timestamp() * 1_000_000)
+    issued = pc.cast(table["issued_at"], pa.int64()).to_numpy()
+    step_us = trace.step_s * 1_000_000
+    issues, inv = np.unique(issued, return_inverse=True)
+    up, mean = np.full((2, len(issues), len(HORIZONS_MIN), 2), np.nan)
+    hm = table["horizon_min"].to_numpy()
+    h = np.searchsorted(HORIZONS_MIN, hm)
+    known = np.isin(hm, HORIZONS_MIN)
+    res = table["resource"].to_numpy(zero_copy_only=False)
+    for r, name in enumerate(_SIM_RESOURCES):
+        sel = (res == name) & known
+        up[inv[sel], h[sel], r] = table["upper"].to_numpy()[sel]
+        mean[inv[sel], h[sel], r] = table["mean"].to_numpy()[sel]
+    return ForecastArrays(np.ceil((issues - t0) / step_us).astype(np.int64), up, mean)
+
+
+@dataclass
+class Warmcast(ScalingPolicy):
+    """warmcast's plan (``scaler.policy.plan_pools``) from forecasts; see the module doc.
+
+    ``level``: quantile of the default forecast's upper bound. ``pool_policy``: the plan's pool
+    policy (mode is forced to ``scale``); None: no step limit, target utilisation = the fleet's
+    serving capacity, fleet bounds, a warm pool up to the fleet's max. ``safety_utilisation``:
+    scale out (warm pool first) as soon as the last step's need at this utilisation exceeds the
+    target; None: off. ``forecast``: injected forecasts instead of the default.
+    """
+
+    level: float = 0.95
+    decide_every_s: float = 300.0
+    safety_utilisation: float | None = 1.0
+    pool_policy: PoolPolicy | None = None
+    options: PlanOptions = field(default_factory=PlanOptions)
+    forecast: ForecastArrays | None = None
+    window_s: float = WEEK_S
+    refit_s: float = 3600.0
+    name = "warmcast"
+    knob = "level"
+
+    def prepare(self, trace: SystemTrace, fleet: FleetModel) -> None:
+        dt, s = trace.step_s, fleet.shape
+        fc = self.forecast
+        if fc is None:
+            fc = empirical_forecast(trace, self.level, window_s=self.window_s, refit_s=self.refit_s)
+        self.issued = fc
+        self._which = np.searchsorted(fc.issued_step, np.arange(trace.steps), side="right") - 1
+        self._every = max(1, round(self.decide_every_s / dt))
+        pol = self.pool_policy or PoolPolicy(
+            min_size=fleet.min_size, max_size=fleet.max_size, max_step=max(1, fleet.max_size),
+            target_utilisation=fleet.capacity_utilisation, warm_max_size=fleet.max_size)
+        pol = replace(pol, mode="scale")
+        shape = InstanceShape(s.vcpu, s.memory_gb, s.gpus, s.hourly_price_usd, s.boot_s + self._every * dt, s.resume_s)
+        self._pool = Pool("sim", shape, pol)
+        self._in_use = np.ceil(_lag(trace.cores) / s.vcpu - 1e-9).astype(np.int64)
+        u = self.safety_utilisation
+        self._safety = None if u is None else fleet.need(_lag(trace.cores), _lag(trace.memory_gb), u)
+        self._start, self._dt = trace.start, dt
+
+    def _rows(self, i: int, issued_at) -> list[dict]:
+        fc = self.issued
+        return [{"issued_at": issued_at, "horizon_min": h, "resource": res,
+                 "mean": float(fc.mean[i, j, r]), "upper": float(fc.upper[i, j, r])}
+                for j, h in enumerate(HORIZONS_MIN) for r, res in enumerate(_SIM_RESOURCES)]
+
+    def decide(self, t: int, state: FleetState) -> Decision:
+        active, warm, running = state.desired, state.warm_desired, state.warm_running
+        i = int(self._which[t])
+        if t % self._every == 0 and t > 0 and i >= 0:
+            now = self._start + timedelta(seconds=t * self._dt)
+            issued_at = self._start + timedelta(seconds=int(self.issued.issued_step[i]) * self._dt)
+            pool_state = PoolState(
+                desired=state.desired, in_service=state.ready, in_use=min(state.ready, int(self._in_use[t])),
+                warm_size=state.warm + state.warm_pending, warm_state="Running" if running else "Stopped",
+                last_scale_out_at=(self._start + timedelta(seconds=state.last_scale_out * self._dt)
+                                   if state.last_scale_out >= 0 else None))
+            plan = plan_pools(self._rows(i, issued_at), {"sim": pool_state}, [self._pool], now,
+                              options=self.options).pools[0]
+            active, warm, running = plan.active.target, plan.warm.target, plan.warm_state == "Running"
+        if self._safety is not None:
+            active = max(active, int(self._safety[t]))
+        return Decision(active, warm, running)
