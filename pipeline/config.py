@@ -116,11 +116,12 @@ class Settings:
     def redacted(self) -> dict[str, Any]:
         """A printable dict with any password in ``store_url`` masked."""
         out = dataclasses.asdict(self)
-        out["store_url"] = _mask_url_password(self.store_url)
+        out["store_url"] = mask_url_password(self.store_url)
         return out
 
 
-def _mask_url_password(url: str) -> str:
+def mask_url_password(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to log)."""
     if "://" not in url or "@" not in url:
         return url
     scheme, rest = url.split("://", 1)
@@ -187,10 +188,19 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+#: ``WARMCAST_*`` variables that are not settings: the config file's path, the folder of the
+#: real traces, and anything a test run sets for itself (``WARMCAST_TEST_*``).
+NOT_SETTINGS = ("CONFIG", "TRACE_DIR")
+NOT_SETTINGS_PREFIX = "TEST_"
+
+
 def _env_tree(environ: Mapping[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :]
+        if name in NOT_SETTINGS or name.startswith(NOT_SETTINGS_PREFIX):
             continue
         parts = key[len(ENV_PREFIX) :].lower().split("__")
         node = tree

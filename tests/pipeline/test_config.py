@@ -67,3 +67,8 @@ def test_password_is_masked_when_printed():
 def test_ingest_settings_are_range_checked(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_settings(environ={f"WARMCAST_INGEST__{key.upper()}": value})
+
+
+def test_non_setting_variables_are_not_refused():
+    env = {"WARMCAST_TEST_PG_URL": "postgresql://x", "WARMCAST_TRACE_DIR": "/data", "WARMCAST_LAKE": "/l"}
+    assert load_settings(environ=env).lake == "/l"
