@@ -1,0 +1,453 @@
+"""System forecast with honest bounds: the distribution of Σ users' demand (DESIGN.md "Aggregation").
+
+One issue of the per-user forecast (:data:`USER_FORECAST`) becomes :data:`SYSTEM_FORECAST` rows per
+horizon and resource, in the demand's own units (requests per bucket, cores, GB, GPUs), for
+three methods (the store keys rows by method; a reader picks one):
+
+* ``copula_sample`` / ``independent_sample`` (the band): ``n_paths`` joint sample paths of every
+  user's demand, summed; ``lower``/``upper`` are the ``(1 ∓ level)/2`` quantiles of the sums.
+  ``mean`` is Σ users' ``mean`` column (exact by linearity) in every row.
+* ``quantile_sum`` (the naive comparison): Σ users' quantiles at the same levels, as if every user
+  peaked together; for independent users ~√n_users too wide. Never size from it.
+* ``tiered_target`` (the provisioning target below): ``upper`` is the target, and the row is the
+  central band of the sampled sum whose upper bound is the target:
+  ``level = max(0, 2·P(S <= target) - 1)``, ``lower = min(target, q_{(1-level)/2}(S))``.
+
+Per-user distribution: ``Q(u)`` interpolates linearly between q05 … q95 at τ = 0.05 … 0.95; tails
+``Q(u) = q05 - a·(0.05 - u)/0.05`` with ``a = min(q05, q10 - q05)`` (the q05–q10 slope continued,
+flattened so ``Q(0) >= 0``) and ``Q(u) = q95 + b·ln(0.05/(1 - u))`` with ``b = (q95 - q90)/ln 2`` (an
+exponential tail matching the q90–q95 spacing; ``u <= 1 - 2^-23``, so at most ~12.9·b above q95).
+Both are linear in ``params = (q05 … q95, a, b)``: a draw is ``wa(u)·params[i] + wb(u)·params[j]``
+(two of the nine), computed for a chunk of users at once (float32 draws, float64 totals).
+
+Dependence (empirical copula, a Schaake-shuffle variant): path ``j`` is tied to a date ``t_j`` of
+``M`` recent past time points (each used ``n_paths/M`` times, seeded order); user ``u``'s uniform on
+it is the randomised PIT of its own history there, ``v = (#{x_u < x_u[t_j]} + V·#{x_u = x_u[t_j]})/M_u``
+with ``V ~ U(0, 1)`` per (user, path): users that moved together move together in the samples, and
+ties (all-zero users) break independently. History: recent forecast residuals, or one-step demand
+changes (the last-value forecast's 5-minute residuals, :func:`residual_history`), ``[n_users, M]``
+or ``[n_users, M, 4]`` (per resource). NaN values, users without history, no history or fewer than
+``min_history`` points give ``v = V``: *independent* users. A user's uniform is shared by its
+horizons (comonotone errors over 5..30 min; a per-horizon band depends only on the dependence
+*between* users).
+
+Provisioning target (tier and consumption weighting), per horizon and resource::
+
+    target = max(0, Σ_u m_u + D · Σ_u w_u · (Q_u(τ_tier(u)) - m_u))
+    D      = max(0, (q_{τ*}(S) - Σ_u m_u) / Σ_u (Q_u(τ*) - m_u)),   τ* = (1 + level)/2
+
+``m_u``: the user's mean; ``τ_tier``: its tier's service level (default premium 0.95, standard 0.90,
+free 0.50); ``w_u``: its consumption weight (``USER_PROFILE.weight``; generated: free 1, standard 2,
+premium 4). Expected demand is provisioned 1:1 for everyone; the tier picks which quantile of a
+user's uncertainty is covered and the weight scales that buffer (a weight never invents demand).
+``D``, the diversification factor, is the sampled system buffer over the naive one at the band's
+upper level (1 for users that always peak together, ~1/√n for independent ones, 1 when there is
+no spread). All users premium at weight 1: the target is the band's ``upper``. Users without a
+profile and tiers not in the map: ``default_tier_level``, weight 1 (logged).
+
+Bad input: no users -> zero rows with ``n_users = 0`` (an empty table if ``issued_at`` is unknown);
+a user lacking a (horizon, resource) row others have, duplicates, NaN/inf, several issue times ->
+``ValueError`` naming the user; a horizon no user has is left out; crossing quantiles -> sorted
+(negatives clipped to 0) with a logged warning. Deterministic for a seed and independent of row
+order (users in sorted id order); memory bounded by ``chunk_mb``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, QUANTILES, SYSTEM_FORECAST
+
+log = logging.getLogger(__name__)
+
+METHOD_COPULA = "copula_sample"
+METHOD_INDEPENDENT = "independent_sample"
+METHOD_NAIVE = "quantile_sum"
+METHOD_TIERED = "tiered_target"
+DEFAULT_TIER_LEVELS = {"premium": 0.95, "standard": 0.90, "free": 0.50}
+
+TAU = np.asarray(QUANTILES, dtype=np.float64)
+_N_PARAMS = len(QUANTILES) + 2  # q05..q95, lower-tail drop a, upper-tail scale b
+_U_MAX = 1.0 - 2.0**-23  # keeps the exponential tail finite (<= ln(0.05·2^23) ≈ 12.9 scales); exact in float32
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """How the system forecast is computed (levels are probabilities in (0, 1))."""
+
+    n_paths: int = 1000  #: joint sample paths
+    level: float = 0.9  #: central band: lower/upper at (1 -/+ level)/2
+    seed: int = 0
+    tier_levels: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TIER_LEVELS))
+    default_tier_level: float = 0.9  #: users without a profile, tiers not in the map
+    min_history: int = 20  #: fewer past time points than this -> independent users
+    chunk_mb: float = 24.0  #: memory for one chunk of sampling coefficients, MiB
+
+    def __post_init__(self) -> None:
+        if int(self.n_paths) < 2:
+            raise ValueError(f"n_paths must be >= 2, got {self.n_paths}")
+        for name, v in [("level", self.level), ("default_tier_level", self.default_tier_level), *self.tier_levels.items()]:
+            if not 0.0 < float(v) < 1.0:
+                raise ValueError(f"{name} must lie in (0, 1), got {v}")
+        if self.chunk_mb <= 0:
+            raise ValueError(f"chunk_mb must be > 0, got {self.chunk_mb}")
+
+
+@dataclass(frozen=True)
+class ResidualHistory:
+    """Recent residuals per user: ``values [n_users, M]`` or ``[n_users, M, 4]`` (DEMAND_RESOURCES order)."""
+
+    user_ids: Sequence[str]
+    values: np.ndarray
+
+
+@dataclass
+class ForecastCube:
+    """One issue of the per-user forecast as arrays: ``quantiles [U, H, R, 7]``, ``mean [U, H, R]``."""
+
+    issued_at: datetime
+    user_ids: list[str]  # sorted
+    horizons: tuple[int, ...]
+    resources: tuple[str, ...]
+    quantiles: np.ndarray
+    mean: np.ndarray
+
+
+@dataclass
+class SystemAggregate:
+    """The system forecast of one issue; arrays are ``[H, R]`` (``totals``: ``[n_paths, H, R]``)."""
+
+    issued_at: datetime | None
+    horizons: tuple[int, ...]
+    resources: tuple[str, ...]
+    n_users: int
+    method: str
+    level: float
+    mean: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    naive_lower: np.ndarray
+    naive_upper: np.ndarray
+    target: np.ndarray
+    target_level: np.ndarray
+    target_lower: np.ndarray
+    diversification: np.ndarray
+    totals: np.ndarray
+
+    def table(self, methods: Sequence[str] | None = None) -> pa.Table:
+        """:data:`SYSTEM_FORECAST` rows, ordered by method, horizon, resource (default: all three methods)."""
+        rows = {self.method: (self.lower, self.upper, np.full_like(self.mean, self.level)),
+                METHOD_NAIVE: (self.naive_lower, self.naive_upper, np.full_like(self.mean, self.level)),
+                METHOD_TIERED: (self.target_lower, self.target, self.target_level)}
+        chosen = list(rows) if methods is None else list(methods)
+        unknown = [m for m in chosen if m not in rows]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; this aggregate has {list(rows)}")
+        if self.issued_at is None or not chosen:
+            return SYSTEM_FORECAST.empty_table()
+        h, r = len(self.horizons), len(self.resources)
+        k = len(chosen) * h * r
+        cols = {
+            "issued_at": pa.array([self.issued_at] * k, SYSTEM_FORECAST.field("issued_at").type),
+            "horizon_min": pa.array(np.tile(np.repeat(self.horizons, r), len(chosen)).astype(np.int16)),
+            "resource": pa.array(list(self.resources) * (h * len(chosen)), pa.string()),
+            "mean": pa.array(np.tile(self.mean.ravel(), len(chosen))),
+            "lower": pa.array(np.concatenate([rows[m][0].ravel() for m in chosen])),
+            "upper": pa.array(np.concatenate([rows[m][1].ravel() for m in chosen])),
+            "level": pa.array(np.concatenate([rows[m][2].ravel() for m in chosen])),
+            "n_users": pa.array(np.full(k, self.n_users, dtype=np.int64)),
+            "method": pa.array(np.repeat(chosen, h * r).tolist(), pa.string()),
+        }
+        return pa.table(cols, schema=SYSTEM_FORECAST)
+
+
+def _tail_params(q: np.ndarray) -> np.ndarray:
+    """``[..., 9]`` parameters ``(q05 … q95, a, b)`` of the inverse CDF (see the module docstring)."""
+    a = np.minimum(q[..., 0], q[..., 1] - q[..., 0])
+    b = (q[..., 6] - q[..., 5]) / np.log(2.0)
+    return np.concatenate([q, a[..., None], b[..., None]], axis=-1)
+
+
+# c(u) by k = #{levels <= u} (0: lower tail, 1..6: between levels k-1 and k, 7: upper tail): non-zeros
+# at _IA[k] and _IB[k]; wb = (u - _LOW[k])·_INV[k] (the lower tail's -(0.05-u)/0.05 has the same form;
+# the upper tail's is a log), wa = 1 - wb between levels and 1 in the tails.
+_IA = np.array([0, 0, 1, 2, 3, 4, 5, 6])
+_IB = np.array([7, 1, 2, 3, 4, 5, 6, 8])
+_LOW = np.concatenate([[TAU[0]], TAU[:-1], [0.0]])
+_INV = np.concatenate([[1.0 / TAU[0]], 1.0 / np.diff(TAU), [0.0]])
+_BETWEEN = np.array([0.0, 1, 1, 1, 1, 1, 1, 0])
+
+
+def _coefficients(u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(k, wa, wb)`` for levels ``u`` in [0, 1] (a 1-d or 2-d array): ``Q(u) = wa·params[_IA[k]] + wb·params[_IB[k]]``."""
+    u = np.minimum(u, _U_MAX)
+    k = np.zeros(u.shape, dtype=np.intp)
+    for t in TAU:
+        k += u >= t
+    wb = (u - _LOW.astype(u.dtype)[k]) * _INV.astype(u.dtype)[k]
+    wa = 1.0 - wb * _BETWEEN.astype(u.dtype)[k]
+    high = k == len(TAU)
+    wb[high] = np.log((1.0 - TAU[-1]) / (1.0 - u[high]))
+    return k, wa, wb
+
+
+def quantile_at(quantiles: np.ndarray, u: np.ndarray | float) -> np.ndarray:
+    """The piecewise-linear inverse CDF: ``quantiles [..., 7]`` evaluated at levels ``u`` (broadcast to ``[...]``)."""
+    p = _tail_params(np.asarray(quantiles, dtype=np.float64))
+    shape = p.shape[:-1]
+    u = np.clip(np.broadcast_to(np.asarray(u, dtype=np.float64), shape).ravel(), 0.0, 1.0)
+    k, wa, wb = (a.reshape(shape) for a in _coefficients(u))
+    return wa * np.take_along_axis(p, _IA[k][..., None], -1)[..., 0] + wb * np.take_along_axis(p, _IB[k][..., None], -1)[..., 0]
+
+
+def read_user_forecast(table: pa.Table, issued_at: datetime | None = None) -> ForecastCube:
+    """Parse one issue of a :data:`USER_FORECAST` table into a :class:`ForecastCube` (see "Bad input")."""
+    need = ["user_id", "issued_at", "horizon_min", "resource", *QUANTILE_COLUMNS, "mean"]
+    missing = [c for c in need if c not in table.column_names]
+    if missing:
+        raise ValueError(f"user forecast lacks columns {missing}")
+    if issued_at is not None and table.num_rows:
+        t = pa.scalar(issued_at, pa.timestamp("us", tz="UTC")).cast(table.schema.field("issued_at").type)
+        table = table.filter(pc.equal(table["issued_at"], t))
+    stamps = pc.unique(table["issued_at"]).to_pylist()
+    if len(stamps) > 1:
+        raise ValueError(f"user forecast holds {len(stamps)} issue times; pass issued_at= to choose one")
+    when = stamps[0] if stamps else issued_at
+    when = when.replace(tzinfo=timezone.utc) if when is not None and when.tzinfo is None else when
+    if table.num_rows == 0:  # no users at all: every horizon and resource is zero demand
+        shape = (0, len(HORIZONS_MIN), len(DEMAND_RESOURCES))
+        return ForecastCube(when, [], HORIZONS_MIN, DEMAND_RESOURCES, np.zeros(shape + (len(QUANTILES),)), np.zeros(shape))
+    if table["user_id"].null_count or table["horizon_min"].null_count or table["resource"].null_count:
+        raise ValueError("user forecast has null user_id, horizon_min or resource")
+    users = pc.unique(table["user_id"])
+    users = users.take(pc.sort_indices(users))
+    hs = sorted(set(table["horizon_min"].to_pylist()))
+    rs = [r for r in DEMAND_RESOURCES if r in set(table["resource"].to_pylist())]
+    if set(hs) - set(HORIZONS_MIN) or set(table["resource"].to_pylist()) - set(rs):
+        raise ValueError(f"horizon_min must be in {HORIZONS_MIN} and resource in {DEMAND_RESOURCES}; got {hs}, "
+                         f"{sorted(set(table['resource'].to_pylist()))}")
+    n, nh, nr = len(users), len(hs), len(rs)
+    u = pc.index_in(table["user_id"], value_set=users).to_numpy()
+    h = np.searchsorted(np.asarray(hs), table["horizon_min"].to_numpy())
+    r = pc.index_in(table["resource"], value_set=pa.array(rs)).to_numpy()
+    flat = (u * nh + h) * nr + r
+
+    def where(cell: int) -> str:
+        return f"user {users[cell // (nh * nr)].as_py()!r} at horizon {hs[cell // nr % nh]} min, {rs[cell % nr]}"
+
+    count = np.bincount(flat, minlength=n * nh * nr)
+    if (count != 1).any():
+        cell = int(np.argmax(count != 1))
+        short = int((count.reshape(n, -1) == 0).any(axis=1).sum())
+        raise ValueError(f"{'duplicate rows' if count[cell] > 1 else 'no row'} for {where(cell)} ({short} of {n} users "
+                         f"lack some of the {nh} horizons x {nr} resources present)")
+    q = np.empty((n * nh * nr, len(QUANTILES)))
+    q[flat] = np.stack([table[c].to_numpy(zero_copy_only=False) for c in QUANTILE_COLUMNS], axis=1)
+    m = np.empty(n * nh * nr)
+    m[flat] = table["mean"].to_numpy(zero_copy_only=False)
+    bad = ~(np.isfinite(q).all(axis=1) & np.isfinite(m))
+    if bad.any():
+        raise ValueError(f"non-finite quantile or mean for {where(int(np.argmax(bad)))} ({int(bad.sum())} rows)")
+    crossing, negative = (np.diff(q, axis=1) < 0).any(axis=1), (q < 0).any(axis=1) | (m < 0)
+    if crossing.any() or negative.any():
+        log.warning("user forecast %s: repaired %d crossing and %d negative rows of %d (sorted, clipped at 0), e.g. %s",
+                    when, int(crossing.sum()), int(negative.sum()), len(q), where(int(np.argmax(crossing | negative))))
+        q = np.maximum(np.sort(q, axis=1), 0.0)
+        m = np.maximum(m, 0.0)
+    return ForecastCube(when, users.to_pylist(), tuple(hs), tuple(rs), q.reshape(n, nh, nr, -1), m.reshape(n, nh, nr))
+
+
+def _pit_bounds(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For ``x [U, M, R]``: ``(#smaller, #equal)`` among the finite values of each value's row, ``[U, R, M]``,
+    and ``#finite [U, R]`` (at least 1), as float32.
+
+    Non-finite values (and all-NaN rows) get ``(0, #finite)``: a uniform draw over the row.
+    """
+    u, m, r = x.shape
+    rows = np.where(np.isfinite(x), x, np.nan).transpose(0, 2, 1).reshape(-1, m)  # [(user, resource), M]
+    order = np.argsort(rows, axis=1)  # NaN last
+    s = np.take_along_axis(rows, order, axis=1).ravel()
+    nv = np.maximum(np.isfinite(rows).sum(axis=1), 1)
+    # Blocks of equal values in the flattened sorted rows; every row starts a new block.
+    new = np.ones(s.size, dtype=bool)
+    new[1:] = s[1:] != s[:-1]
+    new[::m] = True
+    starts = np.flatnonzero(new)
+    block = np.cumsum(new) - 1
+    size = np.diff(np.append(starts, s.size))[block]
+    first = starts[block] - np.repeat(np.arange(len(rows)) * m, m)
+    valid = np.tile(np.arange(m), len(rows)) < np.repeat(nv, m)
+    lo, cnt = np.empty(s.size, np.float32), np.empty(s.size, np.float32)
+    at = (order + np.arange(len(rows))[:, None] * m).ravel()  # where each sorted value came from
+    lo[at] = np.where(valid, first, 0)
+    cnt[at] = np.where(valid, size, np.repeat(nv, m))
+    return lo.reshape(u, r, m), cnt.reshape(u, r, m), nv.reshape(u, r).astype(np.float32)
+
+
+def _history_for(cube: ForecastCube, history: ResidualHistory | None, min_history: int):
+    """``(history [n_users_with_history, M, Rh], row per forecast user or -1, column per cube resource)`` or None."""
+    if history is None:
+        return None
+    x = np.asarray(history.values)
+    x = x[:, :, None] if x.ndim == 2 else x
+    if x.ndim != 3 or x.shape[0] != len(history.user_ids) or x.shape[2] not in (1, len(DEMAND_RESOURCES)):
+        raise ValueError(f"history values must be [n_users={len(history.user_ids)}, M] or [.., M, {len(DEMAND_RESOURCES)}], "
+                         f"got {x.shape}")
+    if x.shape[1] < min_history:
+        log.warning("residual history has %d time points (< %d): users taken as independent", x.shape[1], min_history)
+        return None
+    rows = pc.index_in(pa.array(cube.user_ids, pa.string()), value_set=pa.array(list(history.user_ids), pa.string()))
+    rows = rows.fill_null(-1).to_numpy()
+    if (rows < 0).all():
+        log.warning("no forecast user has a residual history: users taken as independent")
+        return None
+    per_resource = [DEMAND_RESOURCES.index(r) for r in cube.resources]
+    rcol = np.zeros(len(cube.resources), np.intp) if x.shape[2] == 1 else np.asarray(per_resource)
+    return x, rows, rcol
+
+
+def _uniforms(x: np.ndarray, rows: np.ndarray, dates: np.ndarray, v0: np.ndarray) -> np.ndarray:
+    """``[Rh, Uc, N]`` uniforms: randomised PIT of each user's history at each path's date (``v0`` where none)."""
+    out = np.repeat(v0[None], x.shape[2], axis=0)
+    have = np.flatnonzero(rows >= 0)
+    if have.size:
+        lo, cnt, nv = _pit_bounds(x[rows[have]].astype(np.float64))
+        lo, cnt = np.take(lo, dates, axis=2), np.take(cnt, dates, axis=2)  # [Uh, Rh, N]
+        out[:, have] = ((lo + v0[have][:, None, :] * cnt) / nv[:, :, None]).transpose(1, 0, 2)
+    return out
+
+
+def sample_totals(cube: ForecastCube, history: ResidualHistory | None = None,
+                  config: AggregateConfig = AggregateConfig()) -> tuple[np.ndarray, bool]:
+    """Joint sample paths of Σ users' demand: ``([n_paths, H, R] totals, dependence used)``.
+
+    Draws and per-chunk sums are float32 (a relative error of ~1e-6, far below the Monte Carlo
+    error); the sums over chunks are float64.
+    """
+    n, nh, nr = cube.mean.shape
+    n_paths = int(config.n_paths)
+    totals = np.zeros((n_paths, nh, nr))
+    if n == 0:
+        return totals, False
+    rng = np.random.default_rng(config.seed)
+    hist = _history_for(cube, history, config.min_history)
+    if hist is not None:
+        x, rows, rcol = hist
+        m = x.shape[1]  # each past date used n_paths // m or one more times, in random order
+        dates = rng.permutation(np.concatenate([np.arange(m)] * (n_paths // m) + [rng.choice(m, n_paths % m, replace=False)]))
+    per_resource = hist is not None and x.shape[2] > 1  # one uniform per resource, else shared
+    # [U, R, 9, H]: a user's parameters per resource; a draw gathers two of the 9 rows.
+    params = np.ascontiguousarray(_tail_params(cube.quantiles).transpose(0, 2, 3, 1), dtype=np.float32)
+    chunk = max(1, int(config.chunk_mb * 2**20 // (n_paths * nh * 4 * 3)))
+    for u0 in range(0, n, chunk):
+        u1 = min(n, u0 + chunk)
+        v0 = rng.random((u1 - u0, n_paths), dtype=np.float32)  # V per (user, path); user-major: chunking keeps the stream
+        vs = [v0] if hist is None else _uniforms(x, rows[u0:u1], dates, v0)
+        rows9 = (np.arange(u1 - u0) * _N_PARAMS)[:, None]
+        coef = None
+        for ri in range(nr):
+            if coef is None or per_resource:
+                k, wa, wb = coef = _coefficients(vs[rcol[ri]] if per_resource else vs[0])
+                at_a, at_b = rows9 + _IA[k], rows9 + _IB[k]
+            p = params[u0:u1, ri].reshape(-1, nh)  # [(user, parameter), H]
+            draw = np.take(p, at_a, axis=0)  # [Uc, N, H]
+            draw *= wa[..., None]
+            draw += np.take(p, at_b, axis=0) * wb[..., None]
+            totals[:, :, ri] += draw.sum(axis=0)
+    return totals, hist is not None
+
+
+def user_service_levels(user_ids: Sequence[str], profiles: pa.Table | None,
+                        config: AggregateConfig = AggregateConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """Per user: ``(tier service level τ, consumption weight w)`` from a :data:`USER_PROFILE` table."""
+    n = len(user_ids)
+    levels, weights = np.full(n, float(config.default_tier_level)), np.ones(n)
+    if profiles is None or n == 0:
+        if n:
+            log.info("no user profiles: %d users covered at the default level %.2f, weight 1", n, config.default_tier_level)
+        return levels, weights
+    if {"user_id", "tier", "weight"} - set(profiles.column_names):
+        raise ValueError(f"user profiles need user_id, tier and weight columns, got {profiles.column_names}")
+    ids = profiles["user_id"]
+    if pc.count_distinct(ids).as_py() != profiles.num_rows:
+        raise ValueError("user profiles hold duplicate user_id rows")
+    w = profiles["weight"].to_numpy(zero_copy_only=False).astype(np.float64)
+    if not (np.isfinite(w) & (w >= 0)).all():
+        bad = int(np.argmax(~(np.isfinite(w) & (w >= 0))))
+        raise ValueError(f"user {ids[bad].as_py()!r} has weight {w[bad]}; weights must be finite and >= 0")
+    rows = pc.index_in(pa.array(list(user_ids), pa.string()), value_set=ids).fill_null(-1).to_numpy()
+    known = rows >= 0
+    tiers = np.asarray(profiles["tier"].to_pylist(), dtype=object)
+    tier_level = np.asarray([config.tier_levels.get(t, np.nan) for t in tiers], dtype=np.float64)
+    unknown = sorted({t for t in tiers[rows[known]] if t not in config.tier_levels})
+    if (~known).any() or unknown:
+        log.warning("%d users without a profile and tiers %s not in %s: covered at %.2f", int((~known).sum()), unknown,
+                    dict(config.tier_levels), config.default_tier_level)
+    levels[known] = np.nan_to_num(tier_level[rows[known]], nan=config.default_tier_level)
+    weights[known] = w[rows[known]]
+    return levels, weights
+
+
+def provisioning_target(quantiles: np.ndarray, mean: np.ndarray, levels: np.ndarray, weights: np.ndarray,
+                        diversification: np.ndarray | float = 1.0) -> np.ndarray:
+    """``max(0, Σ m + D·Σ w·(Q(τ) - m))`` over users: ``quantiles [U, H, R, 7]``, ``mean [U, H, R]``, ``levels, weights [U]``."""
+    levels = np.asarray(levels, dtype=np.float64)[:, None, None]
+    buffer = quantile_at(quantiles, np.broadcast_to(levels, np.shape(mean))) - mean
+    weighted = np.einsum("u,uhr->hr", np.asarray(weights, dtype=np.float64), buffer)
+    return np.maximum(0.0, mean.sum(axis=0) + np.asarray(diversification) * weighted)
+
+
+def aggregate(table: pa.Table, *, profiles: pa.Table | None = None, history: ResidualHistory | None = None,
+              config: AggregateConfig = AggregateConfig(), issued_at: datetime | None = None) -> SystemAggregate:
+    """The system forecast of one issue of the per-user forecast ``table`` (see the module docstring)."""
+    cube = read_user_forecast(table, issued_at)
+    totals, dependent = sample_totals(cube, history, config)
+    lo_level, hi_level = (1.0 - config.level) / 2.0, (1.0 + config.level) / 2.0
+    mean = cube.mean.sum(axis=0)
+    lower, upper = np.quantile(totals, [lo_level, hi_level], axis=0)
+    naive_lower, naive_upper = quantile_at(cube.quantiles, lo_level).sum(axis=0), quantile_at(cube.quantiles, hi_level).sum(axis=0)
+    naive_buffer = naive_upper - mean
+    with np.errstate(divide="ignore", invalid="ignore"):
+        div = np.where(naive_buffer > 1e-12 * (1.0 + np.abs(mean)), np.maximum(0.0, upper - mean) / naive_buffer, 1.0)
+    levels, weights = user_service_levels(cube.user_ids, profiles, config)
+    target = provisioning_target(cube.quantiles, cube.mean, levels, weights, div)
+    covered = (totals <= target[None] * (1 + 1e-12) + 1e-12).mean(axis=0)
+    target_level = np.maximum(0.0, 2.0 * covered - 1.0)
+    below = [np.quantile(totals[:, i, j], (1.0 - target_level[i, j]) / 2.0) for i, j in np.ndindex(target.shape)]
+    target_lower = np.minimum(target, np.reshape(below, target.shape))
+    return SystemAggregate(
+        issued_at=cube.issued_at, horizons=cube.horizons, resources=cube.resources, n_users=len(cube.user_ids),
+        method=METHOD_COPULA if dependent else METHOD_INDEPENDENT, level=float(config.level), mean=mean,
+        lower=np.minimum(lower, upper), upper=upper, naive_lower=naive_lower, naive_upper=naive_upper, target=target,
+        target_level=target_level, target_lower=target_lower, diversification=div, totals=totals)
+
+
+def residual_history(demand: pa.Table, issued_at: datetime, window: int = 288) -> ResidualHistory:
+    """One-step demand changes of the ``window`` buckets before ``issued_at``: ``[n_users, window, 4]``.
+
+    ``demand``: a :data:`pipeline.schemas.DEMAND` table. These are the residuals of the last-value
+    forecast at 5 minutes; buckets without a row count as zero demand. Only buckets before
+    ``issued_at`` are read, so later data cannot change an earlier forecast.
+    """
+    step = timedelta(seconds=BUCKET_SECONDS)
+    start = issued_at - (window + 1) * step
+    ts_type = demand.schema.field("ts").type
+    keep = pc.and_(pc.greater_equal(demand["ts"], pa.scalar(start, ts_type)), pc.less(demand["ts"], pa.scalar(issued_at, ts_type)))
+    part = demand.filter(keep)
+    users = pc.unique(part["user_id"])
+    users = users.take(pc.sort_indices(users))
+    grid = np.zeros((len(users), window + 1, len(DEMAND_RESOURCES)))
+    if part.num_rows:
+        u = pc.index_in(part["user_id"], value_set=users).to_numpy()
+        start_us = int(pa.scalar(start, pa.timestamp("us", tz="UTC")).cast(pa.int64()).as_py())
+        b = (pc.cast(part["ts"].cast(pa.timestamp("us", tz="UTC")), pa.int64()).to_numpy() - start_us) // (BUCKET_SECONDS * 1_000_000)
+        for k, r in enumerate(DEMAND_RESOURCES):
+            grid[u, b, k] = part[r].to_numpy(zero_copy_only=False).astype(np.float64)
+    return ResidualHistory(users.to_pylist(), np.diff(grid, axis=1))
