@@ -36,10 +36,29 @@ class ForecastDemand:
     by_horizon: dict[int, tuple[float, float, float]]
 
 
+#: A system forecast issue carries one row per method (see :mod:`pipeline.aggregate`); the scaler
+#: sizes for the first of these present: the tier-weighted provisioning target, else the sampled band.
+METHOD_PREFERENCE = ("tiered_target", "copula_sample", "independent_sample")
+
+
+def _one_method(table: pa.Table) -> pa.Table:
+    """Keep the rows of one aggregation method (the naive quantile sum is never acted on)."""
+    if "method" not in table.column_names:
+        return table
+    methods = set(pc.unique(table["method"]).to_pylist())
+    if len(methods) <= 1:
+        return table
+    for method in METHOD_PREFERENCE:
+        if method in methods:
+            return table.filter(pc.equal(table["method"], method))
+    return table  # several unknown methods: read as duplicates, and held
+
+
 def _as_rows(forecast: pa.Table | Iterable[Mapping[str, Any]] | None, now: datetime) -> list[Mapping[str, Any]]:
     if forecast is None:
         return []
     if isinstance(forecast, pa.Table):
+        forecast = _one_method(forecast)
         if forecast.num_rows == 0:
             return []
         # A forecast table may hold many issues (and, in a back-fill, later ones): only the newest

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
 import pytest
@@ -187,3 +187,23 @@ def test_naive_now_and_duplicate_pools_are_rejected():
         plan_pools([], {}, one_pool(), NOW.replace(tzinfo=None))
     with pytest.raises(ValueError, match="unique"):
         plan_pools([], {}, one_pool() + one_pool(), NOW)
+
+
+def test_a_multi_method_system_forecast_is_read_at_the_tiered_target():
+    """An aggregated issue holds copula, naive-sum and tiered rows; the scaler acts on the tiered one."""
+    import pyarrow as pa
+
+    from pipeline.schemas import SYSTEM_FORECAST
+    from scaler.forecast_view import demand_by_horizon
+
+    now = datetime(2026, 11, 2, 10, 0, tzinfo=timezone.utc)
+    rows = [
+        {"issued_at": now, "horizon_min": h, "resource": r, "mean": 10.0, "lower": 5.0, "upper": up,
+         "level": 0.9, "n_users": 3, "method": method}
+        for method, up in (("copula_sample", 20.0), ("quantile_sum", 40.0), ("tiered_target", 25.0))
+        for h in (5, 10, 15, 20, 25, 30)
+        for r in ("requests", "cpu_cores", "memory_gb", "gpus")
+    ]
+    read = demand_by_horizon(pa.Table.from_pylist(rows, schema=SYSTEM_FORECAST), now, max_age_s=600, shading=0.0)
+    assert not isinstance(read, str), read
+    assert read.by_horizon[5][0] == 25.0  # the tiered target's upper bound, not the naive sum's
