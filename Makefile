@@ -35,6 +35,9 @@ test-slow: $(STAMP)
 ## bench: the headline benchmarks, one JSON line each
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/aggregate.py
+	$(PY) benchmarks/scaler.py
+	$(PY) benchmarks/simulate.py
 
 ## airflow: the embedded Airflow (standalone: SQLite, LocalExecutor) on http://127.0.0.1:8080,
 ## with the warmcast DAGs over var/landing and var/lake; the login is printed at start-up.
