@@ -1,0 +1,284 @@
+"""From the long demand table to the LSTM's dense per-step inputs, targets and batches.
+
+The demand series (:data:`pipeline.schemas.DEMAND`) is long format and sparse in users; the
+per-user LSTMs want a dense grid: ``values[u, t, r]`` = user ``u``'s demand for resource ``r``
+(``DEMAND_RESOURCES`` order: requests, cpu_cores, memory_gb, gpus) in the 5-minute bucket
+``t0 + t·5 min``, zero where the table has no row. Everything here is numpy or torch on that grid.
+
+Per-step inputs at origin ``t`` (the bucket whose demand was seen last; the forecast is for
+buckets ``t+1 … t+6``), :data:`N_INPUTS` = 18 columns:
+
+====== =====================================================================================
+0-3    ``z`` = (log1p(demand) − log_mean) / log_std at ``t``, per user (stats from the training
+       part only), clipped to ±:data:`Z_CLIP`
+4-7    ``z`` at ``t+1 − 1 day`` (same bucket yesterday as the first target)
+8-11   ``z`` at ``t+1 − 7 days`` (same bucket last week)
+12, 13 1 where the yesterday / last-week lag lies inside the user's history, else 0
+14, 15 sin, cos of the time of day of bucket ``t+1`` (UTC)
+16, 17 sin, cos of the position in the week of bucket ``t+1``
+====== =====================================================================================
+
+Before a user's first active bucket every per-user column is 0. Targets are the demand of the
+next 6 buckets divided by the user's ``scale`` (per resource): real units up to a constant, so
+the loss the model trains on is the pinball loss the operators read, rescaled per user.
+
+Bad input: NaN, ±inf or negative demand raises ``ValueError`` naming the users and the first
+offending bucket; nothing is silently cleaned (a NaN here means an upstream bug worth seeing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILES
+
+BUCKET = timedelta(seconds=BUCKET_SECONDS)
+BUCKETS_PER_DAY = 86_400 // BUCKET_SECONDS
+BUCKETS_PER_WEEK = 7 * BUCKETS_PER_DAY
+N_HORIZONS = len(HORIZONS_MIN)
+N_RESOURCES = len(DEMAND_RESOURCES)
+N_INPUTS = 18
+Z_CLIP = 10.0
+MIN_LOG_STD = 0.1
+#: A user's scale is at least this share of the median scale over users (per resource), so a
+#: resource a user never touched does not blow its scaled errors up.
+SCALE_FLOOR_SHARE = 1e-3
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
+
+
+@dataclass
+class DenseDemand:
+    """Demand of ``len(user_ids)`` users on one 5-minute grid starting at ``t0`` (UTC).
+
+    ``values``: float32 ``[n_users, T, 4]`` in ``DEMAND_RESOURCES`` order, real units (requests
+    per bucket; mean concurrent cores, GB, GPUs), 0 where there was no row.
+    ``first_active``: int64 ``[n_users]``, the first bucket with a row (``T`` for none).
+    """
+
+    user_ids: list[str]
+    t0: datetime
+    values: np.ndarray
+    first_active: np.ndarray
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_steps(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def end(self) -> datetime:
+        """End of the grid (exclusive): ``t0 + T · 5 min``."""
+        return self.t0 + self.n_steps * BUCKET
+
+    def history_mask(self) -> np.ndarray:
+        """bool ``[n_users, T]``: true from each user's first active bucket on."""
+        return np.arange(self.n_steps)[None, :] >= self.first_active[:, None]
+
+
+def _check_grid(moment: datetime, what: str) -> int:
+    if not isinstance(moment, datetime) or moment.tzinfo is None:
+        raise ValueError(f"{what} must be a timezone-aware datetime, got {moment!r}")
+    us = (moment - _EPOCH) // timedelta(microseconds=1)
+    if us % (BUCKET_SECONDS * 1_000_000):
+        raise ValueError(f"{what}={moment.isoformat()} is not on the 5-minute grid")
+    return us
+
+
+def dense_demand(demand: pa.Table, start: datetime, end: datetime, users: Sequence[str] | None = None) -> DenseDemand:
+    """The demand rows with ``start <= ts < end`` as a dense grid (see :class:`DenseDemand`).
+
+    ``users`` fixes the users and their order (a user without rows gets zeros and no history);
+    by default, the sorted users that have rows in the window. Rows of the same user and bucket
+    add up. Raises ``ValueError`` for NaN, ±inf or negative demand, naming the users.
+    """
+    lo, hi = _check_grid(start, "start"), _check_grid(end, "end")
+    steps = (hi - lo) // (BUCKET_SECONDS * 1_000_000)
+    if steps < 1:
+        raise ValueError(f"end {end.isoformat()} must be after start {start.isoformat()}")
+    ts_us = pc.cast(demand["ts"], pa.int64()) if demand.num_rows else pa.array([], pa.int64())
+    keep = pc.and_(pc.greater_equal(ts_us, lo), pc.less(ts_us, hi)) if demand.num_rows else None
+    rows = demand.filter(keep) if keep is not None else demand
+    if users is None:
+        ids = sorted(pc.unique(rows["user_id"]).to_pylist())
+    else:
+        ids = [str(u) for u in users]
+    if len(set(ids)) != len(ids):
+        raise ValueError("users must not repeat")
+    index = pc.index_in(rows["user_id"], value_set=pa.array(ids, pa.string()))
+    known = pc.is_valid(index).to_numpy(zero_copy_only=False)
+    u_idx = index.to_numpy(zero_copy_only=False)[known].astype(np.int64) if rows.num_rows else np.zeros(0, np.int64)
+    t_idx = ((pc.cast(rows["ts"], pa.int64()).to_numpy()[known] - lo) // (BUCKET_SECONDS * 1_000_000)).astype(np.int64)
+    cols = (np.stack([rows[c].to_numpy(zero_copy_only=False).astype(np.float64)[known] for c in DEMAND_RESOURCES], axis=1)
+            if len(u_idx) else np.zeros((0, N_RESOURCES)))
+    bad = ~np.isfinite(cols) | (cols < 0)
+    if bad.any():
+        bad_rows = np.flatnonzero(bad.any(axis=1))
+        names = sorted({ids[u] for u in u_idx[bad_rows]})
+        first = bad_rows[0]
+        what = DEMAND_RESOURCES[int(np.flatnonzero(bad[first])[0])]
+        when = (start + int(t_idx[first]) * BUCKET).isoformat()
+        raise ValueError(
+            f"demand of user(s) {', '.join(repr(n) for n in names[:10])}{' …' if len(names) > 10 else ''} "
+            f"has NaN, infinite or negative values (first: user {ids[u_idx[first]]!r}, {what}={cols[first][DEMAND_RESOURCES.index(what)]} "
+            f"at {when}); fix the demand series upstream")
+    flat = u_idx * steps + t_idx
+    values = np.stack([np.bincount(flat, weights=cols[:, r], minlength=len(ids) * steps) for r in range(N_RESOURCES)], axis=-1)
+    values = values.reshape(len(ids), steps, N_RESOURCES)
+    first_active = np.full(len(ids), steps, dtype=np.int64)
+    np.minimum.at(first_active, u_idx, t_idx)
+    return DenseDemand(ids, start.astimezone(timezone.utc), values.astype(np.float32), first_active)
+
+
+@dataclass
+class Normaliser:
+    """Per-user, per-resource statistics, each ``[n_users, 4]`` float32.
+
+    ``log_mean``/``log_std``: mean and std of ``log1p(demand)`` (std at least
+    :data:`MIN_LOG_STD`); ``scale``: root mean square of demand in real units (at least
+    :data:`SCALE_FLOOR_SHARE` of the median user's, and > 0): targets are demand / scale.
+    """
+
+    log_mean: np.ndarray
+    log_std: np.ndarray
+    scale: np.ndarray
+
+
+def fit_normaliser(dense: DenseDemand, train_end: int) -> Normaliser:
+    """Statistics from each user's history before bucket ``train_end`` only (no peeking at the
+    held-out tail). A user without history there gets mean 0, std 1, the floor scale."""
+    part = dense.values[:, :train_end].astype(np.float64)
+    mask = dense.history_mask()[:, :train_end, None]
+    n = mask.sum(axis=1)  # [U, 1]
+    safe_n = np.maximum(n, 1)
+    logs = np.log1p(part)
+    mean = (logs * mask).sum(axis=1) / safe_n
+    var = (np.square(logs - mean[:, None]) * mask).sum(axis=1) / safe_n
+    rms = np.sqrt((np.square(part) * mask).sum(axis=1) / safe_n)
+    typical = np.array([np.median(col[col > 0]) if (col > 0).any() else 1.0 for col in rms.T])
+    floor = np.maximum(SCALE_FLOOR_SHARE * typical, 1e-6)
+    return Normaliser(
+        log_mean=np.where(n > 0, mean, 0.0).astype(np.float32),
+        log_std=np.where(n > 0, np.maximum(np.sqrt(var), MIN_LOG_STD), 1.0).astype(np.float32),
+        scale=np.maximum(rms, floor[None, :]).astype(np.float32),
+    )
+
+
+def calendar_features(t0: datetime, steps: int) -> np.ndarray:
+    """float32 ``[steps, 4]``: sin/cos of time of day and of week position of bucket ``t+1``."""
+    start_bucket = (t0 - _EPOCH) // BUCKET + 1
+    b = start_bucket + np.arange(steps, dtype=np.int64)
+    day = 2 * np.pi * (b % BUCKETS_PER_DAY) / BUCKETS_PER_DAY
+    week = 2 * np.pi * ((b + _EPOCH_WEEKDAY * BUCKETS_PER_DAY) % BUCKETS_PER_WEEK) / BUCKETS_PER_WEEK
+    return np.stack([np.sin(day), np.cos(day), np.sin(week), np.cos(week)], axis=1).astype(np.float32)
+
+
+def input_features(dense: DenseDemand, norm: Normaliser) -> np.ndarray:
+    """float32 ``[n_users, T, N_INPUTS]``, the columns of the module docstring."""
+    n_users, steps = dense.n_users, dense.n_steps
+    hist = dense.history_mask()
+    z = (np.log1p(dense.values) - norm.log_mean[:, None]) / norm.log_std[:, None]
+    z = np.clip(z, -Z_CLIP, Z_CLIP) * hist[..., None]
+    out = np.zeros((n_users, steps, N_INPUTS), dtype=np.float32)
+    out[..., 0:4] = z
+    for col, lag in ((4, BUCKETS_PER_DAY), (8, BUCKETS_PER_WEEK)):
+        src = np.arange(steps) + 1 - lag  # the lagged bucket of the first target
+        ok = (src >= 0)[None, :] & (src[None, :] >= dense.first_active[:, None]) & hist
+        out[..., col : col + 4] = z[:, np.clip(src, 0, None)] * ok[..., None]
+        out[..., 12 + (col == 8)] = ok
+    out[..., 14:18] = calendar_features(dense.t0, steps)[None] * hist[..., None]
+    return out
+
+
+def last_value_error_quantiles(dense: DenseDemand, norm: Normaliser, train_end: int) -> np.ndarray:
+    """Empirical quantiles of the last-value forecast's errors ``(x[t+1+h] − x[t]) / scale``
+    over each user's training origins: float32 ``[n_users, 6, 4, 7]`` (0 where a user has none).
+
+    This is the prior of the quantile head: an untrained model forecasts the last value with
+    these error quantiles around it, as the last-value baseline does.
+    """
+    x = dense.values[:, :train_end] / norm.scale[:, None]
+    n_users = dense.n_users
+    out = np.zeros((n_users, N_HORIZONS, N_RESOURCES, len(QUANTILES)), dtype=np.float32)
+    for h in range(N_HORIZONS):
+        err = x[:, 1 + h :] - x[:, : x.shape[1] - 1 - h]  # origins 0 … train_end-2-h
+        if err.shape[1] == 0:
+            continue
+        valid = np.arange(err.shape[1])[None, :] >= dense.first_active[:, None]
+        count = valid.sum(axis=1)
+        srt = np.sort(np.where(valid[..., None], err, np.inf), axis=1)  # valid values first
+        srt[np.isinf(srt)] = 0.0  # only read where count == 0, then discarded
+        for k, q in enumerate(QUANTILES):
+            pos = np.clip(q * (count - 1), 0, None)
+            lo = np.floor(pos).astype(np.int64)
+            hi = np.minimum(lo + 1, np.maximum(count - 1, 0))
+            frac = (pos - lo)[:, None]
+            a = np.take_along_axis(srt, lo[:, None, None], axis=1)[:, 0]
+            b = np.take_along_axis(srt, hi[:, None, None], axis=1)[:, 0]
+            out[:, h, :, k] = np.where(count[:, None] > 0, a + (b - a) * frac, 0.0)
+    return np.maximum.accumulate(out, axis=-1)  # guard against rounding: non-decreasing in q
+
+
+class ChunkBatches(torch.utils.data.Dataset):
+    """Consecutive segments of parallel history chunks, every user in every item.
+
+    The origins ``origin_lo … origin_hi − 1`` are cut into contiguous chunks of ``chunk_steps``
+    origins that run side by side; item ``j`` is segment ``j`` (origins ``j·K … (j+1)·K − 1`` of
+    every chunk, ``K = segment_steps``). Item 0 also carries the ``burn_in`` input steps before
+    each chunk and ``reset=True``: iterate in order and carry the LSTM state from one item to
+    the next (truncated back-propagation over K steps). An origin ``t`` of user ``u`` is scored
+    when it lies in the range and ``t >= first_active[u]``, for horizon ``h`` only when the
+    target bucket ``t+1+h < target_end``. Item ``j`` is a dict:
+
+    * ``x`` ``[U, S, C, F]`` inputs (``S = K`` plus ``burn_in`` for item 0; 0 before bucket 0)
+    * ``last`` ``[U, K, C, 4]``, ``target`` ``[U, K, C, 6, 4]`` (scaled units), ``weight``
+      ``[U, K, C, 6]`` (1 where the target counts, else 0)
+    * ``burn_in`` (int) and ``reset`` (bool)
+
+    ``pooled=True`` folds users into chunks (``U = 1``, ``C = users · chunks``): the batches of
+    a global model trained on everyone.
+    """
+
+    def __init__(self, features: torch.Tensor, scaled: torch.Tensor, first_active: torch.Tensor, origin_lo: int, origin_hi: int,
+                 target_end: int, chunk_steps: int, segment_steps: int, burn_in: int, pooled: bool = False) -> None:
+        self.features, self.scaled, self.first_active = features, scaled, first_active
+        self.origin_lo, self.origin_hi, self.target_end = origin_lo, origin_hi, target_end
+        n_origins = max(origin_hi - origin_lo, 1)
+        n_chunks = -(-n_origins // max(chunk_steps, 1))
+        self.chunk_steps = -(-n_origins // n_chunks)  # balanced: every chunk about as long
+        self.starts = origin_lo + self.chunk_steps * torch.arange(n_chunks)
+        self.segment_steps = max(1, min(segment_steps, self.chunk_steps))
+        self.burn_in, self.pooled = burn_in, pooled
+
+    def __len__(self) -> int:
+        return -(-self.chunk_steps // self.segment_steps)
+
+    def __getitem__(self, j: int) -> dict:
+        if not 0 <= j < len(self):
+            raise IndexError(j)
+        a = j * self.segment_steps
+        b = min(a + self.segment_steps, self.chunk_steps)
+        pre = self.burn_in if j == 0 else 0
+        n_steps = self.features.shape[1]
+        steps = self.starts[None, :] + torch.arange(a - pre, b)[:, None]  # [S, C]
+        x = self.features[:, steps.clamp(0, n_steps - 1)] * ((steps >= 0) & (steps < n_steps))[None, :, :, None]
+        origins = steps[pre:]  # [K, C]
+        last = self.scaled[:, origins.clamp(max=n_steps - 1)]
+        tgt = origins[..., None] + 1 + torch.arange(N_HORIZONS)  # [K, C, 6]
+        target = self.scaled[:, tgt.clamp(max=n_steps - 1)]
+        ok = (origins >= self.origin_lo) & (origins < self.origin_hi)
+        weight = (ok[..., None] & (tgt < self.target_end))[None] & (origins[None, ..., None] >= self.first_active[:, None, None, None])
+        batch = {"x": x, "last": last, "target": target, "weight": weight.to(x.dtype)}
+        if self.pooled:  # [U, S, C, ...] -> [1, S, U·C, ...]
+            batch = {k: v.transpose(0, 1).reshape(1, v.shape[1], -1, *v.shape[3:]) for k, v in batch.items()}
+        return batch | {"burn_in": pre, "reset": j == 0}

@@ -1,0 +1,131 @@
+"""Training of stacked per-user models: the loss, per-user clipping and per-user early stopping.
+
+Loss: pinball loss, per user the mean over (origin, horizon, quantile) summed over resources,
+then *summed* over users, so a user's gradient is its own loss's gradient whatever the number
+of users. Both training and selection use targets divided by a per-user, per-resource constant
+(``scale``), i.e. pinball loss in the demand's own units up to that constant, never in log space.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from models.module import StackedLSTM
+
+
+State = tuple[Tensor, Tensor]
+
+
+def per_user_loss(model: StackedLSTM, batch: dict, state: State | None) -> tuple[Tensor, Tensor, State]:
+    """Weighted pinball sums ``[U, 4]`` and number of scored targets ``[U]`` of one
+    :class:`~models.features.ChunkBatches` item, and the LSTM state to carry to the next one."""
+    state = None if batch["reset"] else state
+    sums, state = model.pinball_sums(batch["x"], batch["last"], batch["target"], batch["weight"], batch["burn_in"], state)
+    return sums, batch["weight"].sum(dim=(1, 2, 3)), state
+
+
+class StackedForecaster(pl.LightningModule):
+    """Trains a :class:`StackedLSTM`; keeps, per user, the parameters of its best epoch.
+
+    Early stopping is per user: after each validation epoch a user whose held-out loss did not
+    improve for ``patience`` epochs is frozen (its rows get no gradient and are reset to its best
+    epoch after every step). Training stops when every user is frozen. ``best_loss`` holds the
+    best held-out loss per user; call :meth:`set_initial` with the loss before training.
+    """
+
+    def __init__(self, model: StackedLSTM, lr: float = 1e-2, weight_decay: float = 1e-3,
+                 clip_norm: float = 1.0, patience: int = 2) -> None:
+        super().__init__()
+        self.model = model
+        self._state: dict[str, State | None] = {"train": None, "val": None}
+        self.lr, self.weight_decay, self.clip_norm, self.patience = lr, weight_decay, clip_norm, patience
+        n = model.n_users
+        self.register_buffer("active", torch.ones(n, dtype=torch.bool))
+        self.register_buffer("best_loss", torch.full((n,), float("inf")))
+        self.register_buffer("best_epoch", torch.full((n,), -1, dtype=torch.long))
+        self.register_buffer("stale", torch.zeros(n, dtype=torch.long))
+        self.best = {k: p.detach().clone() for k, p in model.named_parameters()}
+        self._val: list[tuple[Tensor, Tensor]] = []
+
+    def set_initial(self, loss: Tensor, active: Tensor | None = None) -> None:
+        """Held-out loss ``[U]`` of the current parameters (epoch -1); ``active`` masks users to train."""
+        self.best_loss.copy_(loss)
+        self.best = {k: p.detach().clone() for k, p in self.model.named_parameters()}
+        if active is not None:
+            self.active.copy_(active)
+
+    def on_fit_start(self) -> None:
+        self.best = {k: v.to(self.device) for k, v in self.best.items()}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        sums, count, self._state["train"] = per_user_loss(self.model, batch, self._state["train"])
+        loss = (sums.sum(1) / (count.clamp_min(1) * sums.new_tensor(7.0))).sum()
+        self.log("train_loss", loss / self.model.n_users, prog_bar=True, batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        sums, count, self._state["val"] = per_user_loss(self.model, batch, self._state["val"])
+        self._val.append((sums, count))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self._val:
+            self._val.clear()
+            return
+        sums = torch.stack([s for s, _ in self._val]).sum(0).sum(1)
+        count = torch.stack([c for _, c in self._val]).sum(0)
+        self._val.clear()
+        loss = torch.where(count > 0, sums / (7.0 * count.clamp_min(1)), torch.full_like(sums, float("inf")))
+        self.update_best(loss, self.current_epoch)
+        self.log("val_loss", loss[torch.isfinite(loss)].mean() if torch.isfinite(loss).any() else loss.new_tensor(0.0), batch_size=1)
+        self.log("active_users", self.active.sum().float(), batch_size=1)
+        if not self.active.any():
+            self.trainer.should_stop = True
+
+    @torch.no_grad()
+    def update_best(self, loss: Tensor, epoch: int) -> None:
+        """Record ``loss`` ``[U]``: improved active users keep these parameters; others go stale."""
+        better = self.active & (loss < self.best_loss)
+        self.best_loss = torch.where(better, loss, self.best_loss)
+        self.best_epoch[better] = epoch
+        for name, p in self.model.named_parameters():
+            self.best[name] = torch.where(better.view(-1, *[1] * (p.dim() - 1)), p, self.best[name])
+        self.stale = torch.where(better, 0, self.stale + 1)
+        self.active &= self.stale < self.patience
+        self.restore_frozen()
+
+    @torch.no_grad()
+    def restore_frozen(self, users: Tensor | None = None) -> None:
+        """Reset the rows of ``users`` (default: the frozen ones) to their best parameters."""
+        keep = ~self.active if users is None else users
+        if keep.any():
+            for name, p in self.model.named_parameters():
+                p.copy_(torch.where(keep.view(-1, *[1] * (p.dim() - 1)), self.best[name], p))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Per-user clipping: each user's gradient (its rows of every parameter) is scaled to
+        norm <= ``clip_norm`` on its own; frozen users' gradients are zeroed."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads))
+        factor = (self.clip_norm / (norm + 1e-6)).clamp(max=1.0) * self.active
+        for g in grads:
+            g.mul_(factor.view(-1, *[1] * (g.dim() - 1)))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.restore_frozen()  # AdamW's momentum and decay would still move frozen rows
+
+    def on_train_end(self) -> None:
+        self.restore_frozen(torch.ones_like(self.active))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        decay = [p for n, p in self.model.named_parameters() if n.startswith("w_")]
+        rest = [p for n, p in self.model.named_parameters() if not n.startswith("w_")]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                  {"params": rest, "weight_decay": 0.0}], lr=self.lr)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["best_parameters"] = self.best
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best = checkpoint.get("best_parameters", self.best)

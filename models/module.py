@@ -1,0 +1,351 @@
+"""N users' LSTMs as one ``torch.nn.Module``: stacked per-user weights, one batched pass.
+
+Shapes (U users, S steps, C parallel chunks of a user's history, F inputs, H hidden units,
+G = 4·H gates, O = 6 horizons · 4 resources · 7 quantiles = 168 head outputs):
+
+* every parameter has the user as its leading dimension, so user ``k``'s LSTM is row ``k`` of
+  each tensor and nothing else (:meth:`StackedLSTM.get_user` / :meth:`StackedLSTM.set_user`);
+* a user's history is cut into C sub-sequences that run side by side, so each recurrent
+  step is one batched matrix-matrix product ``[U, C, H] @ [U, H, G]`` (``torch.baddbmm``);
+* the recurrence is a hand-written LSTM cell with a hand-written backward pass
+  (:class:`_LSTMRecurrence`): no autograd graph per step, a few fused tensor ops per step.
+
+Units: inputs are the standardised features of :mod:`models.features`; ``last`` and the
+returned quantiles are demand divided by the user's ``scale`` (per resource), i.e. the real
+units up to one constant per user and resource. Gate order is (input, forget, output, cell).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as fn
+
+from pipeline.schemas import DEMAND_RESOURCES, HORIZONS_MIN, QUANTILES
+
+N_HORIZONS = len(HORIZONS_MIN)
+N_RESOURCES = len(DEMAND_RESOURCES)
+N_QUANTILES = len(QUANTILES)
+N_OUTPUTS = N_HORIZONS * N_RESOURCES * N_QUANTILES
+MID = N_QUANTILES // 2  # index of the median (0.5) in QUANTILES
+#: Smallest gap between neighbouring quantiles a prior sets (scaled units); keeps softplus⁻¹ finite.
+MIN_SPREAD = 1e-4
+
+
+def _inv_softplus(y: Tensor) -> Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+
+def head_bias_from_quantiles(prior: Tensor) -> Tensor:
+    """Head bias that makes the head emit ``prior`` on top of the last value.
+
+    ``prior``: ``[..., 6, 4, 7]`` non-decreasing offsets from the last value (scaled units),
+    e.g. the empirical quantiles of the last-value forecast's errors. Returns ``[..., 168]``.
+    Gaps below :data:`MIN_SPREAD` are widened to it, around the prior's median.
+    """
+    gaps = (prior[..., 1:] - prior[..., :-1]).clamp_min(MIN_SPREAD)
+    raw = torch.empty_like(prior)
+    raw[..., 0] = prior[..., MID]
+    raw[..., 1:] = _inv_softplus(gaps)
+    return raw.flatten(-3)
+
+
+def _increments(raw: Tensor) -> Tensor:
+    """Quantile increments ``d`` with ``q = last + cumsum(d)``: d[1:] = softplus(raw[1:]) are the
+    gaps between neighbouring levels; d[0] = raw[0] − the gaps below the median, so raw[0] is
+    the median's offset from the last value."""
+    d = fn.softplus(raw)
+    d[..., 0] = raw[..., 0] - d[..., 1 : MID + 1].sum(-1)
+    return d
+
+
+def quantiles_from_head(raw: Tensor, last: Tensor) -> Tensor:
+    """Non-crossing quantiles from head outputs: last value + median offset ± softplus gaps.
+
+    ``raw``: ``[..., 6, 4, 7]`` (entry 0: the median's offset from the last value; entries 1-6:
+    softplus⁻¹ of the 6 gaps between neighbouring levels); ``last``: ``[..., 4]`` (the latest
+    observed demand, scaled). Returns ``[..., 6, 4, 7]``, increasing along the last axis by
+    construction (each gap is a softplus, > 0).
+    """
+    return _increments(raw).cumsum(-1) + last[..., None, :, None]
+
+
+def pinball(q: Tensor, y: Tensor) -> Tensor:
+    """Pinball (quantile) loss per element: ``q`` ``[..., 7]`` quantiles at :data:`QUANTILES`,
+    ``y`` ``[...]`` observations (same units). Returns ``[..., 7]``, in the units of ``y``."""
+    u = y[..., None] - q
+    tau = torch.tensor(QUANTILES, dtype=q.dtype, device=q.device)
+    return torch.maximum(tau * u, (tau - 1) * u)
+
+
+class _HeadPinball(torch.autograd.Function):
+    """Head + quantiles + weighted pinball loss, fused: the gradient w.r.t. the head output is
+    formed in the forward pass, block by cache-sized block, so the 168 values per user-step
+    are touched a few times instead of through a dozen autograd nodes.
+
+    forward(h ``[U, N, H]``, w_out ``[U, H, O]``, b_out ``[U, O]``, last ``[U, N, 4]``,
+    target ``[U, N, 6, 4]``, weight ``[U, N, 6]``) -> ``[U, 4]``: per user and resource,
+    Σ over steps, horizons and quantiles of weight · pinball(quantiles, target).
+    """
+
+    BLOCK_VALUES = 1 << 20  # head values per block (4 MB of float32)
+
+    @staticmethod
+    def forward(ctx, h, w_out, b_out, last, target, weight, with_grad):  # type: ignore[override]
+        n_users, n, _ = h.shape
+        raw = torch.baddbmm(b_out.unsqueeze(1), h, w_out).view(n_users, n, N_HORIZONS, N_RESOURCES, N_QUANTILES)
+        tau = torch.tensor(QUANTILES, dtype=h.dtype, device=h.device)
+        sums = h.new_zeros(n_users, N_RESOURCES, dtype=torch.float64)
+        step = max(1, _HeadPinball.BLOCK_VALUES // (n_users * N_OUTPUTS))
+        for a in range(0, n, step):
+            r = raw[:, a : a + step]
+            y_minus_last = target[:, a : a + step] - last[:, a : a + step, None, :]
+            u = torch.sub(y_minus_last[..., None], _increments(r).cumsum(-1))  # y - q
+            g = (u < 0).to(h.dtype).sub_(tau).mul_(weight[:, a : a + step, :, None, None])  # weight · d pinball / d q
+            sums -= u.mul_(g).sum(dim=(1, 2, 4), dtype=torch.float64)
+            if not with_grad:
+                continue
+            g_d = (g - g.cumsum(-1)).add_(g.sum(-1, keepdim=True))  # increment k moves every level >= k
+            g_d[..., 1 : MID + 1] -= g_d[..., :1]  # a gap below the median also lowers increment 0
+            r.sigmoid_()  # d softplus / d raw; the median's offset enters as is
+            r[..., 0] = 1.0
+            r.mul_(g_d)
+        if with_grad:
+            ctx.save_for_backward(h, w_out)
+            ctx.graw = raw.view(n_users, n, N_OUTPUTS)
+        return sums.to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_sums):  # type: ignore[override]
+        h, w_out = ctx.saved_tensors
+        graw = getattr(ctx, "graw", None)
+        if graw is None:
+            raise RuntimeError("the fused pinball loss supports one backward pass (and none under no_grad)")
+        ctx.graw = None
+        n_users, n, _ = graw.shape
+        g = graw.view(n_users, n, N_HORIZONS, N_RESOURCES, N_QUANTILES)
+        g.mul_(grad_sums[:, None, None, :, None])
+        grad_h = torch.bmm(graw, w_out.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(h.transpose(1, 2), graw)
+        grad_b = graw.sum(1)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+class _LSTMRecurrence(torch.autograd.Function):
+    """h_t for every step of ``U·C`` LSTMs given their input projections and initial state.
+
+    forward(xp ``[U, S, C, G]`` (x·W_in + b), w_rec ``[U, H, G]``, h0, c0 ``[U, C, H]``) ->
+    (h ``[U, S, C, H]``, c_S ``[U, C, H]``). Back-propagation runs through the S steps only
+    (truncated BPTT: the initial state is a constant). Gate order (input, forget, output, cell).
+    """
+
+    @staticmethod
+    def forward(ctx, xp: Tensor, w_rec: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        n_users, steps, chunks, gates = xp.shape
+        hidden = gates // 4
+        acts = xp.new_empty(steps, n_users, chunks, gates)  # gate activations, time-major
+        cells = xp.new_empty(steps + 1, n_users, chunks, hidden)
+        hs = xp.new_empty(steps + 1, n_users, chunks, hidden)
+        hs[0], cells[0] = h0, c0
+        for t in range(steps):
+            a = acts[t]
+            torch.baddbmm(xp[:, t], hs[t], w_rec, out=a)
+            a[..., : 3 * hidden].sigmoid_()
+            a[..., 3 * hidden :].tanh_()
+            i, f, o, g = a.split(hidden, dim=-1)
+            c = torch.addcmul(f * cells[t], i, g, out=cells[t + 1])
+            torch.mul(o, torch.tanh(c), out=hs[t + 1])
+        ctx.save_for_backward(acts, cells, hs, w_rec)
+        c_last = cells[steps].clone()
+        ctx.mark_non_differentiable(c_last)
+        return hs[1:].permute(1, 0, 2, 3), c_last
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor, _grad_c: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
+        acts, cells, hs, w_rec = ctx.saved_tensors
+        steps, n_users, chunks, gates = acts.shape
+        hidden = gates // 4
+        i, f, o, g = acts.split(hidden, dim=-1)
+        tc = torch.tanh(cells[1:])
+        # Every factor that does not depend on the recurrence, for all steps at once:
+        # d pre-activation of (i, f, o, g) = (dc·A_i, dc·A_f, dh·A_o, dc·A_g);  dc += dh·K.
+        fac = torch.cat([g * i * (1 - i), cells[:-1] * f * (1 - f), tc * o * (1 - o), i * (1 - g * g)], dim=-1)
+        k = o * (1 - tc * tc)
+        del tc
+        grad_h = grad_h.permute(1, 0, 2, 3)
+        dgates = torch.empty_like(acts)
+        dh = acts.new_zeros(n_users, chunks, hidden)
+        dc = acts.new_zeros(n_users, chunks, hidden)
+        w_t = w_rec.transpose(1, 2)
+        for t in range(steps - 1, -1, -1):
+            dh += grad_h[t]
+            dc.addcmul_(dh, k[t])
+            d = dgates[t].view(n_users, chunks, 4, hidden)
+            torch.mul(fac[t].view(n_users, chunks, 4, hidden), dc.unsqueeze(-2), out=d)
+            d[..., 2, :] = fac[t, ..., 2 * hidden : 3 * hidden] * dh
+            dc.mul_(f[t])
+            if t:
+                dh = torch.bmm(dgates[t], w_t)
+        dgates = dgates.permute(1, 0, 2, 3).contiguous()  # [U, S, C, G]
+        h_prev = hs[:-1].permute(1, 0, 2, 3)
+        grad_w = torch.bmm(h_prev.reshape(n_users, -1, hidden).transpose(1, 2), dgates.view(n_users, -1, gates))
+        return dgates, grad_w, None, None
+
+
+class StackedLSTM(nn.Module):
+    """One single-layer LSTM with a quantile head per user, all users stacked.
+
+    Parameters (row ``k`` of each is user ``k``'s model)::
+
+        w_in  [U, F, G]   input weights            b     [U, G]   gate bias
+        w_rec [U, H, G]   recurrent weights
+        w_out [U, H, O]   head weights (zero at init: an untrained model returns its prior)
+        b_out [U, O]      head bias (the prior: lowest level and softplus⁻¹ of the gaps)
+
+    Buffers (they travel with the user's row): ``b_prior`` ``[U, O]``, the head bias of the
+    prior (see :meth:`reset_head`); per resource in ``DEMAND_RESOURCES`` order, ``[U, 4]``:
+    ``log_mean`` and ``log_std`` standardise ``log1p(demand)`` inputs, ``scale`` (real units)
+    divides demand into the model's target units.
+
+    The head predicts *corrections to the last-value forecast*: every quantile is the last
+    observed value plus a learnt offset, so an untrained model is the last-value forecast
+    (with the prior's spread), and weight decay pulls every user back towards it.
+    """
+
+    def __init__(self, n_users: int, n_inputs: int, hidden: int = 32, prior: Tensor | None = None, seed: int | None = None) -> None:
+        """``prior``: ``[U, 6, 4, 7]`` (or broadcastable) quantile offsets from the last value,
+        scaled units; default a median of 0 with gaps of :data:`MIN_SPREAD`."""
+        super().__init__()
+        if n_users < 1 or n_inputs < 1 or hidden < 1:
+            raise ValueError(f"n_users, n_inputs, hidden must be >= 1, got {n_users}, {n_inputs}, {hidden}")
+        self.n_users, self.n_inputs, self.hidden = n_users, n_inputs, hidden
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        bound = 1.0 / math.sqrt(hidden)
+
+        def uniform(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound, generator=gen))
+
+        gates = 4 * hidden
+        self.w_in = uniform(n_users, n_inputs, gates)
+        self.w_rec = uniform(n_users, hidden, gates)
+        bias = torch.zeros(n_users, gates)
+        bias[:, hidden : 2 * hidden] = 1.0  # forget-gate bias 1: remember by default (gates i, f, o, g)
+        self.b = nn.Parameter(bias)
+        self.w_out = nn.Parameter(torch.zeros(n_users, hidden, N_OUTPUTS))
+        self.b_out = nn.Parameter(torch.zeros(n_users, N_OUTPUTS))
+        self.register_buffer("b_prior", torch.zeros(n_users, N_OUTPUTS))
+        self.set_prior(torch.zeros(N_HORIZONS, N_RESOURCES, N_QUANTILES) if prior is None else prior)
+        self.register_buffer("log_mean", torch.zeros(n_users, N_RESOURCES))
+        self.register_buffer("log_std", torch.ones(n_users, N_RESOURCES))
+        self.register_buffer("scale", torch.ones(n_users, N_RESOURCES))
+
+    @torch.no_grad()
+    def set_prior(self, prior: Tensor, users: Tensor | None = None) -> None:
+        """Set the prior (``b_prior``) and head bias of ``users`` (all by default) from
+        ``prior`` ``[U|1, 6, 4, 7]``; the head weights are left alone."""
+        bias = head_bias_from_quantiles(torch.as_tensor(prior, dtype=torch.float32))
+        rows = slice(None) if users is None else users
+        self.b_prior[rows] = bias.expand_as(self.b_prior[rows])
+        self.b_out[rows] = self.b_prior[rows]
+
+    @torch.no_grad()
+    def reset_head(self, mask: Tensor) -> None:
+        """Where ``mask`` (bool ``[U, 4]``, user x resource) is true, make the user's forecast of
+        that resource its prior again (last value + prior quantiles): zero head weights, prior bias."""
+        cols = mask[:, None, None, :, None].expand(-1, N_HORIZONS, 1, -1, N_QUANTILES).reshape(self.n_users, 1, N_OUTPUTS)
+        self.w_out.masked_fill_(cols, 0.0)
+        self.b_out.copy_(torch.where(cols[:, 0], self.b_prior, self.b_out))
+
+    def hidden_states(self, x: Tensor, burn_in: int = 0, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """LSTM outputs after the first ``burn_in`` steps, and the final state.
+
+        ``x``: ``[U, S, C, F]``; ``state``: (h, c) ``[U, C, H]`` to start from (default zeros).
+        Returns h ``[U, (S - burn_in)·C, H]`` (step-major) and the detached (h, c) after step S.
+        """
+        n_users, steps, chunks, n_in = x.shape
+        if n_users != self.n_users or n_in != self.n_inputs:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected [{self.n_users}, S, C, {self.n_inputs}]")
+        if not 0 <= burn_in < steps:
+            raise ValueError(f"burn_in={burn_in} must lie in [0, {steps})")
+        if state is None:
+            state = (x.new_zeros(n_users, chunks, self.hidden), x.new_zeros(n_users, chunks, self.hidden))
+        xp = torch.baddbmm(self.b.unsqueeze(1), x.reshape(n_users, -1, n_in), self.w_in)
+        h, c_last = _LSTMRecurrence.apply(xp.view(n_users, steps, chunks, -1), self.w_rec, state[0].detach(), state[1].detach())
+        final = (h[:, -1].detach(), c_last.detach())
+        return h[:, burn_in:].reshape(n_users, -1, self.hidden), final
+
+    def forward(self, x: Tensor, last: Tensor, burn_in: int = 0, state: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Quantile forecasts at every step after the first ``burn_in`` steps.
+
+        ``x``: ``[U, S, C, F]`` inputs; ``last``: ``[U, S - burn_in, C, 4]`` the demand at each
+        forecast origin (scaled units). Returns ``[U, S - burn_in, C, 6, 4, 7]``: for each origin,
+        horizon (5…30 min), resource and quantile (0.05…0.95), non-decreasing in the quantile.
+        The first ``burn_in`` steps only warm up the state (zeros, or ``state``).
+        """
+        h, _ = self.hidden_states(x, burn_in, state)
+        raw = torch.baddbmm(self.b_out.unsqueeze(1), h, self.w_out)
+        raw = raw.view(*last.shape[:3], N_HORIZONS, N_RESOURCES, N_QUANTILES)
+        return quantiles_from_head(raw, last)
+
+    def pinball_sums(self, x: Tensor, last: Tensor, target: Tensor, weight: Tensor, burn_in: int = 0,
+                     state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Weighted pinball loss of :meth:`forward`'s quantiles per user and resource ``[U, 4]``,
+        and the final LSTM state (to carry into the next segment).
+
+        ``target``: ``[U, S - burn_in, C, 6, 4]`` observed demand (scaled units) of the 6 buckets
+        after each origin; ``weight``: ``[U, S - burn_in, C, 6]`` (0 where a target is missing).
+        Equals ``(weight[..., None, None] * pinball(forward(x, last), target)).sum(...)`` over
+        steps, chunks, horizons and quantiles, computed by a fused kernel (far less memory).
+        """
+        h, final = self.hidden_states(x, burn_in, state)
+        n_users, n = h.shape[:2]
+        with_grad = torch.is_grad_enabled() and (h.requires_grad or self.w_out.requires_grad)
+        sums = _HeadPinball.apply(h, self.w_out, self.b_out, last.reshape(n_users, n, N_RESOURCES),
+                                  target.reshape(n_users, n, N_HORIZONS, N_RESOURCES), weight.reshape(n_users, n, N_HORIZONS), with_grad)
+        return sums, final
+
+    @classmethod
+    def from_weights(cls, weights: dict[str, Tensor]) -> "StackedLSTM":
+        """A model holding ``weights`` (as :meth:`get_all` returns them, e.g. a model-store shard);
+        the sizes are read from the shapes."""
+        n_users, n_inputs, gates = weights["w_in"].shape
+        model = cls(n_users, n_inputs, gates // 4)
+        for name, t in model.get_all().items():
+            with torch.no_grad():
+                t.copy_(torch.as_tensor(weights[name], dtype=t.dtype))
+        return model
+
+    def get_all(self) -> dict[str, Tensor]:
+        """Every per-user tensor by name (parameters and buffers, ``[U, ...]``; not copies)."""
+        return dict(self.named_parameters()) | dict(self.named_buffers())
+
+    def get_user(self, k: int) -> dict[str, Tensor]:
+        """User ``k``'s model: row ``k`` of every parameter and buffer (detached copies)."""
+        return {name: t[k].detach().clone() for name, t in self.get_all().items()}
+
+    @torch.no_grad()
+    def set_user(self, k: int, user_state: dict[str, Tensor]) -> None:
+        """Load one user's model (as returned by :meth:`get_user`) into row ``k``."""
+        state = self.get_all()
+        missing = set(state) - set(user_state)
+        if missing:
+            raise KeyError(f"user state lacks {sorted(missing)}")
+        for name, t in state.items():
+            row = torch.as_tensor(user_state[name], dtype=t.dtype)
+            if row.shape != t.shape[1:]:
+                raise ValueError(f"{name}: expected shape {tuple(t.shape[1:])}, got {tuple(row.shape)}")
+            t[k] = row
+
+    @torch.no_grad()
+    def copy_users_from(self, other: "StackedLSTM", users: Tensor, source_row: int = 0, buffers: bool = False) -> None:
+        """Copy ``other``'s row ``source_row`` (e.g. a global model, ``n_users=1``) into ``users``.
+
+        ``users``: bool ``[U]`` mask or index tensor. Buffers (normalisation stats) are kept
+        unless ``buffers`` is true.
+        """
+        mine = dict(self.named_parameters()) | (dict(self.named_buffers()) if buffers else {})
+        theirs = dict(other.named_parameters()) | dict(other.named_buffers())
+        for name, t in mine.items():
+            t[users] = theirs[name][source_row].to(t.dtype)

@@ -1,0 +1,389 @@
+"""Training entry point: demand table in, trained per-user models (and a global one) out.
+
+``train(demand)`` does, on the 5-minute grid of the demand table:
+
+1. holds out each user's last ``val_days`` (the *held-out tail*) for selection and stopping;
+2. trains a **global** model (one LSTM, ``n_users=1``) on every user's chunks pooled;
+3. builds the **stacked per-user** model, warm-started from the global model (or, with
+   ``previous=``, from each user's previous version), and trains it with per-user early
+   stopping (:class:`~models.lightning_module.StackedForecaster`); users with less than
+   ``min_history_days`` before the tail keep the global model, frozen;
+4. per user and resource, falls back to the prior (the last value with the empirical quantiles
+   of its errors) where the trained forecast is worse on the held-out tail, so no user ends
+   below the last-value baseline there;
+5. reports per-user held-out pinball loss in real units of the final, global and last-value models.
+
+``predict(models, demand, at)`` forecasts the 6 buckets after ``at`` for every user from data
+before ``at`` only: quantiles ``[n_users, 6, 4, 7]`` in real units, non-negative.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from models.features import (BUCKET, BUCKETS_PER_DAY, BUCKETS_PER_WEEK, N_INPUTS, ChunkBatches, DenseDemand, Normaliser,
+                             dense_demand, fit_normaliser, input_features, last_value_error_quantiles)
+from models.lightning_module import StackedForecaster, per_user_loss
+from models.module import N_QUANTILES, StackedLSTM
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How :func:`train` trains. Steps are 5-minute buckets."""
+
+    hidden: int = 32
+    epochs: int = 8  # per-user stage (an upper bound: users stop early)
+    global_epochs: int = 5
+    lr: float = 1e-2
+    global_lr: float = 1e-2
+    weight_decay: float = 1e-3
+    clip_norm: float = 1.0  # per user
+    patience: int = 3  # epochs without held-out improvement before a user freezes
+    chunk_steps: int = 144  # origins per parallel chunk of a user's history (12 h)
+    segment_steps: int = 12  # steps per optimiser step: the truncated-BPTT length (1 h)
+    burn_in: int = 12  # steps before each chunk that only warm up its state (1 h)
+    eval_chunk_steps: int = 72  # held-out tail and forecasts: chunk length, warm-up, segment
+    eval_burn_in: int = 96
+    eval_segment_steps: int = 48
+    val_days: float = 1.0
+    min_history_days: float = 2.0
+    seed: int = 0
+    accelerator: str = "auto"
+    progress_bar: bool = False
+    checkpoint: bool = True
+    log_dir: str | None = None  # CSV logs + checkpoints; None: a temporary folder, removed after
+    keep_freed_memory: bool = True  # CPU: see _keep_freed_memory
+    threads: int | None = None  # CPU threads while training (None: torch's default); 1 for many shards per machine
+
+
+@dataclass
+class UserMetrics:
+    """Per-user held-out-tail pinball loss, real units, ``[n_users, 4]`` (mean over origins,
+    horizons and quantiles; NaN for a user with no held-out targets)."""
+
+    pinball: np.ndarray  # the model each user ends with
+    global_pinball: np.ndarray
+    last_value_pinball: np.ndarray  # the untrained prior: last value + its empirical error quantiles
+    best_epoch: np.ndarray  # int [n_users]; -1: kept its starting point
+    history_days: np.ndarray  # days of history before the held-out tail
+    prior_resources: np.ndarray  # bool [n_users, 4]: forecast by the prior (trained head was worse)
+
+
+@dataclass
+class TrainedModels:
+    """What :func:`train` returns. Row ``k`` of ``model`` is user ``user_ids[k]``."""
+
+    user_ids: list[str]
+    model: StackedLSTM
+    global_model: StackedLSTM
+    uses_global: np.ndarray  # bool [n_users]: too little history, forecast by the global model
+    since: datetime
+    until: datetime  # end of the training window (held-out tail included)
+    metrics: UserMetrics
+    config: TrainConfig
+    epochs_run: tuple[int, int] = (0, 0)  # (global, per-user) epochs actually run
+
+
+@dataclass
+class Forecast:
+    """Quantile forecasts ``[n_users, 6, 4, 7]`` (horizon, ``DEMAND_RESOURCES``, ``QUANTILES``),
+    real units, non-negative and non-decreasing in the quantile, for the buckets after ``issued_at``."""
+
+    user_ids: list[str]
+    issued_at: datetime
+    quantiles: np.ndarray
+    uses_global: np.ndarray  # bool [n_users]
+
+
+_freed_memory_kept = False
+
+
+def _keep_freed_memory() -> None:
+    """Keep freed memory in glibc's heap instead of returning it to the OS.
+
+    Every CPU training batch allocates the same few hundred MB of tensors; by default glibc
+    serves blocks that large with fresh ``mmap``s, and each is page-faulted in again on first
+    touch (measured at ~1.7 ms per MB on the 2-core VM, more than the arithmetic). Called
+    once per process, only when training on CPU under glibc.
+    """
+    global _freed_memory_kept
+    if _freed_memory_kept or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+        for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 64 << 20)):
+            libc.mallopt(option, value)
+        _freed_memory_kept = True
+    except OSError:  # not glibc
+        pass
+
+
+def _device(config: TrainConfig) -> torch.device:
+    gpu = config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return torch.device("cuda" if gpu else "cpu")
+
+
+@torch.no_grad()
+def evaluate(model: StackedLSTM, batches: ChunkBatches, device: torch.device | str | None = None) -> np.ndarray:
+    """Mean pinball loss per user and resource over ``batches``' scored targets: ``[U, 4]``,
+    in the model's scaled units (multiply by ``model.scale`` for real units); NaN without targets.
+    Runs on ``device`` (default: where the model is), leaving the model where it was."""
+    home = next(model.parameters()).device
+    device = home if device is None else torch.device(device)
+    model.to(device)
+    sums = torch.zeros(model.n_users, 4, dtype=torch.float64)
+    count = torch.zeros(model.n_users, dtype=torch.float64)
+    state = None
+    for i in range(len(batches)):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batches[i].items()}
+        s, c, state = per_user_loss(model, batch, state)
+        sums += s.double().cpu()
+        count += c.double().cpu()
+    model.to(home)
+    out = sums / (N_QUANTILES * count[:, None])
+    return torch.where(count[:, None] > 0, out, torch.nan).numpy()
+
+
+def _trainer(config: TrainConfig, epochs: int, root: str, name: str) -> pl.Trainer:
+    callbacks = [ModelCheckpoint(dirpath=Path(root) / name / "checkpoints", save_top_k=1)] if config.checkpoint else []
+    return pl.Trainer(accelerator=config.accelerator, devices=1, max_epochs=epochs, logger=CSVLogger(root, name=name),
+                      callbacks=callbacks, enable_checkpointing=config.checkpoint, enable_progress_bar=config.progress_bar,
+                      enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1)
+
+
+def training_batches(data: "TrainingData", config: TrainConfig, pooled: bool) -> tuple[ChunkBatches, ChunkBatches]:
+    """(training, held-out) batches of :func:`prepare_data`'s output: training origins and
+    targets lie before the held-out tail; held-out origins score the tail's buckets."""
+    common = dict(features=data.features, scaled=data.scaled, first_active=data.first_active, pooled=pooled)
+    train = ChunkBatches(origin_lo=data.origin_lo, origin_hi=data.train_end - 1, target_end=data.train_end,
+                         chunk_steps=config.chunk_steps, segment_steps=config.segment_steps, burn_in=config.burn_in, **common)
+    val = ChunkBatches(origin_lo=data.train_end - 1, origin_hi=data.n_steps - 1, target_end=data.n_steps,
+                       chunk_steps=config.eval_chunk_steps, segment_steps=config.eval_segment_steps,
+                       burn_in=config.eval_burn_in, **common)
+    return train, val
+
+
+def _fit(task: StackedForecaster, train: ChunkBatches, val: ChunkBatches, config: TrainConfig, epochs: int, root: str, name: str) -> int:
+    """Fit ``task``; returns the number of epochs run."""
+    loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False)  # noqa: E731  (ordered: state carries)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+        trainer = _trainer(config, epochs, root, name)
+        trainer.fit(task, loader(train), loader(val))
+    task.cpu()
+    return trainer.current_epoch
+
+
+@dataclass
+class TrainingData:
+    """The grid of :func:`prepare_data`: ``n_steps`` buckets, held-out tail from ``train_end``."""
+
+    norm: Normaliser
+    n_steps: int
+    train_end: int  # first bucket of the held-out tail
+    origin_lo: int  # first training origin (the earliest first-active bucket)
+    features: torch.Tensor  # [U, T, N_INPUTS]
+    scaled: torch.Tensor  # [U, T, 4] demand / scale
+    first_active: torch.Tensor  # [U]
+    prior: torch.Tensor  # [U, 6, 4, 7] last-value error quantiles, scaled units
+    history_days: np.ndarray  # [U] days of history before the tail
+
+
+def prepare_data(dense: DenseDemand, config: TrainConfig) -> TrainingData:
+    """Normaliser (training part only), input features, scaled demand and priors of ``dense``;
+    the held-out tail is its last ``config.val_days``."""
+    n_steps = dense.n_steps
+    train_end = n_steps - round(config.val_days * BUCKETS_PER_DAY)
+    if train_end < 2:
+        raise ValueError(f"{n_steps} buckets of demand leave nothing to train on before a held-out tail of {config.val_days} day(s)")
+    norm = fit_normaliser(dense, train_end)
+    return TrainingData(
+        norm=norm, n_steps=n_steps, train_end=train_end, origin_lo=int(min(dense.first_active.min(), train_end - 2)),
+        features=torch.from_numpy(input_features(dense, norm)),
+        scaled=torch.from_numpy(dense.values / norm.scale[:, None]),
+        first_active=torch.from_numpy(dense.first_active),
+        prior=torch.from_numpy(last_value_error_quantiles(dense, norm, train_end)),
+        history_days=(train_end - dense.first_active).clip(0) / BUCKETS_PER_DAY,
+    )
+
+
+def _stacked(n_users: int, config: TrainConfig, norm: Normaliser, prior: torch.Tensor) -> StackedLSTM:
+    model = StackedLSTM(n_users, N_INPUTS, config.hidden, prior=prior, seed=config.seed)
+    model.log_mean.copy_(torch.from_numpy(norm.log_mean))
+    model.log_std.copy_(torch.from_numpy(norm.log_std))
+    model.scale.copy_(torch.from_numpy(norm.scale))
+    return model
+
+
+def _per_user(loss: np.ndarray) -> torch.Tensor:
+    """``[U, 4]`` scaled losses -> ``[U]`` selection loss (inf where unknown)."""
+    return torch.from_numpy(np.nan_to_num(loss.sum(1), nan=np.inf)).float()
+
+
+def _params(model: StackedLSTM) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+def _train_global(data: TrainingData, config: TrainConfig, enough: torch.Tensor, previous: TrainedModels | None, root: str) -> tuple[StackedLSTM, int]:
+    """One LSTM on every user's chunks pooled; its prior is the median user's prior."""
+    users_prior = data.prior[enough] if enough.any() else data.prior
+    glob = StackedLSTM(1, N_INPUTS, config.hidden, prior=users_prior.median(dim=0).values[None], seed=config.seed)
+    if previous is not None:
+        glob.load_state_dict(previous.global_model.state_dict())
+    g_train, g_val = training_batches(data, config, pooled=True)
+    g_task = StackedForecaster(glob, config.global_lr, config.weight_decay, config.clip_norm, config.patience)
+    g_task.set_initial(_per_user(evaluate(glob, g_val, _device(config))))
+    return glob, _fit(g_task, g_train, g_val, config, config.global_epochs, root, "global")
+
+
+def _start_points(model: StackedLSTM, glob: StackedLSTM, val: ChunkBatches, user_ids: list[str], previous: TrainedModels | None,
+                  device: torch.device) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Warm-start every user: from its previous version where there is one, else from the global
+    model (choosing per user by held-out loss was measured to overfit the tail: worse test loss).
+    Returns the start's held-out loss ``[U]`` and, ``[U, 4]``, the prior's and the global model's."""
+    prior_loss = evaluate(model, val, device)
+    model.copy_users_from(glob, torch.ones(model.n_users, dtype=torch.bool))
+    global_loss = evaluate(model, val, device)
+    rows = {u: i for i, u in enumerate(previous.user_ids)} if previous is not None else {}
+    if not any(u in rows for u in user_ids):
+        return _per_user(global_loss), prior_loss, global_loss
+    params = dict(model.named_parameters())
+    for k, u in enumerate(user_ids):
+        if u in rows:
+            old = previous.model.get_user(rows[u])
+            model.set_user(k, {n: old[n] if n in params else t[k] for n, t in model.get_all().items()})
+    return _per_user(evaluate(model, val, device)), prior_loss, global_loss
+
+
+def train(demand: pa.Table, until: datetime | None = None, since: datetime | None = None,
+          config: TrainConfig = TrainConfig(), previous: TrainedModels | None = None) -> TrainedModels:
+    """Train the global and per-user models on the demand rows in ``[since, until)``.
+
+    Defaults: the table's first bucket to the end of its last bucket. ``previous``: a
+    :class:`TrainedModels` to fine-tune from (daily retraining); its users are matched by id.
+    Finally, a user's forecast of one resource falls back to its prior (the last value with
+    its empirical error quantiles) where the trained head is worse on the held-out tail.
+    """
+    if demand.num_rows == 0:
+        raise ValueError("the demand table is empty: nothing to train on")
+    since = since or pc.min(demand["ts"]).as_py()
+    until = until or pc.max(demand["ts"]).as_py() + BUCKET
+    dense = dense_demand(demand, since, until)
+    torch.manual_seed(config.seed)
+    if config.keep_freed_memory and _device(config).type == "cpu":
+        _keep_freed_memory()
+    data = prepare_data(dense, config)
+    root_ctx = tempfile.TemporaryDirectory(prefix="warmcast-train-") if config.log_dir is None else None
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        root = root_ctx.name if root_ctx else config.log_dir
+        enough = torch.from_numpy(data.history_days >= config.min_history_days)
+        glob, global_epochs = _train_global(data, config, enough, previous, root)
+        model = _stacked(dense.n_users, config, data.norm, data.prior)
+        train_b, val_b = training_batches(data, config, pooled=False)
+        start_loss, prior_loss, global_loss = _start_points(model, glob, val_b, dense.user_ids, previous, _device(config))
+        task = StackedForecaster(model, config.lr, config.weight_decay, config.clip_norm, config.patience)
+        task.set_initial(start_loss, active=enough)
+        epochs = _fit(task, train_b, val_b, config, config.epochs, root, "users")
+        trained = evaluate(model, val_b, _device(config))
+        fallback = torch.from_numpy(np.nan_to_num(trained, nan=0.0) > np.nan_to_num(prior_loss, nan=0.0))
+        model.reset_head(fallback)
+        scale = data.norm.scale
+        metrics = UserMetrics(
+            pinball=np.where(fallback.numpy(), prior_loss, trained) * scale, global_pinball=global_loss * scale,
+            last_value_pinball=prior_loss * scale, best_epoch=task.best_epoch.numpy().copy(),
+            history_days=data.history_days, prior_resources=fallback.numpy())
+        return TrainedModels(dense.user_ids, model, glob, (~enough).numpy(), dense.t0, dense.end, metrics, config,
+                             (global_epochs, epochs))
+    finally:
+        torch.set_num_threads(threads)
+        if root_ctx:
+            root_ctx.cleanup()
+
+
+def _normaliser(model: StackedLSTM) -> Normaliser:
+    return Normaliser(model.log_mean.numpy(), model.log_std.numpy(), model.scale.numpy())
+
+
+def holdout_batches(models: TrainedModels, demand: pa.Table, start: datetime, end: datetime) -> ChunkBatches:
+    """Evaluation batches for ``models``' users scoring the buckets ``[start, end)`` (origins
+    from the bucket before ``start``), with the inputs' context read from ``demand`` before."""
+    config = models.config
+    context = BUCKETS_PER_WEEK + config.eval_burn_in + 1
+    dense = dense_demand(demand, start - context * BUCKET, end, users=models.user_ids)
+    norm = _normaliser(models.model)
+    return ChunkBatches(torch.from_numpy(input_features(dense, norm)), torch.from_numpy(dense.values / norm.scale[:, None]),
+                        torch.from_numpy(dense.first_active), origin_lo=context - 1, origin_hi=dense.n_steps - 1,
+                        target_end=dense.n_steps, chunk_steps=config.eval_chunk_steps, segment_steps=config.eval_segment_steps,
+                        burn_in=config.eval_burn_in)
+
+
+def holdout_pinball(models: TrainedModels, demand: pa.Table, start: datetime, end: datetime,
+                    model: StackedLSTM | None = None) -> np.ndarray:
+    """Pinball loss ``[n_users, 4]`` in real units (mean over origins, horizons, quantiles) on
+    the buckets ``[start, end)`` of ``model`` (default ``models.model``; see :func:`prior_model`)."""
+    model = models.model if model is None else model
+    return evaluate(model, holdout_batches(models, demand, start, end)) * model.scale.numpy()
+
+
+def prior_model(model: StackedLSTM) -> StackedLSTM:
+    """A copy of ``model`` whose every forecast is its prior: the last value with the empirical
+    quantiles of its errors (the last-value baseline)."""
+    copy = StackedLSTM(model.n_users, model.n_inputs, model.hidden)
+    copy.load_state_dict(model.state_dict())
+    copy.reset_head(torch.ones(model.n_users, 4, dtype=torch.bool))
+    return copy
+
+
+@torch.no_grad()
+def predict(models: TrainedModels, demand: pa.Table, at: datetime | None = None, users: Sequence[str] | None = None) -> Forecast:
+    """Forecast the 6 buckets from ``at`` (default: ``models.until``) from demand before ``at``.
+
+    ``users``: whom to forecast (default: the trained users plus any new user with rows in the
+    context window). A user without its own model is forecast by the global model with its
+    own statistics, and flagged in ``uses_global``.
+    """
+    config = models.config
+    at = at or models.until
+    steps = config.eval_burn_in + 1
+    context = BUCKETS_PER_WEEK + steps  # the last-week lag of the earliest input
+    window = demand.filter(pc.less(demand["ts"], pa.scalar(at, demand.schema.field("ts").type))) if demand.num_rows else demand
+    known = {u: i for i, u in enumerate(models.user_ids)}
+    if users is None:
+        recent = dense_demand(window, at - context * BUCKET, at)
+        users = list(models.user_ids) + [u for u in recent.user_ids if u not in known]
+    dense = dense_demand(window, at - context * BUCKET, at, users=users)
+    rows = torch.tensor([known.get(u, -1) for u in dense.user_ids])
+    fitted = fit_normaliser(dense, dense.n_steps)
+    model = StackedLSTM(len(users), N_INPUTS, config.hidden)
+    model.copy_users_from(models.global_model, torch.ones(len(users), dtype=torch.bool))
+    model.log_mean.copy_(torch.from_numpy(fitted.log_mean))
+    model.log_std.copy_(torch.from_numpy(fitted.log_std))
+    model.scale.copy_(torch.from_numpy(fitted.scale))
+    for k in torch.nonzero(rows >= 0).flatten().tolist():
+        model.set_user(k, models.model.get_user(int(rows[k])))
+    norm = _normaliser(model)
+    x = torch.from_numpy(input_features(dense, norm)[:, -steps:, None])  # [U, S, 1, F]
+    last = torch.from_numpy(dense.values[:, -1:, None] / norm.scale[:, None, None])  # [U, 1, 1, 4]
+    q = model(x, last, burn_in=steps - 1)[:, 0, 0] * model.scale[:, None, :, None]
+    uses_global = (rows < 0).numpy() | np.array([models.uses_global[r] if r >= 0 else True for r in rows.tolist()])
+    return Forecast(list(dense.user_ids), at, q.clamp_min(0).numpy(), uses_global)

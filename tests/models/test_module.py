@@ -1,0 +1,184 @@
+"""The stacked per-user LSTM (models/module.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.module import (MIN_SPREAD, N_OUTPUTS, StackedLSTM, _LSTMRecurrence, head_bias_from_quantiles, pinball,
+                           quantiles_from_head)
+
+U, S, C, F, H = 4, 9, 3, 6, 8
+
+
+def trained_like(model: StackedLSTM, seed: int = 0) -> StackedLSTM:
+    """Give the zero-initialised head random weights, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.w_out.copy_(torch.randn(model.w_out.shape, generator=gen) * 0.3)
+        model.b_out.copy_(torch.randn(model.b_out.shape, generator=gen))
+    return model
+
+
+def inputs(burn_in: int = 2, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(U, S, C, F, generator=gen), torch.rand(U, S - burn_in, C, 4, generator=gen) * 5
+
+
+def test_forward_shapes_and_validation():
+    model = StackedLSTM(U, F, H, seed=0)
+    x, last = inputs()
+    q = model(x, last, burn_in=2)
+    assert q.shape == (U, S - 2, C, 6, 4, 7)
+    h, (h_t, c_t) = model.hidden_states(x, 2)
+    assert h.shape == (U, (S - 2) * C, H) and h_t.shape == c_t.shape == (U, C, H)
+    with pytest.raises(ValueError, match="expected"):
+        model(torch.randn(U + 1, S, C, F), last)
+    with pytest.raises(ValueError, match="burn_in"):
+        model(x, last, burn_in=S)
+    assert sum(p.numel() for p in model.parameters()) == U * (F * 4 * H + H * 4 * H + 4 * H + H * N_OUTPUTS + N_OUTPUTS)
+
+
+def test_untrained_model_is_the_last_value_forecast():
+    x, last = inputs()
+    q = StackedLSTM(U, F, H, seed=0)(x, last, burn_in=2)
+    median = q[..., 3]
+    torch.testing.assert_close(median, last[..., None, :].expand_as(median), rtol=0, atol=1e-6)  # the last value
+    spread = q - last[..., None, :, None]
+    assert spread.abs().max() <= 3 * MIN_SPREAD * 1.01  # and a negligible spread around it
+    prior = torch.sort(torch.randn(U, 6, 4, 7), dim=-1).values
+    prior[..., 1:] += torch.arange(1, 7) * 0.01  # distinct levels: gaps above MIN_SPREAD
+    with_prior = StackedLSTM(U, F, H, prior=prior, seed=0)(x, last, burn_in=2)
+    expect = last[..., None, :, None] + prior[:, None, None]
+    torch.testing.assert_close(with_prior, expect, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(scale=st.floats(0.01, 50.0), seed=st.integers(0, 10_000))
+def test_quantiles_never_cross(scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randn(5, 6, 4, 7, generator=gen) * scale
+    last = torch.randn(5, 4, generator=gen) * scale
+    q = quantiles_from_head(raw, last)
+    assert (q.diff(dim=-1) >= 0).all()
+    assert torch.isfinite(q).all()
+
+
+def test_head_bias_round_trip():
+    prior = torch.sort(torch.randn(2, 6, 4, 7), dim=-1).values + torch.arange(7) * 0.1
+    q = quantiles_from_head(head_bias_from_quantiles(prior).view(2, 6, 4, 7), torch.zeros(2, 4))
+    torch.testing.assert_close(q, prior, rtol=1e-5, atol=1e-5)
+
+
+def test_users_are_separable():
+    model = trained_like(StackedLSTM(U, F, H, seed=0))
+    x, last = inputs()
+    before = model(x, last, 2).detach()
+    k = 2
+    with torch.no_grad():
+        for p in model.parameters():
+            p[k] += 0.5
+    after = model(x, last, 2).detach()
+    changed = (after - before).abs().flatten(1).amax(1) > 1e-6
+    assert changed.tolist() == [u == k for u in range(U)]
+    # gradients are separable too: user k's loss moves only user k's rows
+    model.zero_grad()
+    model(x, last, 2)[k].sum().backward()
+    for p in model.parameters():
+        norms = p.grad.flatten(1).abs().sum(1)
+        assert norms[k] > 0 and (norms[torch.arange(U) != k] == 0).all()
+
+
+def test_export_and_import_one_user():
+    src = trained_like(StackedLSTM(U, F, H, seed=0), seed=3)
+    src.scale.fill_(2.0)
+    dst = StackedLSTM(3, F, H, seed=9)
+    x, last = inputs()
+    dst.set_user(1, src.get_user(2))
+    torch.testing.assert_close(dst(x[[0, 2, 1]], last[[0, 2, 1]], 2)[1], src(x, last, 2)[2])
+    assert dst.scale[1].tolist() == [2.0] * 4 and dst.scale[0].tolist() == [1.0] * 4
+    assert set(src.get_user(0)) == {"w_in", "w_rec", "b", "w_out", "b_out", "b_prior", "log_mean", "log_std", "scale"}
+    bad = src.get_user(0)
+    bad["w_rec"] = bad["w_rec"][:-1]
+    with pytest.raises(ValueError, match="w_rec"):
+        dst.set_user(0, bad)
+    with pytest.raises(KeyError):
+        dst.set_user(0, {"w_in": bad["w_in"]})
+    copy = StackedLSTM.from_weights({k: v.clone() for k, v in src.get_all().items()})
+    assert (copy.n_users, copy.n_inputs, copy.hidden) == (U, F, H)
+    torch.testing.assert_close(copy(x, last, 2), src(x, last, 2))
+
+
+def test_recurrence_gradients_match_finite_differences():
+    xp = torch.randn(2, 4, 2, 12, dtype=torch.double, requires_grad=True)
+    w = torch.randn(2, 3, 12, dtype=torch.double, requires_grad=True)
+    h0, c0 = torch.randn(2, 2, 3, dtype=torch.double), torch.randn(2, 2, 3, dtype=torch.double)
+    assert torch.autograd.gradcheck(lambda a, b: _LSTMRecurrence.apply(a, b, h0, c0)[0], (xp, w))
+
+
+def test_recurrence_matches_a_plain_lstm_cell():
+    cell = torch.nn.LSTMCell(F, H)
+    model = StackedLSTM(1, F, H)
+    with torch.no_grad():  # torch's gate order is (i, f, g, o); ours is (i, f, o, g)
+        order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+        model.w_in.copy_(cell.weight_ih[order].t()[None])
+        model.w_rec.copy_(cell.weight_hh[order].t()[None])
+        model.b.copy_((cell.bias_ih + cell.bias_hh)[order][None])
+    x = torch.randn(1, S, C, F)
+    h = c = torch.zeros(C, H)
+    outs = []
+    for t in range(S):
+        h, c = cell(x[0, t], (h, c))
+        outs.append(h)
+    ours, _ = model.hidden_states(x)
+    torch.testing.assert_close(ours.view(S, C, H), torch.stack(outs).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_state_carry_equals_one_long_pass():
+    model = StackedLSTM(U, F, H, seed=0)
+    x = torch.randn(U, 2 * S, C, F)
+    whole, _ = model.hidden_states(x)
+    first, state = model.hidden_states(x[:, :S])
+    second, _ = model.hidden_states(x[:, S:], state=state)
+    torch.testing.assert_close(torch.cat([first.view(U, S, C, H), second.view(U, S, C, H)], 1).view(U, -1, H), whole)
+
+
+def test_fused_pinball_equals_the_reference_loss_and_gradient():
+    model = trained_like(StackedLSTM(U, F, H, seed=0)).double()
+    x, last = (t.double() for t in inputs())
+    target = torch.rand(U, S - 2, C, 6, 4, dtype=torch.double) * 5
+    weight = (torch.rand(U, S - 2, C, 6) > 0.3).double()
+    ref = (weight[..., None, None] * pinball(model(x, last, 2), target)).sum(dim=(1, 2, 3, 5))
+    ref.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    fused, _ = model.pinball_sums(x, last, target, weight, 2)
+    fused.sum().backward()
+    torch.testing.assert_close(fused, ref)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], msg=n)
+
+
+def test_pinball_definition():
+    q = torch.tensor([[1.0] * 7])
+    loss = pinball(q, torch.tensor([3.0]))  # under-forecast by 2: tau * 2
+    torch.testing.assert_close(loss[0], 2 * torch.tensor([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]))
+    loss = pinball(q, torch.tensor([0.0]))  # over-forecast by 1: (1 - tau)
+    torch.testing.assert_close(loss[0], 1 - torch.tensor([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]))
+
+
+def test_reset_head_restores_the_prior_for_one_resource():
+    prior = torch.sort(torch.randn(U, 6, 4, 7), dim=-1).values
+    model = trained_like(StackedLSTM(U, F, H, prior=prior, seed=0))
+    x, last = inputs()
+    before = model(x, last, 2).detach()
+    mask = torch.zeros(U, 4, dtype=torch.bool)
+    mask[1, 2] = True
+    model.reset_head(mask)
+    after = model(x, last, 2).detach()
+    diff = (after - before).abs().amax(dim=(1, 2, 3, 5))  # [U, 4]
+    assert (diff > 0).tolist() == mask.tolist()
+    fresh = StackedLSTM(U, F, H, prior=prior, seed=0)(x, last, 2)
+    torch.testing.assert_close(after[1, ..., 2, :], fresh[1, ..., 2, :].detach())
