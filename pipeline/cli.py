@@ -21,8 +21,9 @@ log = logging.getLogger("warmcast")
 
 #: Embedded defaults of ``warmcast demo``: a small synthetic platform.
 DEMO_USERS = 60
-DEMO_DAYS = 2.0
+DEMO_DAYS = 4.0  # two days of history before the one-day held-out tail, plus a day to spare
 DEMO_START = "2026-11-02T00:00:00Z"  # a Monday
+TRAIN_EPOCHS = 8
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -111,6 +112,39 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.persist import train_from_lake, user_metrics_summary
+    from models.train import TrainConfig
+    from pipeline.storage import location_from_settings
+
+    settings = _settings(args)
+    lake = location_from_settings(settings.lake, settings)
+    config = TrainConfig(epochs=args.epochs, global_epochs=args.global_epochs, progress_bar=args.progress)
+    version, trained = train_from_lake(lake, args.until, args.days, config)
+    losses = user_metrics_summary(trained.metrics)
+    print(f"model version {version}: {len(trained.user_ids)} users ({int(trained.uses_global.sum())} on the global model), "
+          f"epochs (global, per-user) {trained.epochs_run}")
+    print("held-out pinball loss (real units, mean over users/resources): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if v is not None))
+    return 0
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from models.persist import forecast_from_lake
+    from pipeline.storage import location_from_settings
+
+    settings = _settings(args)
+    lake = location_from_settings(settings.lake, settings)
+    table = forecast_from_lake(lake, args.at)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, args.out, compression="zstd")
+    n_users = len(set(table.column("user_id").to_pylist()))
+    print(f"wrote {table.num_rows} forecast rows for {n_users} users issued at {args.at.isoformat()} to {args.out}")
+    return 0
+
+
 def _aws_settings(settings: Settings, endpoint_url: str | None):
     from dataclasses import replace
 
@@ -177,24 +211,69 @@ def cmd_aws(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on embedded defaults: generate → ingest → demand series → summary."""
+    """The main job on embedded defaults: generate → ingest → demand → train → forecast → aggregate."""
+    import pyarrow.csv as pacsv
+
     from pipeline.demand import demand_from_lake, summarize
     from pipeline.generate import generate_landing
     from pipeline.storage import location_from_settings
 
     settings = _settings(args)
     start = parse_time(DEMO_START)
-    end = start + timedelta(days=args.days)
+    end = floor_to_slot(start + timedelta(days=args.days), settings.ingest.slot_minutes)
     landing = location_from_settings(settings.landing, settings)
-    print(f"[1/3] generating {args.users} synthetic users x {args.days:g} days into {settings.landing}")
+    lake = location_from_settings(settings.lake, settings)
+    print(f"[1/5] generating {args.users} synthetic users x {args.days:g} days into {settings.landing}")
     generated = generate_landing(landing, users=args.users, days=args.days, start=start, seed=args.seed)
     print(f"      {generated.rows:,} requests")
-    print(f"[2/3] ingesting {start:%Y-%m-%d %H:%M} – {end:%Y-%m-%d %H:%M} UTC into {settings.lake}")
-    rc = _ingest_range(settings, start, floor_to_slot(end, settings.ingest.slot_minutes), 24, False)
-    print("[3/3] demand series")
-    lake = location_from_settings(settings.lake, settings)
-    print(summarize(demand_from_lake(lake, start, end)).render())
+    print(f"[2/5] ingesting {start:%Y-%m-%d %H:%M} – {end:%Y-%m-%d %H:%M} UTC into {settings.lake}")
+    rc = _ingest_range(settings, start, end, 24, False)
+    print("[3/5] demand series")
+    demand = demand_from_lake(lake, start, end)
+    print(summarize(demand).render())
+    if args.skip_models:
+        return rc
+
+    from models.persist import forecast_from_lake, train_from_lake, user_metrics_summary
+    from models.train import TrainConfig
+    from pipeline.aggregate import METHOD_TIERED, aggregate, residual_history
+
+    # Hold out the last hour: train on data before it, forecast from its start.
+    issued_at = end - timedelta(hours=1)
+    print(f"[4/5] training one LSTM per user on {start:%Y-%m-%d} – {issued_at:%Y-%m-%d %H:%M} (global model warm start)")
+    version, trained = train_from_lake(lake, issued_at, (issued_at - start).total_seconds() / 86400, TrainConfig(epochs=TRAIN_EPOCHS))
+    losses = user_metrics_summary(trained.metrics)
+    print(f"      version {version}; held-out pinball loss (real units): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if v is not None))
+    print(f"[5/5] forecasting from {issued_at:%Y-%m-%d %H:%M} and aggregating to a system forecast (90% band)")
+    user_fc = forecast_from_lake(lake, issued_at)
+    profiles = pacsv.read_csv(pa_buffer(landing.read_bytes(landing.path("_users.csv"))))
+    system = aggregate(user_fc, profiles=profiles, history=residual_history(demand, issued_at)).table()
+    actual = demand.filter(pc_ge(demand["ts"], issued_at)).group_by("ts").aggregate([("cpu_cores", "sum")])
+    actual_by_ts = {r["ts"]: r["cpu_cores_sum"] for r in actual.to_pylist()}
+    rows = [r for r in system.to_pylist() if r["resource"] == "cpu_cores"]
+    print(f"      {'horizon':>8} {'method':<20} {'lower':>9} {'mean':>9} {'upper':>9} {'actual':>9}   (system cpu cores)")
+    for r in sorted(rows, key=lambda r: (r["horizon_min"], r["method"])):
+        if r["horizon_min"] in (5, 15, 30):
+            ts = issued_at + timedelta(minutes=r["horizon_min"] - 5)
+            actual_v = actual_by_ts.get(ts)
+            shown = f"{actual_v:9.1f}" if actual_v is not None else f"{'-':>9}"
+            print(f"      {r['horizon_min']:>6}m  {r['method']:<20} {r['lower']:9.1f} {r['mean']:9.1f} {r['upper']:9.1f} {shown}")
+    print(f"      the scaler sizes pools for the {METHOD_TIERED!r} upper bound; try `warmcast scale --help`")
     return rc
+
+
+def pa_buffer(data: bytes):
+    import pyarrow as pa
+
+    return pa.BufferReader(data)
+
+
+def pc_ge(column, when: datetime):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.greater_equal(column, pa.scalar(when, column.type))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("parquet", "csv", "jsonl"), default="parquet")
     p.add_argument("--max-rows-per-client", type=int, help="servegen: cap rows per client")
 
+    p = add("train", cmd_train, "train the per-user LSTMs (and the global model) on the lake's demand and publish a version")
+    p.add_argument("--lake", help="lake location")
+    p.add_argument("--until", type=_time, required=True, help="end of the training window (UTC, exclusive)")
+    p.add_argument("--days", type=float, default=14.0, help="length of the training window (default 14)")
+    p.add_argument("--epochs", type=int, default=TRAIN_EPOCHS, help="per-user epochs (an upper bound: users stop early)")
+    p.add_argument("--global-epochs", type=int, default=5)
+    p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+
+    p = add("forecast", cmd_forecast, "per-user quantile forecasts issued at a time, from data before it")
+    p.add_argument("--lake", help="lake location")
+    p.add_argument("--at", type=_time, required=True, help="issue time (UTC, on the 5-minute grid)")
+    p.add_argument("--out", required=True, help="Parquet file for the USER_FORECAST table")
+
     p = add("scale", cmd_scale, "one scaling cycle: size every pool of the fleet from a system forecast and apply it")
     p.add_argument("--forecast", required=True, help="system forecast Parquet file (SYSTEM_FORECAST contract)")
     p.add_argument("--fleet", help="fleet file (TOML/YAML); default: settings' scaler.fleet, else the example fleet")
@@ -261,12 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=DEMO_USERS)
     p.add_argument("--days", type=float, default=DEMO_DAYS)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--skip-models", action="store_true", help="stop after the demand summary (no training)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # Lightning logs its device banner at INFO through its own handlers
+        for name in ("pytorch_lightning", "lightning", "lightning.pytorch"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (ConfigError, IntervalError, ValueError, OSError) as exc:

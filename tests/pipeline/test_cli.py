@@ -61,10 +61,27 @@ def test_gate_failure_exits_1(tmp_path, capsys):
 
 
 def test_demo_on_small_defaults(tmp_path, capsys):
-    rc = main(["demo", "--landing", str(tmp_path / "landing"), "--lake", str(tmp_path / "lake"), "--users", "8", "--days", "0.5"])
+    rc = main(["demo", "--landing", str(tmp_path / "landing"), "--lake", str(tmp_path / "lake"), "--users", "8", "--days", "0.5", "--skip-models"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "[3/3] demand series" in out and "8 users" in out
+    assert "[3/5] demand series" in out and "8 users" in out
+
+
+def test_train_then_forecast_from_the_lake(tmp_path, capsys):
+    landing, lake = str(tmp_path / "landing"), str(tmp_path / "lake")
+    assert main(["demo", "--landing", landing, "--lake", lake, "--users", "6", "--days", "3.5", "--skip-models"]) == 0
+    until = "2026-11-05T12:00:00Z"
+    assert main(["train", "--lake", lake, "--until", until, "--days", "3.5", "--epochs", "2", "--global-epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "model version" in out and "6 users" in out and "last_value" in out
+    fc = tmp_path / "fc.parquet"
+    assert main(["forecast", "--lake", lake, "--at", until, "--out", str(fc)]) == 0
+    table = pq.read_table(fc)
+    assert table.num_rows == 6 * 6 * 4  # users x horizons x resources
+    assert all(v.startswith("lstm:") for v in table.column("model_version").to_pylist())
+    # forecasting needs a trained model: a clear error, exit 2
+    assert main(["forecast", "--lake", str(tmp_path / "empty-lake"), "--at", until, "--out", str(fc)]) == 2
+    assert "run `warmcast train` first" in capsys.readouterr().err
 
 
 def test_ingest_never_loads_torch_or_airflow(tmp_path):
