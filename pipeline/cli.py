@@ -212,10 +212,12 @@ def cmd_aws(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on embedded defaults: generate → ingest → demand → train → forecast → aggregate."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
     from pipeline.demand import demand_from_lake, summarize
-    from pipeline.generate import generate_landing
+    from pipeline.generate import USERS_FILE, generate_landing
     from pipeline.storage import location_from_settings
 
     settings = _settings(args)
@@ -247,9 +249,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
           + ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if v is not None))
     print(f"[5/5] forecasting from {issued_at:%Y-%m-%d %H:%M} and aggregating to a system forecast (90% band)")
     user_fc = forecast_from_lake(lake, issued_at)
-    profiles = pacsv.read_csv(pa_buffer(landing.read_bytes(landing.path("_users.csv"))))
+    profiles = pacsv.read_csv(pa.BufferReader(landing.read_bytes(landing.path(USERS_FILE))))
     system = aggregate(user_fc, profiles=profiles, history=residual_history(demand, issued_at)).table()
-    actual = demand.filter(pc_ge(demand["ts"], issued_at)).group_by("ts").aggregate([("cpu_cores", "sum")])
+    later = pc.greater_equal(demand["ts"], pa.scalar(issued_at, demand.schema.field("ts").type))
+    actual = demand.filter(later).group_by("ts").aggregate([("cpu_cores", "sum")])
     actual_by_ts = {r["ts"]: r["cpu_cores_sum"] for r in actual.to_pylist()}
     rows = [r for r in system.to_pylist() if r["resource"] == "cpu_cores"]
     print(f"      {'horizon':>8} {'method':<20} {'lower':>9} {'mean':>9} {'upper':>9} {'actual':>9}   (system cpu cores)")
@@ -261,19 +264,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"      {r['horizon_min']:>6}m  {r['method']:<20} {r['lower']:9.1f} {r['mean']:9.1f} {r['upper']:9.1f} {shown}")
     print(f"      the scaler sizes pools for the {METHOD_TIERED!r} upper bound; try `warmcast scale --help`")
     return rc
-
-
-def pa_buffer(data: bytes):
-    import pyarrow as pa
-
-    return pa.BufferReader(data)
-
-
-def pc_ge(column, when: datetime):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return pc.greater_equal(column, pa.scalar(when, column.type))
 
 
 def build_parser() -> argparse.ArgumentParser:
