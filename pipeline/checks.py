@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import IngestSettings
-from pipeline.schemas import ID_COLUMNS, ID_PATTERN, REQUEST_LOG, RESOURCE_COLUMNS
+from pipeline.schemas import ID_COLUMNS, ID_PATTERN, REQUEST_LOG
 
 _NULL_REASON = pa.scalar(None, pa.string())
 

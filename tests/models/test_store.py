@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 from datetime import datetime, timezone
 
 import boto3
@@ -184,29 +183,6 @@ def test_published_versions_are_immutable(tmp_path):
     assert store.latest_version() == v and store.load_version("manual").user_ids == ["a", "b", "c"]
     store.set_latest("manual")
     assert store.load_latest().version == "manual"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    mp = pytest.MonkeyPatch()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        mp.setenv(key, value)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="warmcast-test")
-    yield url
-    server.stop()
-    mp.undo()
 
 
 def test_s3_round_trip(s3_endpoint):
