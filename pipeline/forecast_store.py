@@ -8,7 +8,7 @@ table                  primary key                                     contract
 =====================  ==============================================  ====================
 ``user_forecasts``     issued_at, user_id, horizon_min, resource       ``USER_FORECAST``
 ``system_forecasts``   issued_at, horizon_min, resource, method        ``SYSTEM_FORECAST``
-``scaling_decisions``  decided_at, pool                                ``SCALING_DECISION``
+``scaling_decisions``  decided_at, pool, pool_kind                     ``SCALING_DECISION``
 ``model_versions``     name, version                                   (model store manifest)
 =====================  ==============================================  ====================
 
@@ -110,7 +110,7 @@ scaling_decisions = sa.Table(
     "scaling_decisions", metadata,
     sa.Column("decided_at", UtcDateTime, primary_key=True),
     sa.Column("pool", sa.String(128), primary_key=True),
-    sa.Column("pool_kind", sa.String(16), nullable=False),
+    sa.Column("pool_kind", sa.String(16), primary_key=True),  # a pool has an active and a warm row
     sa.Column("current", sa.BigInteger, nullable=False),
     sa.Column("target", sa.BigInteger, nullable=False),
     sa.Column("applied", sa.Boolean, nullable=False),
@@ -309,7 +309,7 @@ class ForecastStore:
 
     def write_decisions(self, table: pa.Table) -> int:
         """Upsert :data:`SCALING_DECISION` rows (applied or not, every decision is recorded)."""
-        table = _conform(table, SCALING_DECISION, ["decided_at", "pool"], "scaling decisions")
+        table = _conform(table, SCALING_DECISION, ["decided_at", "pool", "pool_kind"], "scaling decisions")
         self._copy(table, "decisions", "decided_at")
         return self._upsert(scaling_decisions, table)
 

@@ -25,7 +25,7 @@ CREATE TABLE scaling_decisions (
 	applied BOOLEAN NOT NULL,
 	dry_run BOOLEAN NOT NULL,
 	reason TEXT NOT NULL,
-	PRIMARY KEY (decided_at, pool)
+	PRIMARY KEY (decided_at, pool, pool_kind)
 );
 
 CREATE TABLE system_forecasts (

@@ -65,7 +65,7 @@ def _decisions(decided_at: datetime, target: int = 4) -> pa.Table:
     return pa.Table.from_pylist([
         {"decided_at": decided_at, "pool": "cpu-active", "pool_kind": "active", "current": 2, "target": target,
          "applied": True, "dry_run": False, "reason": "forecast 5 min upper"},
-        {"decided_at": decided_at, "pool": "cpu-warm", "pool_kind": "warm", "current": 1, "target": 1,
+        {"decided_at": decided_at, "pool": "cpu-active", "pool_kind": "warm", "current": 1, "target": 1,
          "applied": False, "dry_run": True, "reason": "hold: within hysteresis"},
     ], schema=SCALING_DECISION)
 
