@@ -210,6 +210,17 @@ def cmd_aws(args: argparse.Namespace) -> int:
     return 0
 
 
+def _forecast_store(settings: Settings, lake):
+    """The forecast store of ``settings`` (schema created if missing); a SQLite file's folder is made."""
+    from pipeline.forecast_store import ForecastStore
+
+    if settings.store_url.startswith("sqlite:///"):
+        Path(settings.store_url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    store = ForecastStore(settings.store_url, lake=lake)
+    store.create_schema()
+    return store
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on embedded defaults: generate → ingest → demand → train → forecast → aggregate."""
     import pyarrow as pa
@@ -251,6 +262,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     user_fc = forecast_from_lake(lake, issued_at)
     profiles = pacsv.read_csv(pa.BufferReader(landing.read_bytes(landing.path(USERS_FILE))))
     system = aggregate(user_fc, profiles=profiles, history=residual_history(demand, issued_at)).table()
+    store = _forecast_store(settings, lake)
+    store.write_user_forecasts(user_fc)
+    store.write_system_forecast(system)
+    print(f"      stored {user_fc.num_rows} user and {system.num_rows} system forecast rows in {store.display_url}")
     later = pc.greater_equal(demand["ts"], pa.scalar(issued_at, demand.schema.field("ts").type))
     actual = demand.filter(later).group_by("ts").aggregate([("cpu_cores", "sum")])
     actual_by_ts = {r["ts"]: r["cpu_cores_sum"] for r in actual.to_pylist()}

@@ -95,3 +95,18 @@ def test_ingest_never_loads_torch_or_airflow(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_demo_end_to_end_fills_the_forecast_store(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WARMCAST_STORE_URL", f"sqlite:///{tmp_path}/db/warmcast.db")
+    rc = main(["demo", "--landing", str(tmp_path / "landing"), "--lake", str(tmp_path / "lake"), "--users", "6", "--days", "4"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "[5/5]" in out and "tiered_target" in out and "stored 144 user" in out
+
+    from pipeline.forecast_store import ForecastStore
+
+    store = ForecastStore(f"sqlite:///{tmp_path}/db/warmcast.db")
+    assert store.count("user_forecasts") == 6 * 6 * 4
+    assert store.count("system_forecasts") > 0
+    assert list((tmp_path / "lake" / "forecasts" / "system").rglob("*.parquet"))  # the Parquet copy
