@@ -122,12 +122,12 @@ class _Run:
     sample_parts: list[tuple[int, pa.Table]] = field(default_factory=list)
     reasons: Counter = field(default_factory=Counter)
 
-    def stage(self, final: str, table: pa.Table) -> str:
-        """Write ``table`` aside for ``final``; returns the staged path (published later)."""
-        staged = f"{self.staging}/{final.rsplit('/', 4)[-4]}-{final.rsplit('/', 1)[-1]}"
+    def stage(self, lake_table: str, slot: datetime, table: pa.Table) -> tuple[str, str]:
+        """Write ``table`` aside for its slot file; returns (final path, staged path)."""
+        staged = f"{self.staging}/{lake_table}-{slot_name(slot)}.parquet"
         with self.lake.write_atomic(staged) as out:
             pq.write_table(table, out, compression="zstd")
-        return staged
+        return lake_file(self.lake, lake_table, slot), staged
 
 
 @dataclass
@@ -220,12 +220,12 @@ def _ingest_hour(run: _Run, hour: datetime) -> _HourResult:
     for s in hour_slots:
         k = (int(s.timestamp()) * _US - start_us) // slot_us
         lo, hi = np.searchsorted(good_slot, [k, k + 1])
-        final = lake_file(run.lake, LAKE_TABLE, s)
-        staged[final] = run.stage(final, good.slice(lo, hi - lo))
+        final, path = run.stage(LAKE_TABLE, s, good.slice(lo, hi - lo))
+        staged[final] = path
         qmask = bad_slot == k
         if qmask.any():
-            final = lake_file(run.lake, QUARANTINE_TABLE, s)
-            staged[final] = run.stage(final, bad.filter(pa.array(qmask)))
+            final, path = run.stage(QUARANTINE_TABLE, s, bad.filter(pa.array(qmask)))
+            staged[final] = path
 
     n_good, n_bad = good.num_rows, bad.num_rows
     head = bad.slice(0, _MAX_EXAMPLES).select(["source_file", "source_row", "reason"]).to_pylist()
@@ -273,13 +273,8 @@ def _ge_sample(run: _Run, rng: np.random.Generator):
 
 
 def _check_landing(landing: Location) -> None:
-    if landing.uri.startswith("s3://"):
-        try:
-            landing.list_dirs()
-        except OSError as exc:
-            raise StorageError(f"landing location {landing.uri} is not readable: {exc}") from exc
-        return
-    if not landing.is_dir():
+    # S3 has no folders: an absent prefix is an empty landing zone, a missing bucket an error.
+    if not landing.uri.startswith("s3://") and not landing.is_dir():
         raise StorageError(f"landing location {landing.uri} does not exist or is not a folder")
     try:
         landing.list_dirs()

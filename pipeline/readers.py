@@ -23,6 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from pipeline.checks import add_reason
 from pipeline.schemas import REQUEST_LOG, TS
 from pipeline.storage import Location
 
@@ -54,12 +55,8 @@ class FileRows:
     broken: list[BrokenRow] = field(default_factory=list)
 
 
-def _first_reason(reason: pa.Array | None, bad: pa.Array, message: str) -> pa.Array:
-    """Keep the first reason per row: set ``message`` where ``bad`` and no reason yet."""
-    msg = pa.scalar(message, pa.string())
-    if reason is None:
-        return pc.if_else(bad, msg, pa.scalar(None, pa.string()))
-    return pc.if_else(pc.and_(bad, pc.is_null(reason)), msg, reason)
+def _no_reason(reason: pa.Array | None, n: int) -> pa.Array:
+    return pa.nulls(n, pa.string()) if reason is None else reason
 
 
 def _convert_column(name: str, arr: pa.Array, target: pa.DataType) -> tuple[pa.Array, pa.Array | None, str]:
@@ -120,14 +117,14 @@ def conform(table: pa.Table) -> tuple[pa.Table, pa.Array | None, pa.Table | None
     for fld in REQUEST_LOG:
         if fld.name not in table.column_names:
             columns.append(pa.nulls(n, fld.type))
-            reason = _first_reason(reason, pa.array(np.ones(n, bool)), f"missing column {fld.name}")
+            reason = add_reason(_no_reason(reason, n), pa.array(np.ones(n, bool)), f"missing column {fld.name}")
             continue
         arr = table[fld.name].combine_chunks() if n else pa.array([], table.schema.field(fld.name).type)
         typed, bad, why = _convert_column(fld.name, arr, fld.type)
         if arr.type != fld.type:
             needs_text = True
         if bad is not None:
-            reason = _first_reason(reason, bad, why)
+            reason = add_reason(_no_reason(reason, n), bad, why)
         columns.append(typed)
     typed_table = pa.Table.from_arrays(columns, schema=REQUEST_LOG)
     # Keep the rows as they came when a conversion was needed; only refused rows get rendered.
