@@ -10,6 +10,7 @@ table                  primary key                                     contract
 ``system_forecasts``   issued_at, horizon_min, resource, method        ``SYSTEM_FORECAST``
 ``scaling_decisions``  decided_at, pool, pool_kind                     ``SCALING_DECISION``
 ``model_versions``     name, version                                   (model store manifest)
+``scaler_leases``      name                                            (scaler run lease)
 =====================  ==============================================  ====================
 
 Every write is an upsert on the primary key (``INSERT … ON CONFLICT (key) DO UPDATE`` on SQLite
@@ -128,6 +129,14 @@ model_versions = sa.Table(
     sa.Column("metrics", sa.Text, nullable=False),  # JSON object
     sa.Column("code_version", sa.String(128)),
 )
+#: One row per lease (``scale``: the right to apply scaling decisions); see :mod:`scaler.lease`.
+scaler_leases = sa.Table(
+    "scaler_leases", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(256), nullable=False),  # host:pid:random of the holder
+    sa.Column("acquired_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+)
 _CONTRACTS = {"user_forecasts": USER_FORECAST, "system_forecasts": SYSTEM_FORECAST, "scaling_decisions": SCALING_DECISION}
 
 
@@ -221,7 +230,7 @@ class ForecastStore:
             raise ForecastStoreError(f"forecast store {self.display_url}: {detail}") from exc
 
     def create_schema(self) -> None:
-        """Create the PostgreSQL schema (if any) and the four tables; idempotent."""
+        """Create the PostgreSQL schema (if any) and the tables (those missing are added); idempotent."""
         def create(conn):
             if self.schema:
                 conn.execute(sa.schema.CreateSchema(self.schema, if_not_exists=True))
@@ -372,7 +381,7 @@ class ForecastStore:
         return [{**r, "metrics": json.loads(r["metrics"])} for r in rows]
 
     def count(self, table: str) -> int:
-        """Rows in one of the four tables (operators' sanity check; tests)."""
+        """Rows in one of the tables (operators' sanity check; tests)."""
         if table not in metadata.tables:
             raise ForecastStoreError(f"unknown table {table!r}; tables are {sorted(metadata.tables)}")
         stmt = sa.select(sa.func.count()).select_from(metadata.tables[table])

@@ -28,7 +28,7 @@ import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -138,6 +138,8 @@ class GroupSnapshot:
     protected: int  # in-service instances protected from scale-in: the platform's busy ones
     warm: WarmPoolConfig | None
     last_scale_out_at: datetime | None
+    tags: dict[str, str] = field(default_factory=dict)
+    instances: int = 0  # in any lifecycle state (pending, in service, draining, warmed)
 
     def pool_state(self, in_use: int | None = None) -> PoolState:
         """The policy's view; ``in_use`` (busy instances from the platform) defaults to ``protected``."""
@@ -148,11 +150,11 @@ class GroupSnapshot:
                          last_scale_out_at=self.last_scale_out_at)
 
 
-def _parse_time(text: str | None) -> datetime | None:
+def _parse_time(text: str | None, tag: str = LAST_SCALE_OUT_TAG) -> datetime | None:
     try:
         t = datetime.fromisoformat(text) if text else None
     except ValueError:
-        log.warning("ignoring unparsable %s tag %r", LAST_SCALE_OUT_TAG, text)
+        log.warning("ignoring unparsable %s tag %r", tag, text)
         return None
     return t.replace(tzinfo=timezone.utc) if t and t.tzinfo is None else t
 
@@ -167,7 +169,7 @@ def _snapshot(g: Mapping[str, Any]) -> GroupSnapshot:
     tags = {t["Key"]: t.get("Value") for t in g.get("Tags", [])}
     return GroupSnapshot(g["AutoScalingGroupName"], int(g["MinSize"]), int(g["MaxSize"]), int(g["DesiredCapacity"]),
                          len(instances), sum(1 for i in instances if i.get("ProtectedFromScaleIn")), warm,
-                         _parse_time(tags.get(LAST_SCALE_OUT_TAG)))
+                         _parse_time(tags.get(LAST_SCALE_OUT_TAG)), tags, len(g.get("Instances", [])))
 
 
 def describe_groups(client: Any, names: Iterable[str]) -> dict[str, GroupSnapshot]:
@@ -198,12 +200,16 @@ class PoolOutcome:
 
 @dataclass
 class ApplyReport:
-    """Every decision of one apply, as ``SCALING_DECISION`` rows, plus each pool's outcome."""
+    """Every decision of one apply, as ``SCALING_DECISION`` rows, plus each pool's outcome.
+
+    ``notes``: plan-wide facts an operator must see (e.g. the forecast was unusable and the plan
+    fell back to reactive sizing), printed above the table."""
 
     decided_at: datetime
     dry_run: bool
     decisions: list[dict[str, Any]] = field(default_factory=list)
     outcomes: dict[str, PoolOutcome] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[str]:
@@ -221,9 +227,10 @@ class ApplyReport:
 
     def render(self) -> str:
         """A fixed-width table for a terminal: pool, kind, current → target, applied, reason."""
-        lines = [f"{'pool':<20} {'kind':<6} {'current':>7} {'target':>6} {'applied':<7} reason"]
+        lines = [f"note: {n}" for n in self.notes]
+        lines.append(f"{'pool':<29} {'kind':<7} {'current':>7} {'target':>6} {'applied':<7} reason")
         for d in self.decisions:
-            lines.append(f"{d['pool']:<20} {d['pool_kind']:<6} {d['current']:>7} {d['target']:>6} "
+            lines.append(f"{d['pool']:<29} {d['pool_kind']:<7} {d['current']:>7} {d['target']:>6} "
                          f"{'yes' if d['applied'] else 'no':<7} {d['reason']}")
         return "\n".join(lines)
 
@@ -359,13 +366,66 @@ def is_backfill(now: datetime, *, max_lag_s: float = 600.0, wall_clock: datetime
 
 def scale_cycle(client: Any, pools: Sequence[Pool], forecast: Any, now: datetime, *, dry_run: bool = False,
                 busy: Mapping[str, int] | None = None, options: PlanOptions = PlanOptions(),
+                subpools: Any = None, user_forecast: pa.Table | None = None,
+                user_configs: Mapping[str, Sequence[str]] | None = None, ec2: Any = None, lease: Any = None,
                 **apply_kwargs: Any) -> tuple[Plan, ApplyReport]:
     """One cycle: describe the pools' groups, plan from ``forecast``, apply (or dry-run).
 
-    ``busy``: instances in use per pool from the platform, overriding the count of instances
-    protected from scale-in. ``apply_kwargs`` go to :func:`apply_plan`.
+    ``busy``: instances in use per pool (or sub-pool group) from the platform, overriding the
+    count of instances protected from scale-in. ``apply_kwargs`` go to :func:`apply_plan`.
+
+    User sub-pools (all optional): ``subpools`` a :class:`scaler.fleet.SubpoolConfig` turns them
+    on; ``user_forecast`` a ``USER_FORECAST`` table; ``user_configs`` user id → most-requested
+    software configurations (:func:`scaler.subpools.top_software_configs`); ``ec2`` the EC2 client
+    for their launch templates. Their decisions are ``pool_kind="subpool"`` rows, and the demand
+    they serve is subtracted before the shared pools are sized (``Plan.served``).
+
+    ``lease``: a :class:`scaler.lease.ScalerLease`. Unless ``dry_run``, it is taken before AWS is
+    described (another holder: :class:`scaler.lease.LeaseHeldError`, nothing was called or
+    recorded), renewed right before the first mutating call (lost: ``LeaseLostError``), and
+    released at the end.
     """
-    snapshots = describe_groups(client, [p.name for p in pools])
-    states = {name: s.pool_state((busy or {}).get(name)) for name, s in snapshots.items()}
-    plan = plan_pools(forecast, states, pools, now, options=options)
-    return plan, apply_plan(client, plan, snapshots, dry_run=dry_run, **apply_kwargs)
+    use_lease = lease is not None and not dry_run
+    if use_lease:
+        lease.acquire()
+    try:
+        snapshots = describe_groups(client, [p.name for p in pools])
+        states = {name: s.pool_state((busy or {}).get(name)) for name, s in snapshots.items()}
+        subplan, view = None, None
+        if subpools is not None:
+            from scaler.aws_subpools import describe_subpools  # noqa: PLC0415 (import cycle: it uses this module)
+            from scaler.subpools import plan_subpools, read_user_demand  # noqa: PLC0415
+
+            view = describe_subpools(client, dict(busy or {}))
+            demand = read_user_demand(user_forecast, now, max_age_s=options.max_forecast_age_s,
+                                      quantile=subpools.policy.quantile)
+            subplan = plan_subpools(demand, view.states, user_configs or {}, subpools.policy, now,
+                                    decision_interval_s=options.decision_interval_s)
+        plan = plan_pools(forecast, states, pools, now, options=options, served=subplan.served if subplan else None)
+        plan = replace(plan, subpools=subplan)
+        notes = []
+        if plan.held:
+            notes.append(f"forecast unusable ({plan.held}): pools sized on basis={plan.basis}"
+                         + (" (target tracking on instances in use, scale-out only)" if plan.basis == "reactive" else ""))
+            log.warning("scale cycle at %s: %s", now.isoformat(), notes[-1])
+        if subplan is not None and subplan.held:
+            notes.append(f"user sub-pools hold: {subplan.held}")
+            log.warning("scale cycle at %s: %s", now.isoformat(), notes[-1])
+        if plan.served:
+            cores = max(v[0] for v in plan.served.values())
+            notes.append(f"user sub-pools serve up to {cores:.3g} cores: subtracted from the shared pools' demand")
+        if use_lease:
+            lease.ensure_held()
+        report = apply_plan(client, plan, snapshots, dry_run=dry_run, **apply_kwargs)
+        report.notes.extend(notes)
+        if subplan is not None and view is not None:
+            from scaler.aws_subpools import apply_subpools  # noqa: PLC0415
+
+            kw = {k: apply_kwargs[k] for k in ("retry", "sleep") if k in apply_kwargs}
+            rows, outcomes = apply_subpools(AwsClients(client, ec2), subplan, view, subpools, now, dry_run=dry_run, **kw)
+            report.decisions.extend(rows)
+            report.outcomes.update(outcomes)
+        return plan, report
+    finally:
+        if use_lease:
+            lease.release()

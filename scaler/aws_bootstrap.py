@@ -85,7 +85,9 @@ def user_data(pc: PoolConfig) -> str:
     return _USER_DATA.format(configs=configs, group=pc.name, hook=PRELOAD_HOOK)
 
 
-def _ensure_launch_template(ec2: Any, pc: PoolConfig, report: BootstrapReport) -> None:
+def _ensure_launch_template(ec2: Any, pc: PoolConfig, report: BootstrapReport,
+                            extra_tags: dict[str, str] | None = None) -> None:
+    """Create the pool's launch template unless it exists; ``extra_tags`` also go on it and its instances."""
     name = pc.launch_template_name
     try:
         ec2.describe_launch_templates(LaunchTemplateNames=[name])
@@ -95,6 +97,7 @@ def _ensure_launch_template(ec2: Any, pc: PoolConfig, report: BootstrapReport) -
         if "NotFound" not in exc.response.get("Error", {}).get("Code", ""):
             raise
     tags = [{"Key": POOL_TAG, "Value": pc.name}, {"Key": SOFTWARE_TAG, "Value": ",".join(pc.software_configs)[:256]}]
+    tags += [{"Key": k, "Value": v} for k, v in (extra_tags or {}).items()]
     ec2.create_launch_template(
         LaunchTemplateName=name,
         LaunchTemplateData={

@@ -22,6 +22,10 @@ are flat::
 
 Keys are those of :class:`~scaler.policy.InstanceShape`, :class:`~scaler.policy.PoolPolicy` and
 :class:`PoolConfig`; an unknown key is an error that names it.
+
+An optional ``[subpools]`` table turns on user sub-pools (:mod:`scaler.subpools`); its flat keys
+are those of :class:`~scaler.policy.InstanceShape`, :class:`~scaler.subpools.SubpoolPolicy` (but
+``shape``) and :class:`SubpoolConfig` (launch settings). ``[defaults]`` does not apply to it.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from scaler.policy import InstanceShape, Pool, PoolPolicy
+from scaler.subpools import SubpoolPolicy
 
 #: The demo fleet, used by ``warmcast aws bootstrap`` / ``warmcast scale`` when no file is named.
 EXAMPLE_FLEET = Path(__file__).with_name("fleet.example.toml")
 
 _SHAPE_KEYS = {f.name for f in dataclasses.fields(InstanceShape)}
 _POLICY_KEYS = {f.name for f in dataclasses.fields(PoolPolicy)}
+_SUBPOOL_POLICY_KEYS = {f.name for f in dataclasses.fields(SubpoolPolicy)} - {"shape"}
 
 
 @dataclass(frozen=True)
@@ -65,14 +71,59 @@ class PoolConfig:
 
     @property
     def launch_template_name(self) -> str:
-        return f"warmcast-{self.pool.name}"
+        """``warmcast-<pool>``; a name already in warmcast's namespace (a sub-pool's) is used as is."""
+        name = self.pool.name
+        return name if name.startswith("warmcast-") else f"warmcast-{name}"
+
+
+@dataclass(frozen=True)
+class SubpoolConfig:
+    """User sub-pools: their policy plus what AWS needs to create one (see :class:`PoolConfig`)."""
+
+    policy: SubpoolPolicy
+    instance_type: str = "m7i.2xlarge"
+    image_id: str = "ami-12c6146b"
+    availability_zones: tuple[str, ...] = ("us-east-1a",)
+    tags: dict[str, str] = field(default_factory=dict)
+    preload_timeout_s: int = 900
+    drain_timeout_s: int = 600
+
+    def pool_config(self, group: str, software_configs: tuple[str, ...], tags: dict[str, str]) -> PoolConfig:
+        """The sub-pool ``group`` as a :class:`PoolConfig` (launch template, hooks, user data)."""
+        pol = self.policy
+        pool = Pool(group, pol.shape, PoolPolicy(min_size=0, max_size=pol.max_size, mode=pol.mode))
+        return PoolConfig(pool=pool, instance_type=self.instance_type, image_id=self.image_id,
+                          availability_zones=self.availability_zones, software_configs=software_configs,
+                          tags={**self.tags, **tags}, preload_timeout_s=self.preload_timeout_s,
+                          drain_timeout_s=self.drain_timeout_s)
+
+
+def subpool_config_from_dict(data: Mapping[str, Any]) -> SubpoolConfig:
+    """Build the :class:`SubpoolConfig` of a fleet file's ``[subpools]`` table (flat keys)."""
+    data = dict(data)
+    launch_keys = {f.name for f in dataclasses.fields(SubpoolConfig)} - {"policy"}
+    unknown = sorted(set(data) - _SHAPE_KEYS - _SUBPOOL_POLICY_KEYS - launch_keys)
+    if unknown:
+        raise ValueError(f"subpools: unknown key(s) {', '.join(unknown)}")
+    try:
+        shape = InstanceShape(**{k: float(v) for k, v in data.items() if k in _SHAPE_KEYS})
+        policy = SubpoolPolicy(shape=shape, **{k: v for k, v in data.items() if k in _SUBPOOL_POLICY_KEYS})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"subpools: {exc}") from exc
+    kwargs: dict[str, Any] = {k: data[k] for k in launch_keys if k in data}
+    if "availability_zones" in kwargs:
+        kwargs["availability_zones"] = tuple(kwargs["availability_zones"])
+    if "tags" in kwargs:
+        kwargs["tags"] = {str(k): str(v) for k, v in dict(kwargs["tags"]).items()}
+    return SubpoolConfig(policy=policy, **kwargs)
 
 
 @dataclass(frozen=True)
 class FleetConfig:
-    """All pools warmcast manages."""
+    """All pools warmcast manages, and the user sub-pools' settings (None: no sub-pools)."""
 
     pools: tuple[PoolConfig, ...]
+    subpools: SubpoolConfig | None = None
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.pools]
@@ -111,14 +162,15 @@ def pool_config_from_dict(data: Mapping[str, Any], where: str = "pool") -> PoolC
 
 def fleet_from_dict(data: Mapping[str, Any]) -> FleetConfig:
     """Build a :class:`FleetConfig` from ``{"defaults": {...}, "pools": [{...}, ...]}``."""
-    unknown = sorted(set(data) - {"defaults", "pools"})
+    unknown = sorted(set(data) - {"defaults", "pools", "subpools"})
     if unknown:
-        raise ValueError(f"fleet: unknown top-level key(s) {', '.join(unknown)} (known: defaults, pools)")
+        raise ValueError(f"fleet: unknown top-level key(s) {', '.join(unknown)} (known: defaults, pools, subpools)")
     defaults = dict(data.get("defaults") or {})
     pools = data.get("pools") or []
     if not pools:
         raise ValueError("fleet: no [[pools]] entries")
-    return FleetConfig(tuple(pool_config_from_dict({**defaults, **p}, f"pools[{i}]") for i, p in enumerate(pools)))
+    sub = subpool_config_from_dict(data["subpools"]) if data.get("subpools") else None
+    return FleetConfig(tuple(pool_config_from_dict({**defaults, **p}, f"pools[{i}]") for i, p in enumerate(pools)), sub)
 
 
 def load_fleet(path: str | Path | None = None) -> FleetConfig:

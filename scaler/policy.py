@@ -3,12 +3,23 @@
 For every pool (DESIGN.md "Scaling"):
 
 1. **Forecast.** The newest system forecast issued at or before ``now`` is read
-   (:mod:`scaler.forecast_view`). Missing, stale, incomplete, NaN, infinite or negative: every
-   pool *holds* its current size (the guards below still apply) and each reason says why.
-2. **Demand.** Per horizon h: ``upper − shading × (upper − mean)``, maximised over buckets up to h.
-3. **Active pool.** Demand at the horizon whose bucket covers the pool's boot time is placed across
-   all pools at least cost (:mod:`scaler.placement`), crediting the instances each pool keeps
-   anyway (its minimum, and the instances busy now); the pool's share is what it *wants*.
+   (:mod:`scaler.forecast_view`). Missing, stale, incomplete, NaN, infinite or negative: the plan's
+   ``basis`` says what was done instead (``PlanOptions.on_bad_forecast``), and so does every reason:
+
+   * ``reactive`` (default): AWS-target-tracking style sizing from what runs now,
+     ``ceil(in_use / target_utilisation)``, *scale-out only* — without a forecast we know a lower
+     bound of the need (the busy instances) but nothing about what comes, so capacity is added
+     when utilisation passes the target and never removed on missing information;
+   * ``hold``: every pool keeps its current size.
+
+   Either way the warm pool holds, and the guards below still apply.
+2. **Demand.** Per horizon h: ``upper − shading × (upper − mean)``, maximised over buckets up to h,
+   minus what user sub-pools serve (``served``, :mod:`scaler.subpools`), never below 0.
+3. **Active pool.** Capacity launched now is the pool's only capacity until the *next* decision's
+   launches are in service, so the active pool is sized for the horizon whose bucket covers
+   ``boot_s + decision_interval_s``. That demand is placed across all pools at least cost
+   (:mod:`scaler.placement`), crediting the instances each pool keeps anyway (its minimum, and
+   the instances busy now); the pool's share is what it *wants*.
 4. **Warm pool.** Placement of the 30-minute demand, minus the active proposal, clamped to the
    warm pool's ``[warm_min_size, warm_max_size]``. Its state is ``Running`` only when the extra
    instances are predicted to be needed within the shape's resume time, else
@@ -23,7 +34,8 @@ For every pool (DESIGN.md "Scaling"):
    ``target`` is what may be applied: ``forecast_only`` → current (shadow), ``scale_out_only``
    → ``max(current, proposed)``, ``scale`` → proposed.
 
-User sub-pools (a dedicated pool per heavy user) are a later slice.
+User sub-pools (a dedicated pool per heavy user) are planned by :mod:`scaler.subpools`; the demand
+they serve reaches :func:`plan_pools` as ``served`` so it is not provisioned twice.
 """
 
 from __future__ import annotations
@@ -37,9 +49,12 @@ import pyarrow as pa
 
 from pipeline.schemas import HORIZONS_MIN, check_id
 from scaler.forecast_view import ForecastDemand, demand_by_horizon, horizon_covering
-from scaler.placement import RESOURCES, Placement, PlacementPool, place_demand
+from scaler.placement import RESOURCES, Placement, PlacementPool, ceil_count, place_demand
 
 RolloutMode = Literal["forecast_only", "scale_out_only", "scale"]
+#: What a plan was sized from: the forecast, reactive sizing (forecast unusable), or a hold.
+PlanBasis = Literal["forecast", "reactive", "hold"]
+BAD_FORECAST_FALLBACKS = ("reactive", "hold")
 WarmPoolState = Literal["Running", "Stopped", "Hibernated"]
 ROLLOUT_MODES: tuple[str, ...] = get_args(RolloutMode)
 WARM_POOL_STATES: tuple[str, ...] = get_args(WarmPoolState)
@@ -173,21 +188,33 @@ class PoolPlan:
 @dataclass(frozen=True)
 class PlanOptions:
     """Plan-wide knobs. ``max_forecast_age_s``: older forecasts are stale (seconds).
-    ``upper_shading`` in [0, 1]: 0 sizes for the upper bound, 1 for the mean."""
+    ``upper_shading`` in [0, 1]: 0 sizes for the upper bound, 1 for the mean.
+    ``decision_interval_s``: seconds until the next scaling decision (the DAG runs every 5 min);
+    the active pool covers ``boot_s + decision_interval_s``. ``on_bad_forecast``: ``reactive``
+    or ``hold`` when the forecast cannot be used (module doc)."""
 
     max_forecast_age_s: float = 600.0
     upper_shading: float = 0.0
+    decision_interval_s: float = 300.0
+    on_bad_forecast: str = "reactive"
 
     def __post_init__(self) -> None:
         if not 0 <= self.upper_shading <= 1:
             raise ValueError(f"upper_shading={self.upper_shading} must lie in [0, 1]")
+        if not (math.isfinite(self.decision_interval_s) and self.decision_interval_s >= 0):
+            raise ValueError(f"decision_interval_s={self.decision_interval_s} must be finite and >= 0")
+        if self.on_bad_forecast not in BAD_FORECAST_FALLBACKS:
+            raise ValueError(f"on_bad_forecast={self.on_bad_forecast!r} must be one of {', '.join(BAD_FORECAST_FALLBACKS)}")
 
 
 @dataclass(frozen=True)
 class Plan:
     """Every pool's plan. ``held``: why the forecast was not used (None when it was).
+    ``basis``: what the plan was sized from instead (forecast | reactive | hold).
     ``skipped``: pools with no state (their group is missing) and why. ``unmet``: demand
-    (resource → amount at the 30-min horizon) that the pools' maximum sizes cannot cover."""
+    (resource → amount at the 30-min horizon) that the pools' maximum sizes cannot cover.
+    ``served``: demand per horizon subtracted because user sub-pools serve it. ``subpools``: the
+    sub-pool plan (a :class:`scaler.subpools.SubpoolsPlan`) when one was made."""
 
     decided_at: datetime
     forecast_issued_at: datetime | None
@@ -195,6 +222,9 @@ class Plan:
     held: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     unmet: dict[str, float] = field(default_factory=dict)
+    basis: PlanBasis = "forecast"
+    served: dict[int, tuple[float, float, float]] = field(default_factory=dict)
+    subpools: Any = None
 
     def by_pool(self) -> dict[str, PoolPlan]:
         return {p.pool: p for p in self.pools}
@@ -261,29 +291,41 @@ def _fmt_demand(d: Sequence[float]) -> str:
     return ", ".join(f"{r} {v:.3g}" for r, v in zip(RESOURCES, d) if v > 0 or r != "gpus")
 
 
+def reactive_size(state: PoolState, target_utilisation: float) -> int:
+    """Target tracking on instances in use, scale-out only: ``max(desired, ceil(in_use / u))``."""
+    return max(state.desired, ceil_count(state.in_use / target_utilisation))
+
+
 def _plan_one(pool: Pool, state: PoolState, now: datetime, demand: ForecastDemand | None,
-              placements: dict[int, Placement], held: str | None) -> PoolPlan:
+              placements: dict[int, Placement], held: str | None, options: PlanOptions = PlanOptions()) -> PoolPlan:
     pol, shape, name = pool.policy, pool.shape, pool.name
     grace = _grace_left(pool, state, now)
     guard = dict(max_step=pol.max_step, hysteresis=pol.hysteresis, grace_left_s=grace)
 
-    # active pool: its share of the demand at the horizon covering its boot time
-    if demand is None:
+    # active pool: its share of the demand at the horizon covering boot time + the decision interval
+    if demand is None and options.on_bad_forecast == "reactive":
+        wanted = reactive_size(state, pol.target_utilisation)
+        why = (f"reactive: {wanted} for {state.in_use} in use at {pol.target_utilisation:.0%} target utilisation,"
+               f" scale-out only ({held})")
+    elif demand is None:
         wanted, why = state.desired, f"hold: {held}"
     else:
-        h = horizon_covering(shape.boot_s)
+        cover_s = shape.boot_s + options.decision_interval_s
+        h = horizon_covering(cover_s)
         wanted = placements[h].counts[name]
-        beyond = " (boot time exceeds the longest horizon)" if shape.boot_s > HORIZONS_MIN[-1] * 60 else ""
+        beyond = " (boot time + decision interval exceed the longest horizon)" if cover_s > HORIZONS_MIN[-1] * 60 else ""
         why = f"{wanted} for {h}-min demand ({_fmt_demand(demand.by_horizon[h])}){beyond}"
     proposed, notes = guard_size(state.desired, wanted, floor=max(pol.min_size, state.in_use),
                                  ceiling=pol.max_size, **guard)
     target = apply_mode(pol.mode, state.desired, proposed)
-    active = SizeChange(state.desired, proposed, target, _reason(pol.mode, state.desired, proposed, target, why, notes))
+    basis = "forecast" if demand is not None else options.on_bad_forecast
+    active = SizeChange(state.desired, proposed, target,
+                        _reason(pol.mode, state.desired, proposed, target, why, notes, basis))
 
     # warm pool: the 30-minute share minus the active proposal; Running only if needed within resume time
     warm_state: WarmPoolState = state.warm_state or pol.idle_warm_state
     if demand is None:
-        warm_wanted, why = state.warm_size, f"hold: {held}"
+        warm_wanted, why = state.warm_size, f"hold: {held}"  # no forecast: nothing says how much to prepare
     else:
         total = placements[HORIZONS_MIN[-1]].counts[name]
         warm_wanted = max(0, total - proposed)
@@ -297,13 +339,16 @@ def _plan_one(pool: Pool, state: PoolState, now: datetime, demand: ForecastDeman
         notes.append(f"pool state {state.warm_state} → {warm_state}")
     warm_target = apply_mode(pol.mode, state.warm_size, warm_proposed)
     warm = SizeChange(state.warm_size, warm_proposed, warm_target,
-                      _reason(pol.mode, state.warm_size, warm_proposed, warm_target, why, notes))
+                      _reason(pol.mode, state.warm_size, warm_proposed, warm_target, why, notes,
+                              "forecast" if demand is not None else "hold"))
     return PoolPlan(name, pol.mode, active, warm, warm_state, state.warm_state, pol.warm_reuse_on_scale_in,
                     hourly_cost_usd=target * shape.hourly_price_usd)
 
 
-def _reason(mode: str, current: int, proposed: int, target: int, why: str, notes: list[str]) -> str:
-    parts = [f"mode={mode}", f"{current} → {proposed}", why] + notes
+def _reason(mode: str, current: int, proposed: int, target: int, why: str, notes: list[str],
+            basis: str = "forecast") -> str:
+    """``mode=<rollout>; basis=<forecast|reactive|hold>; current → proposed; why; guard notes``."""
+    parts = [f"mode={mode}", f"basis={basis}", f"{current} → {proposed}", why] + notes
     if target != proposed:
         parts.append(f"not applied by mode: target stays {target}")
     return "; ".join(parts)
@@ -316,12 +361,14 @@ def plan_pools(
     now: datetime,
     *,
     options: PlanOptions = PlanOptions(),
+    served: Mapping[int, Sequence[float]] | None = None,
 ) -> Plan:
     """Plan every pool from the system forecast (see the module doc for the rules).
 
     ``system_forecast``: a ``SYSTEM_FORECAST`` table or its rows; ``states``: pool name →
     :class:`PoolState` (a pool without a state is reported in ``Plan.skipped``); ``now``: the
-    decision time, timezone-aware UTC.
+    decision time, timezone-aware UTC. ``served``: horizon (min) → ``(cores, GB, GPUs)`` that user
+    sub-pools serve, subtracted from the demand before placement.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (UTC)")
@@ -336,11 +383,20 @@ def plan_pools(
                              shading=options.upper_shading, required=required)
     demand = read if isinstance(read, ForecastDemand) else None
     held = read if isinstance(read, str) else None
+    served_h = {int(h): (float(v[0]), float(v[1]), float(v[2])) for h, v in (served or {}).items()}
+    for h, v in served_h.items():
+        if h not in HORIZONS_MIN or not all(math.isfinite(x) and x >= 0 for x in v):
+            raise ValueError(f"served demand at {h} min must be finite and >= 0 at a forecast horizon, got {v}")
+    if demand is not None and served_h:
+        demand = ForecastDemand(demand.issued_at, {
+            h: tuple(max(0.0, d - s) for d, s in zip(v, served_h.get(h, (0.0, 0.0, 0.0))))  # type: ignore[misc]
+            for h, v in demand.by_horizon.items()})
+    basis: PlanBasis = "forecast" if demand is not None else options.on_bad_forecast  # type: ignore[assignment]
     placements: dict[int, Placement] = {}
     if demand is not None and live:
         place_pools = _placement_pools(live, states)
         placements = {h: place_demand(demand.by_horizon[h], place_pools) for h in HORIZONS_MIN}
-    plans = tuple(_plan_one(p, states[p.name], now, demand, placements, held) for p in live)
+    plans = tuple(_plan_one(p, states[p.name], now, demand, placements, held, options) for p in live)
     unmet = placements[HORIZONS_MIN[-1]].unmet if placements else {}
     return Plan(decided_at=now, forecast_issued_at=demand.issued_at if demand else None, pools=plans,
-                held=held, skipped=skipped, unmet=dict(unmet))
+                held=held, skipped=skipped, unmet=dict(unmet), basis=basis, served=served_h)

@@ -16,6 +16,14 @@ CREATE TABLE model_versions (
 	PRIMARY KEY (name, version)
 );
 
+CREATE TABLE scaler_leases (
+	name VARCHAR(64) NOT NULL,
+	owner VARCHAR(256) NOT NULL,
+	acquired_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	expires_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	PRIMARY KEY (name)
+);
+
 CREATE TABLE scaling_decisions (
 	decided_at TIMESTAMP WITH TIME ZONE NOT NULL,
 	pool VARCHAR(128) NOT NULL,

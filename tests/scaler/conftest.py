@@ -36,3 +36,26 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+def user_forecast_table(demand: dict[str, tuple[float, float] | Sequence[tuple[float, float]]], *,
+                        issued_at: datetime = NOW, mean_share: float = 0.8, gpus: float = 0.0):
+    """A USER_FORECAST table: per user ``(cores, GB)`` at every horizon, or one pair per horizon, as q90.
+
+    Quantiles are spread around it (q95 = 1.1 × q90, q50 = mean = ``mean_share`` × q90)."""
+    from datetime import timedelta
+
+    import pyarrow as pa
+
+    from pipeline.schemas import QUANTILE_COLUMNS, USER_FORECAST
+
+    scale = dict(zip(QUANTILE_COLUMNS, (0.2, 0.3, 0.5, mean_share, 0.9, 1.0, 1.1)))
+    rows = []
+    for user, values in demand.items():
+        per_h = [values] * len(HORIZONS_MIN) if isinstance(values[0], (int, float)) else list(values)
+        for h, (cores, gb) in zip(HORIZONS_MIN, per_h):
+            for resource, v in (("requests", 10.0), ("cpu_cores", cores), ("memory_gb", gb), ("gpus", gpus)):
+                rows.append({"user_id": user, "issued_at": issued_at, "horizon_min": h,
+                             "target_start": issued_at + timedelta(minutes=h - 5), "resource": resource,
+                             **{q: v * f for q, f in scale.items()}, "mean": v * mean_share, "model_version": "test"})
+    return pa.Table.from_pylist(rows, schema=USER_FORECAST)

@@ -209,7 +209,11 @@ def test_iam_policy_allows_every_mutating_call_the_scaler_makes():
                    "CreateAutoScalingGroup", "PutLifecycleHook", "DescribeLifecycleHooks"):
         assert f"autoscaling:{action}" in allowed
     assert {"ec2:CreateLaunchTemplate", "ec2:DescribeLaunchTemplates"} <= allowed
-    assert not any(a.endswith("*") for a in allowed) and "autoscaling:DeleteAutoScalingGroup" not in allowed
+    assert not any(a.endswith("*") for a in allowed)
+    # deleting is allowed only for sub-pool groups (by name prefix and tag), never for the shared pools
+    deleting = [s for s in doc["Statement"] if "autoscaling:DeleteAutoScalingGroup" in s["Action"]]
+    assert len(deleting) == 1 and deleting[0]["Resource"].endswith("autoScalingGroupName/warmcast-sub-*")
+    assert deleting[0]["Condition"] == {"StringEquals": {"aws:ResourceTag/warmcast:subpool": "true"}}
 
 
 def test_a_back_fill_is_recognised_so_the_caller_can_force_a_dry_run():

@@ -48,12 +48,14 @@ def test_bootstrap_then_scale_resizes_and_dry_run_changes_nothing(endpoint, tmp_
     now -= timedelta(minutes=now.minute % 5)
     fc = _forecast(tmp_path / "fc.parquet", now, cpu=40.0)
 
+    store = ["--store-url", f"sqlite:///{tmp_path}/warmcast.db"]
     assert main(["scale", "--forecast", fc, "--endpoint-url", endpoint, "--now", now.isoformat(), "--dry-run"]) == 0
     assert "dry-run: would apply" in capsys.readouterr().out
     assert _desired(endpoint) == before
 
     out = tmp_path / "decisions.parquet"
-    assert main(["scale", "--forecast", fc, "--endpoint-url", endpoint, "--now", now.isoformat(), "--decisions-out", str(out)]) == 0
+    assert main(["scale", "--forecast", fc, "--endpoint-url", endpoint, "--now", now.isoformat(), "--decisions-out", str(out),
+                 *store]) == 0
     after = _desired(endpoint)
     assert after["general"] > before["general"]
     decisions = pq.read_table(out)
@@ -63,7 +65,7 @@ def test_bootstrap_then_scale_resizes_and_dry_run_changes_nothing(endpoint, tmp_
     # a historical (back-filled) decision time never touches AWS
     past = now - timedelta(days=2)
     fc_past = _forecast(tmp_path / "past.parquet", past, cpu=400.0)
-    assert main(["scale", "--forecast", fc_past, "--endpoint-url", endpoint, "--now", past.isoformat()]) == 0
+    assert main(["scale", "--forecast", fc_past, "--endpoint-url", endpoint, "--now", past.isoformat(), *store]) == 0
     assert "never touches AWS" in capsys.readouterr().out
     assert _desired(endpoint) == after
 
@@ -74,3 +76,55 @@ def test_iam_policy_is_printed_as_json(capsys):
     assert main(["aws", "iam-policy"]) == 0
     policy = json.loads(capsys.readouterr().out)
     assert policy["Version"] == "2012-10-17" and policy["Statement"]
+
+
+def _user_forecast(path, issued_at: datetime, users: dict[str, float]) -> str:
+    from tests.scaler.conftest import user_forecast_table
+
+    pq.write_table(user_forecast_table({u: (c, c) for u, c in users.items()}, issued_at=issued_at), path)
+    return str(path)
+
+
+def _requests(path, ts: datetime) -> str:
+    from pipeline.schemas import REQUEST_LOG
+
+    rows = [{"request_id": f"r{i}", "user_id": u, "program_id": "p", "software_config": c, "ts": ts - timedelta(hours=1),
+             "duration_s": 60.0, "cpu_cores": 2.0, "memory_mb": 512.0, "gpus": 0.0}
+            for i, (u, c) in enumerate([("heavy-user", "python-3.12")] * 3 + [("heavy-user", "cuda-12")])]
+    pq.write_table(pa.Table.from_pylist(rows, schema=REQUEST_LOG), path)
+    return str(path)
+
+
+def test_scale_creates_a_user_sub_pool_and_a_second_run_holding_the_lease_applies_nothing(endpoint, tmp_path, capsys):
+    from scaler.lease import ScalerLease
+    from pipeline.forecast_store import ForecastStore
+    from scaler.subpools import subpool_group_name
+
+    assert main(["aws", "bootstrap", "--endpoint-url", endpoint]) == 0
+    now = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+    now -= timedelta(minutes=now.minute % 5)
+    url = f"sqlite:///{tmp_path}/warmcast.db"
+    args = ["scale", "--forecast", _forecast(tmp_path / "fc.parquet", now, cpu=40.0), "--endpoint-url", endpoint,
+            "--now", now.isoformat(), "--store-url", url,
+            "--user-forecast", _user_forecast(tmp_path / "users.parquet", now, {"heavy-user": 30.0, "light": 1.0}),
+            "--requests", _requests(tmp_path / "requests.parquet", now)]
+    capsys.readouterr()
+
+    # another run holds the lease: this one applies nothing, says who holds it, exits 3
+    other = ScalerLease(ForecastStore(url), owner="other-host:4242:cafe")
+    ForecastStore(url).create_schema()
+    other.acquire()
+    before = _desired(endpoint)
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "held by other-host:4242:cafe" in err and "applied nothing" in err
+    assert _desired(endpoint) == before
+    other.release()
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    group = subpool_group_name("heavy-user")
+    assert _desired(endpoint)[group] == 6  # ceil(30 cores at q90 / (8 vCPU × 0.7)), the example fleet's sub-pool shape
+    assert "light" not in out  # 1 core: no sub-pool
+    line = next(l for l in out.splitlines() if l.startswith(group))
+    assert "subpool" in line and "created" in line and "user=heavy-user" in line and "python-3.12, cuda-12" in line

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.schemas import SYSTEM_FORECAST
 from scaler.forecast_view import horizon_covering
-from scaler.policy import InstanceShape, Pool, PoolPolicy, PoolState, guard_size, plan_pools
+from scaler.policy import InstanceShape, PlanOptions, Pool, PoolPolicy, PoolState, guard_size, plan_pools
 from tests.scaler.conftest import NOW, forecast_rows
 
 GENERAL = InstanceShape(vcpu=4, memory_gb=16, hourly_price_usd=0.20, boot_s=240, resume_s=60)
@@ -33,14 +33,28 @@ def test_instances_are_the_max_over_resources_at_target_utilisation():
     assert plan_one(forecast_rows(cpu=4.0000000001, memory=1)).active.target == 2  # float noise is not an instance
 
 
-def test_active_pool_uses_the_horizon_covering_boot_time_and_warm_the_30_minute_bound():
+def test_active_pool_covers_boot_time_plus_the_decision_interval_and_warm_the_30_minute_bound():
     cpu = [2, 4, 6, 8, 10, 20]  # upper bound per horizon 5..30 min; 2 usable cores per instance
-    p = plan_one(forecast_rows(cpu=cpu, memory=1))  # boot 240 s → the 5-min bucket
-    assert p.active.target == 1 and p.warm.target == 10 - 1
+    # boot 240 s + the next decision 300 s later → the 10-min bucket (max over 5..10 min = 4 cores)
+    p = plan_one(forecast_rows(cpu=cpu, memory=1))
+    assert p.active.target == 2 and p.warm.target == 10 - 2 and "10-min demand" in p.active.reason
     slow = [Pool("general", InstanceShape(4, 16, boot_s=700), one_pool()[0].policy)]
     p = plan_pools(forecast_rows(cpu=cpu, memory=1), {"general": PoolState(0)}, slow, NOW).pools[0]
-    assert p.active.target == 3  # 700 s → the 15-min bucket (max over 5..15 min = 6 cores)
+    assert p.active.target == 4  # 700 + 300 s → the 20-min bucket (max over 5..20 min = 8 cores)
     assert horizon_covering(0) == 5 and horizon_covering(301) == 10 and horizon_covering(5000) == 30
+
+
+def test_the_active_pool_is_not_one_decision_interval_short():
+    """Demand that arrives after this cycle's launches boot but before the next cycle's launches
+    boot can only be served by capacity launched now (the review's finding)."""
+    cpu = [2, 40, 40, 40, 40, 40]  # a step at 5..10 min; boot 240 s
+    pools = one_pool()
+    for interval_s, bucket, want in ((0.0, 5, 1), (300.0, 10, 20), (900.0, 20, 20)):
+        p = plan_pools(forecast_rows(cpu=cpu, memory=1), {"general": PoolState(0)}, pools, NOW,
+                       options=PlanOptions(decision_interval_s=interval_s)).pools[0]
+        assert p.active.target == want and f"{bucket}-min demand" in p.active.reason, (interval_s, p.active.reason)
+    with pytest.raises(ValueError, match="decision_interval_s"):
+        PlanOptions(decision_interval_s=-1)
 
 
 def test_demand_peaking_early_is_not_dropped_by_a_later_horizon():
@@ -118,15 +132,40 @@ def test_warm_pool_is_running_only_when_needed_within_the_resume_time():
 )
 def test_bad_forecast_holds_every_pool_and_says_why(rows, words):
     state = PoolState(desired=6, in_use=2, warm_size=3, warm_state="Stopped")
-    plan = plan_pools(rows, {"general": state}, one_pool(), NOW)
+    plan = plan_pools(rows, {"general": state}, one_pool(), NOW, options=PlanOptions(on_bad_forecast="hold"))
     p = plan.pools[0]
-    assert plan.held and words in plan.held
+    assert plan.held and words in plan.held and plan.basis == "hold"
     assert (p.active.target, p.warm.target, p.warm_state) == (6, 3, "Stopped")
-    assert words in p.active.reason and p.active.reason.startswith("mode=scale; 6 → 6; hold: forecast")
+    assert words in p.active.reason and p.active.reason.startswith("mode=scale; basis=hold; 6 → 6; hold: forecast")
+
+
+@pytest.mark.parametrize("rows", [[], forecast_rows(500, 500, issued_at=NOW - timedelta(minutes=30))], ids=["missing", "stale"])
+def test_bad_forecast_falls_back_to_reactive_scale_out_only_by_default(rows):
+    # 5 of 6 instances busy at a 50 % target: target tracking wants ceil(5 / 0.5) = 10
+    busy = plan_pools(rows, {"general": PoolState(desired=6, in_use=5, warm_size=3)}, one_pool(), NOW)
+    p = busy.pools[0]
+    assert busy.basis == "reactive" and busy.held
+    assert p.active.target == 10 and p.warm.target == 3  # the warm pool holds: nothing says how much to prepare
+    assert p.active.reason.startswith("mode=scale; basis=reactive; 6 → 10; reactive: 10 for 5 in use at 50%")
+    assert busy.held in p.active.reason and "basis=hold" in p.warm.reason
+    # idle: a missing forecast never removes capacity (the stale forecast's 500 cores are not acted on either)
+    idle = plan_pools(rows, {"general": PoolState(desired=6, in_use=1)}, one_pool(), NOW).pools[0]
+    assert idle.active.target == 6
+    # the guards still apply: step limit, max size
+    capped = plan_pools(rows, {"general": PoolState(desired=6, in_use=6)}, one_pool(max_step=2, max_size=7), NOW)
+    assert capped.pools[0].active.target == 7
+    with pytest.raises(ValueError, match="on_bad_forecast"):
+        PlanOptions(on_bad_forecast="guess")
+
+
+def test_a_good_forecast_is_the_basis():
+    plan = plan_pools(forecast_rows(10, 1), {"general": PoolState(0)}, one_pool(), NOW)
+    assert plan.basis == "forecast" and plan.held is None and "basis=forecast" in plan.pools[0].active.reason
 
 
 def test_hold_still_honours_the_bounds():
-    p = plan_one([], PoolState(desired=1), min_size=3)
+    p = plan_pools([], {"general": PoolState(desired=1)}, one_pool(min_size=3), NOW,
+                   options=PlanOptions(on_bad_forecast="hold")).pools[0]
     assert p.active.target == 3
 
 
