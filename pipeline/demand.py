@@ -1,22 +1,30 @@
-"""Per-user demand series: requests and average concurrent resources per 5-minute bucket.
+"""Demand series: requests and average concurrent resources per bucket (5 minutes, or 1 minute).
 
-For user *u* and bucket ``[b, b + 300 s)``::
+For user *u* and bucket ``[b, b + step_s)`` (``step_s`` = 300 s by default; 60 s for replays)::
 
     requests   = number of u's requests that *arrive* in the bucket
-    cpu_cores  = Σ cpu_cores  · overlap_s / 300      (average concurrent cores)
-    memory_gb  = Σ memory_mb / 1024 · overlap_s / 300
-    gpus       = Σ gpus       · overlap_s / 300
+    cpu_cores  = Σ cpu_cores  · overlap_s / step_s      (average concurrent cores)
+    memory_gb  = Σ memory_mb / 1024 · overlap_s / step_s
+    gpus       = Σ gpus       · overlap_s / step_s
 
-where ``overlap_s`` is how long the request runs inside the bucket, so a request that runs
-across a bucket boundary counts in each bucket by its overlap. Long format (schema
-:data:`pipeline.schemas.DEMAND`), sorted by ``(user_id, ts)``, zero-filled between each user's
-first and last active bucket.
+where ``overlap_s`` is how long the request runs inside the bucket (a request runs
+``[ts, ts + duration_s)``, the duration rounded to the microsecond), so a request that runs across
+a bucket boundary counts in each bucket by its overlap. This is the one implementation of that
+arithmetic (:func:`_bucket_span`); it has two outputs:
+
+* :func:`build_demand_series`: per user, long format (schema :data:`pipeline.schemas.DEMAND`),
+  sorted by ``(user_id, ts)``, zero-filled between each user's first and last active bucket.
+* :func:`system_demand` / :func:`system_demand_from_lake`: all users summed on a dense grid over
+  ``[since, until)`` (:class:`SystemDemand`), accumulated batch by batch so a lake of hundreds
+  of millions of requests is never held in memory (the replay simulator's input).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -30,23 +38,38 @@ _US = 1_000_000
 _BUCKET_US = BUCKET_SECONDS * _US
 #: Requests that started this long before ``since`` are read so their overlap counts.
 DEFAULT_LOOKBACK = timedelta(hours=6)
+#: Bucket lengths a demand series may have, seconds.
+STEP_SECONDS = (60, BUCKET_SECONDS)
 _PARTITIONING = ds.partitioning(pa.schema([("date", pa.string()), ("hour", pa.string())]), flavor="hive")
 
 
-def _spread(table: pa.Table, lo_us: int | None, hi_us: int | None) -> pa.Table:
+def _bucket_span(start_us: np.ndarray, duration_s: np.ndarray, step_us: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which buckets each request runs in: ``(end_us, first, last)`` bucket numbers (``ts // step``).
+
+    A request runs ``[start, start + round(duration_s µs))``; a zero-length one still "runs" in
+    the bucket it arrives in (with zero overlap), so it marks that bucket active.
+    """
+    end = start_us + np.maximum(np.round(duration_s * _US).astype(np.int64), 0)
+    b0 = start_us // step_us
+    return end, b0, np.maximum(b0, (end - 1) // step_us)
+
+
+def _overlap_s(start_us: np.ndarray, end_us: np.ndarray, bucket: np.ndarray, step_us: int) -> np.ndarray:
+    """Seconds of ``[start, end)`` inside bucket ``[bucket · step, (bucket + 1) · step)``."""
+    b_start = bucket * step_us
+    return np.maximum((np.minimum(end_us, b_start + step_us) - np.maximum(start_us, b_start)) / _US, 0.0)
+
+
+def _spread(table: pa.Table, lo_us: int | None, hi_us: int | None, step_us: int = _BUCKET_US) -> pa.Table:
     """One row per (request, bucket it overlaps): user_id, bucket, arrivals and resource·seconds."""
     start = pc.cast(table["ts"], pa.int64()).to_numpy()
-    dur_us = np.round(table["duration_s"].to_numpy() * _US).astype(np.int64)
-    end = start + np.maximum(dur_us, 0)
-    b0 = start // _BUCKET_US
-    b1 = np.maximum(b0, (end - 1) // _BUCKET_US)  # last bucket the request runs in
+    end, b0, b1 = _bucket_span(start, table["duration_s"].to_numpy(), step_us)
     k = b1 - b0 + 1
     idx = np.repeat(np.arange(len(start)), k)
     step = np.arange(len(idx)) - np.repeat(np.cumsum(k) - k, k)
     bucket = b0[idx] + step
-    b_start = bucket * _BUCKET_US
-    overlap_s = (np.minimum(end[idx], b_start + _BUCKET_US) - np.maximum(start[idx], b_start)) / _US
-    overlap_s = np.maximum(overlap_s, 0.0)
+    b_start = bucket * step_us
+    overlap_s = _overlap_s(start[idx], end[idx], bucket, step_us)
     arrivals = (step == 0).astype(np.int64)
     keep = np.ones(len(idx), dtype=bool)
     if lo_us is not None:
@@ -76,7 +99,7 @@ def _aggregate(parts: list[pa.Table]) -> pa.Table:
     return agg.rename_columns({f"{c}_sum": c for c, _ in _SUMS} | {"user_id": "user_id", "bucket": "bucket"})
 
 
-def _zero_fill(agg: pa.Table) -> pa.Table:
+def _zero_fill(agg: pa.Table, step_us: int = _BUCKET_US) -> pa.Table:
     """Every bucket between each user's first and last active bucket, sorted by (user, ts)."""
     if agg.num_rows == 0:
         return DEMAND.empty_table()
@@ -97,26 +120,152 @@ def _zero_fill(agg: pa.Table) -> pa.Table:
     for name in ("requests", "cpu_cores", "memory_gb", "gpus"):
         dense = np.zeros(len(full_bucket), dtype=np.int64 if name == "requests" else np.float64)
         values = agg[name].to_numpy()
-        dense[pos] = values if name == "requests" else values / BUCKET_SECONDS
+        dense[pos] = values if name == "requests" else values / (step_us / _US)
         cols[name] = dense
     return pa.table(
         {
             "user_id": pc.take(users, pa.array(user_row)),
-            "ts": pa.array(full_bucket * _BUCKET_US).cast(pa.timestamp("us")).cast(DEMAND.field("ts").type),
+            "ts": pa.array(full_bucket * step_us).cast(pa.timestamp("us")).cast(DEMAND.field("ts").type),
             **cols,
         },
         schema=DEMAND,
     )
 
 
-def build_demand_series(requests: pa.Table, since: datetime | None = None, until: datetime | None = None) -> pa.Table:
-    """Demand series (``DEMAND``) of request-log rows, restricted to buckets in ``[since, until)``."""
+def _step_us(step_s: float) -> int:
+    if step_s not in STEP_SECONDS:
+        raise ValueError(f"demand step must be one of {', '.join(f'{s:g} s' for s in STEP_SECONDS)}, got {step_s!r}")
+    return int(step_s) * _US
+
+
+def build_demand_series(requests: pa.Table, since: datetime | None = None, until: datetime | None = None,
+                        step_s: float = BUCKET_SECONDS) -> pa.Table:
+    """Demand series (``DEMAND``) of request-log rows, restricted to buckets in ``[since, until)``.
+
+    ``step_s``: bucket length, 300 (the forecast contract's 5-minute bucket) or 60 seconds."""
+    step_us = _step_us(step_s)
     requests = requests.select(REQUEST_LOG.names)
     lo = None if since is None else int(since.timestamp()) * _US
     hi = None if until is None else int(until.timestamp()) * _US
     if requests.num_rows == 0:
         return DEMAND.empty_table()
-    return _zero_fill(_aggregate([_spread(requests.combine_chunks(), lo, hi)]))
+    return _zero_fill(_aggregate([_spread(requests.combine_chunks(), lo, hi, step_us)]), step_us)
+
+
+@dataclass(frozen=True)
+class SystemDemand:
+    """All users' demand summed on the grid ``start + k · step_s``, ``k = 0 .. n − 1``.
+
+    ``requests``: arrivals per bucket; ``cpu_cores``, ``memory_gb``, ``gpus``: average concurrent
+    use over the bucket (float64 ``[n]`` arrays, demand units)."""
+
+    start: datetime
+    step_s: float
+    requests: np.ndarray
+    cpu_cores: np.ndarray
+    memory_gb: np.ndarray
+    gpus: np.ndarray
+
+
+class _SystemAccumulator:
+    """Adds request batches into dense per-bucket sums over ``[lo, lo + n · step)``.
+
+    Per request the first and last bucket get their overlap; the whole buckets between them get
+    ``step_s`` each through a difference array, so a long request costs O(1), not O(buckets)."""
+
+    _COLUMNS = ("cpu_cores", "memory_mb", "gpus")
+
+    def __init__(self, since: datetime, until: datetime, step_s: float) -> None:
+        self.step_us = _step_us(step_s)
+        self.lo = int(since.timestamp() * _US)
+        span = int(until.timestamp() * _US) - self.lo
+        if span <= 0 or span % self.step_us or self.lo % self.step_us:
+            raise ValueError(f"[{since.isoformat()}, {until.isoformat()}) must be a non-empty whole number of "
+                             f"{step_s:g}-second buckets, on the bucket grid")
+        self.n = span // self.step_us
+        self.arrivals = np.zeros(self.n)
+        self.part = np.zeros((3, self.n + 1))  # overlap · amount in first/last buckets
+        self.full = np.zeros((3, self.n + 2))  # difference array of whole buckets
+
+    def add(self, batch: pa.Table | pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        start = pc.cast(batch["ts"], pa.int64()).to_numpy(zero_copy_only=False)
+        end, b0, b1 = _bucket_span(start, batch["duration_s"].to_numpy(zero_copy_only=False), self.step_us)
+        g0, g1 = self.lo // self.step_us, self.lo // self.step_us + self.n  # grid [g0, g1)
+        arr = b0[(b0 >= g0) & (b0 < g1)] - g0
+        self.arrivals += np.bincount(arr, minlength=self.n)[: self.n]
+        live = (b1 >= g0) & (b0 < g1)
+        if not live.all():
+            start, end, b0, b1 = start[live], end[live], b0[live], b1[live]
+        amounts = [batch[c].to_numpy(zero_copy_only=False)[live].astype(np.float64) for c in self._COLUMNS]
+        amounts[1] = amounts[1] / 1024.0  # memory_mb -> GB
+        c0, c1 = np.clip(b0, g0, g1) - g0, np.clip(b1, g0 - 1, g1 - 1) - g0  # buckets clipped to the grid
+        first = _overlap_s(start, end, c0 + g0, self.step_us)
+        last = _overlap_s(start, end, c1 + g0, self.step_us)
+        same = c0 == c1
+        inner_lo, inner_hi = c0 + 1, np.maximum(c1, c0 + 1)  # whole buckets c0+1 .. c1-1
+        for r, a in enumerate(amounts):
+            self.part[r] += np.bincount(c0, a * first, minlength=self.n + 1)[: self.n + 1]
+            self.part[r] += np.bincount(c1[~same], (a * last)[~same], minlength=self.n + 1)[: self.n + 1]
+            sec = a * (self.step_us / _US)
+            self.full[r] += np.bincount(inner_lo, sec, minlength=self.n + 2)[: self.n + 2]
+            self.full[r] -= np.bincount(inner_hi, sec, minlength=self.n + 2)[: self.n + 2]
+
+    def result(self, since: datetime) -> SystemDemand:
+        step_s = self.step_us / _US
+        cols = [np.maximum((self.part[r, : self.n] + np.cumsum(self.full[r])[: self.n]) / step_s, 0.0) for r in range(3)]
+        return SystemDemand(since, step_s, self.arrivals, *cols)
+
+
+def system_demand(batches: Iterable[pa.Table | pa.RecordBatch], since: datetime, until: datetime,
+                  step_s: float = BUCKET_SECONDS) -> SystemDemand:
+    """All users' demand summed per bucket over ``[since, until)`` (bucket-aligned), from request
+    rows given in any number of batches (columns ``ts, duration_s, cpu_cores, memory_mb, gpus``).
+
+    The same arithmetic as :func:`build_demand_series` summed over users; requests that started
+    before ``since`` count by their overlap, arrivals only inside the window."""
+    acc = _SystemAccumulator(since, until, step_s)
+    for batch in batches:
+        acc.add(batch)
+    return acc.result(since)
+
+
+_SYSTEM_COLUMNS = ["ts", "duration_s", "cpu_cores", "memory_mb", "gpus"]
+
+
+def system_demand_from_lake(lake: Location, since: datetime, until: datetime, step_s: float = BUCKET_SECONDS,
+                            lookback: timedelta = DEFAULT_LOOKBACK) -> SystemDemand:
+    """:func:`system_demand` of the lake's request logs, streamed batch by batch (requests that
+    arrived up to ``lookback`` before ``since`` are read so their overlap counts)."""
+    path = lake.path("request_logs")
+    if not lake.is_dir(path) and not lake.uri.startswith("s3://"):
+        raise FileNotFoundError(f"no request logs in the lake {lake.uri} (looked for {path}); run `warmcast ingest` first")
+    return system_demand(_request_batches(path, lake, since - lookback, until), since, until, step_s)
+
+
+def system_demand_from_landing(landing: Location, since: datetime, until: datetime, step_s: float = BUCKET_SECONDS,
+                               lookback: timedelta = DEFAULT_LOOKBACK) -> SystemDemand:
+    """:func:`system_demand` of the Parquet request-log files in the hour partitions of a landing
+    location (e.g. the output of ``warmcast import``), read without ingest: no validation, no
+    de-duplication. Other files (CSV, JSON Lines, a users file) are not read."""
+    files = [f for f in landing.list_files() if _LANDING_PARQUET.search(f)]
+    if not files:
+        raise FileNotFoundError(f"no Parquet request-log files in date=/hour= partitions under {landing.uri}")
+    return system_demand(_request_batches(files, landing, since - lookback, until), since, until, step_s)
+
+
+_LANDING_PARQUET = re.compile(r"(?:^|/)date=\d{4}-\d{2}-\d{2}/hour=\d{2}/[^/]+\.parquet$")
+
+
+def _request_batches(source: str | list[str], loc: Location, since: datetime, until: datetime) -> Iterable[pa.RecordBatch]:
+    base = source if isinstance(source, str) else loc.root
+    dataset = ds.dataset(source, filesystem=loc.fs, format="parquet", partitioning=_PARTITIONING,
+                         partition_base_dir=base)
+    ts_type = REQUEST_LOG.field("ts").type
+    flt = ((ds.field("ts") >= pa.scalar(since, ts_type)) & (ds.field("ts") < pa.scalar(until, ts_type))
+           & (ds.field("date") >= since.date().isoformat()) & (ds.field("date") <= until.date().isoformat()))
+    yield from dataset.to_batches(columns=_SYSTEM_COLUMNS, filter=flt, batch_size=1 << 20)
 
 
 def read_requests(lake: Location, since: datetime | None = None, until: datetime | None = None, users: list[str] | None = None) -> pa.Table:

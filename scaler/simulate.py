@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.demand import SystemDemand, system_demand
 from scaler.policy import InstanceShape
 
 DEFAULT_START = datetime(2026, 1, 5, tzinfo=timezone.utc)  # a Monday, 00:00 UTC
@@ -391,42 +392,19 @@ def cold_at_cost(curve: Sequence[SimMetrics], hours: float, metric: str = "cold_
 
 
 def trace_from_requests(requests: pa.Table, since: datetime, until: datetime, step_s: float = 60.0) -> SystemTrace:
-    """System trace of REQUEST_LOG rows on a grid of ``step_s`` seconds over ``[since, until)``.
+    """System trace of REQUEST_LOG rows on a grid of ``step_s`` seconds (60 or 300) over ``[since, until)``.
 
-    Each request adds ``cpu_cores × overlap_s / step_s`` (and ``memory_mb / 1024`` likewise) to
-    every step it runs in, exactly as :mod:`pipeline.demand` does for 5-minute buckets, and one
-    arrival to the step it starts in. Requests that started before ``since`` count by their overlap.
-    GPUs are not simulated (a CPU pool).
+    The overlap-weighted arithmetic of :func:`pipeline.demand.system_demand` (one implementation
+    for the pipeline and the replay): each request adds ``cpu_cores × overlap_s / step_s`` (and
+    ``memory_mb / 1024`` likewise) to every step it runs in, and one arrival to the step it starts
+    in. Requests that started before ``since`` count by their overlap. GPUs are not simulated (a CPU pool).
     """
-    n = int(round((until - since).total_seconds() / step_s))
-    if n <= 0:
-        raise ValueError("until must be at least one step after since")
-    span = n * step_s
-    t0 = pc.cast(requests["ts"], pa.int64()).to_numpy(zero_copy_only=False)
-    s = (t0 - int(since.timestamp() * 1_000_000)) / 1e6
-    e = s + np.maximum(requests["duration_s"].to_numpy(zero_copy_only=False), 0.0)
-    cores = requests["cpu_cores"].to_numpy(zero_copy_only=False).astype(np.float64)
-    mem = requests["memory_mb"].to_numpy(zero_copy_only=False) / 1024.0
-    arrived = (s >= 0) & (s < span)
-    req = np.bincount((s[arrived] // step_s).astype(np.int64), minlength=n)[:n].astype(np.float64)
-    sc, ec = np.clip(s, 0, span), np.clip(e, 0, span)
-    keep = ec > sc
-    sc, ec, cores, mem = sc[keep], ec[keep], cores[keep], mem[keep]
-    k0 = np.minimum((sc // step_s).astype(np.int64), n - 1)
-    k1 = np.minimum((ec // step_s).astype(np.int64), n)  # step holding the end (n: the end itself)
-    out = []
-    for amount in (cores, mem):
-        acc = np.zeros(n + 2)
-        same = k0 == k1
-        np.add.at(acc, k0[same], amount[same] * (ec - sc)[same])
-        d = ~same
-        np.add.at(acc, k0[d], amount[d] * ((k0[d] + 1) * step_s - sc[d]))
-        np.add.at(acc, k1[d], amount[d] * (ec[d] - k1[d] * step_s))
-        full = np.zeros(n + 2)  # whole steps k0+1 .. k1-1 via a difference array
-        np.add.at(full, k0[d] + 1, amount[d] * step_s)
-        np.add.at(full, k1[d], -amount[d] * step_s)
-        out.append((acc[:n] + np.cumsum(full)[:n]) / step_s)
-    return SystemTrace(np.maximum(out[0], 0.0), np.maximum(out[1], 0.0), step_s, req, since)
+    return trace_from_system_demand(system_demand([requests], since, until, step_s))
+
+
+def trace_from_system_demand(demand: "SystemDemand") -> SystemTrace:
+    """The :class:`SystemTrace` of a :class:`pipeline.demand.SystemDemand`."""
+    return SystemTrace(demand.cpu_cores, demand.memory_gb, demand.step_s, demand.requests, demand.start)
 
 
 def trace_from_demand(demand: pa.Table) -> SystemTrace:

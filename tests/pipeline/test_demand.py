@@ -115,3 +115,27 @@ def test_from_the_lake_with_lookback(tmp_path):
 def test_empty_inputs():
     assert build_demand_series(make_request_table([])).num_rows == 0
     assert summarize(build_demand_series(make_request_table([]))).users == 0
+
+
+def test_one_minute_buckets_and_the_system_sum_share_the_overlap_arithmetic():
+    from pipeline.demand import system_demand
+
+    reqs = make_request_table([
+        {"user_id": "a", "ts": T0 + timedelta(seconds=30), "duration_s": 90, "cpu_cores": 2, "memory_mb": 2048},
+        {"user_id": "b", "ts": T0 + timedelta(seconds=150), "duration_s": 600, "cpu_cores": 1},  # runs past the window
+        {"user_id": "b", "ts": T0 - timedelta(seconds=60), "duration_s": 120, "cpu_cores": 4},  # started before it
+    ])
+    rows = build_demand_series(reqs, T0, T0 + timedelta(minutes=5), step_s=60).to_pylist()
+    a = [r["cpu_cores"] for r in rows if r["user_id"] == "a"]
+    assert a == pytest.approx([2 * 30 / 60, 2.0])  # 30 s of minute 0, all of minute 1
+    sys_ = system_demand([reqs.slice(0, 1), reqs.slice(1)], T0, T0 + timedelta(minutes=5), step_s=60)
+    # minute 0: a 1 core-avg + the early request's last 60 s (4); minute 2: b from 150 s → 30 s of 1 core
+    assert sys_.cpu_cores.tolist() == pytest.approx([1 + 4, 2, 0.5, 1, 1])
+    assert sys_.memory_gb.tolist() == pytest.approx([1.0 + 0.5, 2.0, 0.5 * 0.5, 0.5, 0.5])
+    assert sys_.requests.tolist() == [1, 0, 1, 0, 0]  # arrivals inside the window only
+    five = system_demand([reqs], T0, T0 + timedelta(minutes=5), step_s=300)
+    assert five.cpu_cores.tolist() == pytest.approx([sum([5, 2, 0.5, 1, 1]) / 5])
+    with pytest.raises(ValueError, match="demand step"):
+        build_demand_series(reqs, step_s=120)
+    with pytest.raises(ValueError, match="bucket grid"):
+        system_demand([reqs], T0 + timedelta(seconds=7), T0 + timedelta(minutes=5), step_s=60)

@@ -275,7 +275,8 @@ def test_warmcast_matches_a_straightforward_instance_list_replay():
     x = wiggly(1, 60.0, seed=5) * 3
     fleet = FleetModel(InstanceShape(8, 32, hourly_price_usd=0.4, boot_s=300, resume_s=60))
     ref = bench.straightforward_warmcast(trace(x), fleet, 0.9, 6 * 3600.0)
-    fast = simulate(trace(x), Warmcast(level=0.9, refit_s=300, window_s=6 * 3600.0), fleet).metrics
+    fast = simulate(trace(x), Warmcast(level=0.9, refit_s=300, window_s=6 * 3600.0, error_scale="none",
+                                       hysteresis=0.1, scale_in_grace_s=900.0), fleet).metrics
     assert fast.cold_core_seconds == pytest.approx(ref["cold_core_seconds"], rel=1e-9, abs=1e-6)
     assert fast.instance_hours == pytest.approx(ref["instance_hours"], rel=1e-12)
     assert fast.warm_stopped_hours == pytest.approx(ref["warm_stopped_hours"], rel=1e-12, abs=1e-12)
@@ -294,3 +295,25 @@ def test_the_simulator_imports_neither_torch_nor_airflow():
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(repo)})
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_step_naive_heuristic_without_history_is_reactive_at_full_utilisation():
+    x = np.zeros(40)
+    x[10:] = 8.0
+    r = simulate(trace(x), NaivePredictive(), FLEET)
+    # no past increments yet: the forecast is the last value, so it answers like reactive at 100 %
+    assert r.metrics.cold_core_seconds == 8 * (60 + 300) and r.ready[16] == 2
+
+
+def test_daily_sine_trace_from_one_minute_requests_is_exact():
+    """A request per minute lasting 90 s with cores following a sine: each minute holds the
+    request's 60 s plus the previous one's last 30 s."""
+    n = 3 * 60
+    cores = 10 + 5 * np.sin(2 * np.pi * np.arange(n) / 60)
+    rows = pa.table({"ts": pa.array([START + timedelta(minutes=i) for i in range(n)], pa.timestamp("us", "UTC")),
+                     "duration_s": np.full(n, 90.0), "cpu_cores": cores, "memory_mb": np.full(n, 1024.0),
+                     "gpus": np.zeros(n)})
+    tr = trace_from_requests(rows, START, START + timedelta(minutes=n), 60.0)
+    assert tr.cores == pytest.approx(cores + np.append(0, cores[:-1]) / 2)
+    assert tr.memory_gb == pytest.approx(np.append(1, np.full(n - 1, 1.5)))
+    assert tr.requests.tolist() == [1.0] * n

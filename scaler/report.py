@@ -1,0 +1,303 @@
+"""Render an :class:`~scaler.evaluate.Evaluation`: ``summary.json``, ``report.md``, ``report.html``
+and PNG plots (matplotlib, Agg backend, imported only here and only when rendering, so
+``scaler`` stays light for the scaling container).
+
+Plots (each titled, axes labelled with units, legends):
+
+* ``tradeoff.png``: every policy's cold demand (core-hours and requests, log scale) against its
+  cost in equivalent instance-hours, with the reference cost marked.
+* ``pools.png``: per policy, at the reference cost, the in-service capacity (cores) over the
+  demand, cold moments marked; warmcast's warm pool too.
+* ``forecast.png``: the warmcast policy's forecast (mean and upper bound at the active horizon,
+  and the 30-minute upper bound) against the demand it had to cover.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.schemas import HORIZONS_MIN
+from scaler.evaluate import Evaluation
+from scaler.sim_policies import Warmcast
+
+COLORS = {"reactive": "#d62728", "knative": "#ff7f0e", "aws_predictive": "#8c564b", "naive_predictive": "#7f7f7f",
+          "warmcast": "#1f77b4", "warmcast_1min": "#17becf", "oracle": "#2ca02c"}
+PLOT_WINDOW_S = 2 * 86_400.0  # the time-series plots show at most the last two days
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _times(ev: Evaluation, lo: int, hi: int):
+    t = ev.trace
+    return [t.start + timedelta(seconds=i * t.step_s) for i in range(lo, hi)]
+
+
+def _window(ev: Evaluation) -> tuple[int, int]:
+    n = ev.trace.steps
+    lo = max(ev.eval_start, n - round(PLOT_WINDOW_S / ev.trace.step_s))
+    return lo, n
+
+
+def _fmt(x: float | None, pattern: str = "{:.3f}") -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else pattern.format(x)
+
+
+def _date_axis(ax) -> None:
+    import matplotlib.dates as mdates
+
+    loc = mdates.AutoDateLocator(minticks=4, maxticks=9)
+    ax.xaxis.set_major_locator(loc)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(loc))
+
+
+def plot_tradeoff(ev: Evaluation, path: Path) -> None:
+    plt = _plt()
+    has_req = ev.reference.cold_requests is not None
+    fig, axes = plt.subplots(1, 2 if has_req else 1, figsize=(13 if has_req else 7.5, 5.2), squeeze=False)
+    metrics = [("cold_core_seconds", 1 / 3600, "cold demand (core-hours, log scale)")]
+    if has_req:
+        metrics.append(("cold_requests", 1.0, "cold requests (log scale)"))
+    for ax, (metric, scale, ylabel) in zip(axes[0], metrics):
+        vals = [getattr(m, metric) * scale for pe in ev.policies.values() for m in pe.curve]
+        pos = [v for v in vals if v > 0]
+        floor = (min(pos) / 3) if pos else 1.0
+        for name, pe in ev.policies.items():
+            pts = sorted((m.equivalent_instance_hours, getattr(m, metric) * scale) for m in pe.curve)
+            x = [p[0] for p in pts]
+            y = [max(p[1], floor) for p in pts]
+            ax.plot(x, y, "--o" if name.endswith("_1min") else "-o", color=COLORS.get(name),
+                    label=f"{pe.spec.label} ({pe.spec.knob})", ms=4, lw=1.6)
+            zero = [(a, floor) for a, b in pts if b <= 0]
+            if zero:
+                ax.plot(*zip(*zero), "o", mfc="white", color=COLORS.get(name), ms=7)
+        ax.axvline(ev.reference.equivalent_instance_hours, color="black", ls="--", lw=1)
+        ax.annotate(f"reference cost:\nreactive at {ev.reference_utilisation:.0%}", xy=(ev.reference.equivalent_instance_hours, 1),
+                    xycoords=("data", "axes fraction"), xytext=(4, -28), textcoords="offset points", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xlabel("cost (equivalent instance-hours over the scored period)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][0].set_title("Cold core-hours vs cost (lower-left is better)")
+    if has_req:
+        axes[0][1].set_title("Cold requests vs cost (lower-left is better)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("Cold starts vs instance-hours, each policy's knob swept (hollow: zero cold demand)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pools(ev: Evaluation, path: Path) -> None:
+    plt = _plt()
+    lo, hi = _window(ev)
+    t = _times(ev, lo, hi)
+    per = ev.fleet.shape.vcpu * ev.fleet.capacity_utilisation
+    cores = ev.trace.cores[lo:hi]
+    names = list(ev.policies)
+    fig, axes = plt.subplots(len(names), 1, figsize=(13, 2.3 * len(names) + 0.8), sharex=True, sharey=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        pe, r = ev.policies[name], ev.policies[name].at_cost
+        ax.fill_between(t, 0, cores, color="#bbbbbb", step="post", label="demand (cores)", lw=0)
+        ax.step(t, r.ready[lo:hi] * per, where="post", color=COLORS.get(name, "C0"), lw=1.2, label="in-service capacity (cores)")
+        if (r.warm[lo:hi] > 0).any():
+            ax.step(t, (r.ready[lo:hi] + r.warm[lo:hi]) * per, where="post", color=COLORS.get(name, "C0"), lw=0.8,
+                    ls=":", label="+ warm pool (cores)")
+        cold = r.cold_share[lo:hi] > 0
+        if cold.any():
+            ax.plot(np.array(t)[cold], cores[cold], "|", color="red", ms=6, label="cold (demand not served)")
+        m = r.metrics
+        ax.set_title(f"{pe.spec.label}: {pe.spec.knob} = {pe.knob_at_cost:.3g}; {m.equivalent_instance_hours:,.0f} "
+                     f"instance-h, cold {m.cold_share:.2%} of core-s, p99 wait {m.wait_p99_s:.0f} s",
+                     fontsize=9, loc="left")
+        ax.set_ylabel("cores")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", ncol=4)
+    _date_axis(axes[-1, 0])
+    axes[-1, 0].set_xlabel("time (UTC)")
+    fig.suptitle(f"Pool size over time at the reference cost ({ev.reference.equivalent_instance_hours:,.0f} equivalent "
+                 f"instance-hours), {ev.fleet.shape.vcpu:g}-vCPU instances", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def warmcast_forecast(ev: Evaluation):
+    """The warmcast forecast (ForecastArrays) at the reference-cost level, and the policy object."""
+    pe = ev.policies["warmcast"]
+    pol = pe.spec.make(pe.knob_at_cost)
+    pol.prepare(ev.trace, ev.fleet)
+    return pol
+
+
+def plot_forecast(ev: Evaluation, path: Path) -> None:
+    from scaler.forecast_view import horizon_covering
+
+    plt = _plt()
+    pol: Warmcast = warmcast_forecast(ev)
+    fc, tr = pol.issued, ev.trace
+    lo, hi = _window(ev)
+    k = max(1, round(300 / tr.step_s))
+    h = horizon_covering(ev.fleet.shape.boot_s + pol.decide_every_s)
+    fig, ax = plt.subplots(figsize=(13, 5))
+    t = _times(ev, lo, hi)
+    ax.plot(t, tr.cores[lo:hi], color="black", lw=0.7, label="actual demand (cores, per step)")
+    for hz, color, alpha in ((h, "#1f77b4", 0.35), (HORIZONS_MIN[-1], "#9467bd", 0.15)):
+        j = HORIZONS_MIN.index(hz)
+        shift = (j) * k  # issued at o, horizon j+1 targets steps o + j·k .. o + (j+1)·k − 1
+        src = np.arange(lo, hi) - shift
+        ok = (src >= 0) & (src < len(fc.issued_step))
+        srcc = np.clip(src, 0, len(fc.issued_step) - 1)
+        up = np.where(ok, fc.upper[srcc, j, 0], np.nan)
+        mean = np.where(ok, fc.mean[srcc, j, 0], np.nan)
+        ax.fill_between(t, mean, up, color=color, alpha=alpha, lw=0,
+                        label=f"{hz}-min-ahead forecast of the 5-min bucket's peak: mean to q{pol.level:.3g} upper bound")
+        if hz == h:
+            ax.plot(t, mean, color=color, lw=0.8)
+    ax.set_title(f"warmcast system forecast vs actual demand (issued from past data only, level {pol.level:.3g}, "
+                 f"drawn at the time it forecasts)", fontsize=10)
+    ax.set_ylabel("cores (average concurrent)")
+    ax.set_xlabel("time (UTC)")
+    _date_axis(ax)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def result_rows(ev: Evaluation) -> list[dict]:
+    rows = []
+    for name, pe in ev.policies.items():
+        near = pe.nearest(ev.reference.equivalent_instance_hours)
+        rows.append({"policy": name, "label": pe.spec.label, "knob": f"{pe.spec.knob} = {pe.knob_at_cost:.3g}",
+                     "cold_core_h": None if pe.cold_core_seconds_at_cost is None else pe.cold_core_seconds_at_cost / 3600,
+                     "ratio_reactive": pe.ratio_to_reactive, "ratio_reactive_req": pe.ratio_to_reactive_requests,
+                     "ratio_naive": pe.ratio_to_naive, "wait_p99_s": pe.at_cost.metrics.wait_p99_s if pe.at_cost else None,
+                     "nearest": f"{near.equivalent_instance_hours:,.0f} h / {near.cold_core_seconds / 3600:,.2f} core-h"})
+    return rows
+
+
+_COLS = [("policy", "policy"), ("knob", "knob at reference cost"), ("cold_core_h", "cold core-h at reference cost"),
+         ("ratio_reactive", "ratio to reactive (core-s)"), ("ratio_reactive_req", "ratio to reactive (requests)"),
+         ("ratio_naive", "ratio to naive heuristic (core-s)"), ("wait_p99_s", "p99 wait of cold demand (s)"),
+         ("nearest", "nearest swept point (cost / cold)")]
+
+
+def _cell(key: str, v) -> str:
+    if key in ("cold_core_h",):
+        return _fmt(v, "{:,.2f}")
+    if key.startswith("ratio"):
+        return _fmt(v, "{:.3f}")
+    if key == "wait_p99_s":
+        return _fmt(v, "{:.0f}")
+    return str(v)
+
+
+def also_rows(ev: Evaluation) -> list[list[str]]:
+    """Header + one row per policy: ratios to reactive and to the naive heuristic (cold core-seconds)
+    at the cost of reactive at each other utilisation."""
+    if not ev.also:
+        return []
+    keys = list(ev.also)
+    head = ["policy"] + [f"{k}: {ev.also[k]['equivalent_instance_hours']:,.0f} h, to reactive / to naive" for k in keys]
+    rows = [head]
+    for name in ev.policies:
+        cells = [name]
+        for k in keys:
+            v = ev.also[k]["policies"][name]
+            cells.append(f"{_fmt(v['ratio_to_reactive'])} / {_fmt(v['ratio_to_naive'])}")
+        rows.append(cells)
+    return rows
+
+
+def _context_lines(ev: Evaluation, meta: dict) -> list[str]:
+    tr, s = ev.trace, ev.fleet.shape
+    end = tr.start + timedelta(seconds=tr.steps * tr.step_s)
+    scored = tr.start + timedelta(seconds=ev.eval_start * tr.step_s)
+    return [
+        f"Data: {meta.get('source', '?')}; {tr.steps:,} steps of {tr.step_s:g} s, {tr.start:%Y-%m-%d %H:%M} – "
+        f"{end:%Y-%m-%d %H:%M} UTC; scored from {scored:%Y-%m-%d %H:%M} (the steps before warm up forecasts).",
+        f"Demand: mean {tr.cores.mean():,.1f} cores, peak {tr.cores.max():,.1f} cores; "
+        f"{(tr.requests.sum() if tr.requests is not None else 0):,.0f} requests.",
+        f"Fleet: one pool of {s.vcpu:g} vCPU / {s.memory_gb:g} GB instances at ${s.hourly_price_usd:g}/h, boot {s.boot_s:g} s, "
+        f"resume {s.resume_s:g} s from a stopped warm pool (billed at {ev.fleet.stopped_cost_fraction:.0%}).",
+        f"Reference: reactive target tracking at {ev.reference_utilisation:.0%} utilisation = "
+        f"{ev.reference.equivalent_instance_hours:,.1f} equivalent instance-hours, "
+        f"{ev.reference.cold_core_seconds / 3600:,.2f} cold core-hours"
+        + (f", {ev.reference.cold_requests:,.0f} cold requests." if ev.reference.cold_requests is not None else "."),
+        f"warmcast forecast: {ev.forecast_note}",
+    ]
+
+
+HOW = ("Each policy's main knob is swept; every setting replays the whole trace (a policy decides at the start of "
+       "a step from earlier steps only; instances boot before serving) and is scored on cold demand (the share of "
+       "a step's demand the in-service capacity cannot hold) and cost. A policy's cold demand at the reference "
+       "cost is interpolated linearly in equivalent instance-hours between its two swept settings around that "
+       "cost (cold demand falls convexly with cost, so this slightly overstates it); outside its swept range it "
+       "has no value ('–'). Ratios below 1 beat reactive / the naive heuristic at equal cost.")
+
+
+def write_report(ev: Evaluation, out: Path, meta: dict | None = None) -> dict[str, Path]:
+    """Write summary.json, report.md, report.html and the PNGs into ``out``; returns their paths."""
+    meta = meta or {}
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"tradeoff": out / "tradeoff.png", "pools": out / "pools.png"}
+    plot_tradeoff(ev, paths["tradeoff"])
+    plot_pools(ev, paths["pools"])
+    if "warmcast" in ev.policies:
+        paths["forecast"] = out / "forecast.png"
+        plot_forecast(ev, paths["forecast"])
+    summary = {"meta": meta, **ev.summary()}
+    paths["summary"] = out / "summary.json"
+    paths["summary"].write_text(json.dumps(summary, indent=2, default=str))
+    rows = result_rows(ev)
+    ctx = _context_lines(ev, meta)
+    captions = {"tradeoff": "Cold starts vs cost for every policy setting",
+                "pools": "Pool size over time at the reference cost (last two days at most)",
+                "forecast": "warmcast's forecast band vs the actual demand"}
+    md = ["# warmcast evaluation: predictive vs reactive scaling", ""] + [f"- {c}" for c in ctx] + [
+        "", "## Result at the reference cost", "",
+        "| " + " | ".join(h for _, h in _COLS) + " |", "|" + "---|" * len(_COLS)]
+    md += ["| " + " | ".join(_cell(k, r[k]) for k, _ in _COLS) + " |" for r in rows]
+    md += ["", HOW, ""]
+    also = also_rows(ev)
+    if also:
+        md += ["## Ratios at other reference costs", "", "| " + " | ".join(also[0]) + " |", "|" + "---|" * len(also[0])]
+        md += ["| " + " | ".join(r) + " |" for r in also[1:]] + [""]
+    for key in ("tradeoff", "pools", "forecast"):
+        if key in paths:
+            md += [f"## {captions[key]}", "", f"![{captions[key]}]({paths[key].name})", ""]
+    paths["markdown"] = out / "report.md"
+    paths["markdown"].write_text("\n".join(md))
+    e = html.escape
+    body = ["<h1>warmcast evaluation: predictive vs reactive scaling</h1>", "<ul>"]
+    body += [f"<li>{e(c)}</li>" for c in ctx] + ["</ul>", "<h2>Result at the reference cost</h2>", "<table>",
+                                                 "<tr>" + "".join(f"<th>{e(h)}</th>" for _, h in _COLS) + "</tr>"]
+    body += ["<tr>" + "".join(f"<td>{e(_cell(k, r[k]))}</td>" for k, _ in _COLS) + "</tr>" for r in rows]
+    body += ["</table>", f"<p>{e(HOW)}</p>"]
+    if also:
+        body += ["<h2>Ratios at other reference costs</h2>", "<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in also[0]) + "</tr>"]
+        body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in also[1:]] + ["</table>"]
+    for key in ("tradeoff", "pools", "forecast"):
+        if key in paths:
+            body += [f"<h2>{e(captions[key])}</h2>", f'<img src="{e(paths[key].name)}" alt="{e(captions[key])}">']
+    style = ("body{font-family:sans-serif;max-width:1300px;margin:2em auto;}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}")
+    paths["html"] = out / "report.html"
+    paths["html"].write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>warmcast evaluation</title>"
+                             f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    return paths
