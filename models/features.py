@@ -85,6 +85,18 @@ class DenseDemand:
         """bool ``[n_users, T]``: true from each user's first active bucket on."""
         return np.arange(self.n_steps)[None, :] >= self.first_active[:, None]
 
+    def select(self, users: Sequence[str]) -> "DenseDemand":
+        """The grid of ``users`` in that order; a user not in this grid gets zeros and no history
+        (what :func:`dense_demand` with ``users=`` gives, without reading the table again)."""
+        pos = {u: i for i, u in enumerate(self.user_ids)}
+        idx = np.array([pos.get(str(u), -1) for u in users], dtype=np.int64)
+        have = idx >= 0
+        values = np.zeros((len(idx), *self.values.shape[1:]), dtype=self.values.dtype)
+        values[have] = self.values[idx[have]]
+        first_active = np.full(len(idx), self.n_steps, dtype=np.int64)
+        first_active[have] = self.first_active[idx[have]]
+        return DenseDemand([str(u) for u in users], self.t0, values, first_active)
+
 
 def _check_grid(moment: datetime, what: str) -> int:
     if not isinstance(moment, datetime) or moment.tzinfo is None:
@@ -108,7 +120,7 @@ def dense_demand(demand: pa.Table, start: datetime, end: datetime, users: Sequen
         raise ValueError(f"end {end.isoformat()} must be after start {start.isoformat()}")
     ts_us = pc.cast(demand["ts"], pa.int64()) if demand.num_rows else pa.array([], pa.int64())
     keep = pc.and_(pc.greater_equal(ts_us, lo), pc.less(ts_us, hi)) if demand.num_rows else None
-    rows = demand.filter(keep) if keep is not None else demand
+    rows = demand.filter(keep) if keep is not None and not pc.all(keep).as_py() else demand  # no copy when all are in
     if users is None:
         ids = sorted(pc.unique(rows["user_id"]).to_pylist())
     else:
@@ -117,27 +129,37 @@ def dense_demand(demand: pa.Table, start: datetime, end: datetime, users: Sequen
         raise ValueError("users must not repeat")
     index = pc.index_in(rows["user_id"], value_set=pa.array(ids, pa.string()))
     known = pc.is_valid(index).to_numpy(zero_copy_only=False)
-    u_idx = index.to_numpy(zero_copy_only=False)[known].astype(np.int64) if rows.num_rows else np.zeros(0, np.int64)
-    t_idx = ((pc.cast(rows["ts"], pa.int64()).to_numpy()[known] - lo) // (BUCKET_SECONDS * 1_000_000)).astype(np.int64)
-    cols = (np.stack([rows[c].to_numpy(zero_copy_only=False).astype(np.float64)[known] for c in DEMAND_RESOURCES], axis=1)
-            if len(u_idx) else np.zeros((0, N_RESOURCES)))
-    bad = ~np.isfinite(cols) | (cols < 0)
-    if bad.any():
-        bad_rows = np.flatnonzero(bad.any(axis=1))
+    everyone = bool(known.all())
+
+    def column(arr: np.ndarray) -> np.ndarray:  # the known users' rows (no copy when all are known)
+        return arr if everyone else arr[known]
+
+    u_idx = column(index.to_numpy(zero_copy_only=False)).astype(np.int64) if rows.num_rows else np.zeros(0, np.int64)
+    t_idx = ((column(pc.cast(rows["ts"], pa.int64()).to_numpy()) - lo) // (BUCKET_SECONDS * 1_000_000)).astype(np.int64)
+    cols = [column(np.asarray(rows[c].to_numpy(zero_copy_only=False), dtype=np.float64)) if len(u_idx) else np.zeros(0)
+            for c in DEMAND_RESOURCES]
+    bad_any = np.zeros(len(u_idx), dtype=bool)
+    for col in cols:
+        bad_any |= ~np.isfinite(col) | (col < 0)
+    if bad_any.any():
+        cols_2d = np.stack(cols, axis=1)
+        bad = ~np.isfinite(cols_2d) | (cols_2d < 0)
+        bad_rows = np.flatnonzero(bad_any)
         names = sorted({ids[u] for u in u_idx[bad_rows]})
         first = bad_rows[0]
         what = DEMAND_RESOURCES[int(np.flatnonzero(bad[first])[0])]
         when = (start + int(t_idx[first]) * BUCKET).isoformat()
         raise ValueError(
             f"demand of user(s) {', '.join(repr(n) for n in names[:10])}{' …' if len(names) > 10 else ''} "
-            f"has NaN, infinite or negative values (first: user {ids[u_idx[first]]!r}, {what}={cols[first][DEMAND_RESOURCES.index(what)]} "
+            f"has NaN, infinite or negative values (first: user {ids[u_idx[first]]!r}, {what}={cols_2d[first][DEMAND_RESOURCES.index(what)]} "
             f"at {when}); fix the demand series upstream")
     flat = u_idx * steps + t_idx
-    values = np.stack([np.bincount(flat, weights=cols[:, r], minlength=len(ids) * steps) for r in range(N_RESOURCES)], axis=-1)
-    values = values.reshape(len(ids), steps, N_RESOURCES)
-    first_active = np.full(len(ids), steps, dtype=np.int64)
-    np.minimum.at(first_active, u_idx, t_idx)
-    return DenseDemand(ids, start.astimezone(timezone.utc), values.astype(np.float32), first_active)
+    values = np.empty((len(ids), steps, N_RESOURCES), dtype=np.float32)
+    for r, col in enumerate(cols):
+        values[..., r] = np.bincount(flat, weights=col, minlength=len(ids) * steps).reshape(len(ids), steps)
+    seen = (np.bincount(flat, minlength=len(ids) * steps) > 0).reshape(len(ids), steps)
+    first_active = np.where(seen.any(axis=1), seen.argmax(axis=1), steps).astype(np.int64)
+    return DenseDemand(ids, start.astimezone(timezone.utc), values, first_active)
 
 
 @dataclass
@@ -154,18 +176,37 @@ class Normaliser:
     scale: np.ndarray
 
 
-def fit_normaliser(dense: DenseDemand, train_end: int) -> Normaliser:
+def fit_normaliser(dense: DenseDemand, train_end: int, rows: np.ndarray | None = None, chunk_users: int = 1024) -> Normaliser:
     """Statistics from each user's history before bucket ``train_end`` only (no peeking at the
-    held-out tail). A user without history there gets mean 0, std 1, the floor scale."""
-    part = dense.values[:, :train_end].astype(np.float64)
-    mask = dense.history_mask()[:, :train_end, None]
-    n = mask.sum(axis=1)  # [U, 1]
-    safe_n = np.maximum(n, 1)
-    logs = np.log1p(part)
-    mean = (logs * mask).sum(axis=1) / safe_n
-    var = (np.square(logs - mean[:, None]) * mask).sum(axis=1) / safe_n
-    rms = np.sqrt((np.square(part) * mask).sum(axis=1) / safe_n)
-    typical = np.array([np.median(col[col > 0]) if (col > 0).any() else 1.0 for col in rms.T])
+    held-out tail). A user without history there gets mean 0, std 1, the floor scale.
+
+    ``rows``: the users (indices) to return statistics for (default all); the scale floor is
+    always the median over every user of the grid. Works ``chunk_users`` users at a time.
+    """
+    rows = np.arange(dense.n_users) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def stats(sel: np.ndarray, rms_only: bool) -> tuple[np.ndarray, ...]:
+        part = dense.values[sel, :train_end].astype(np.float64)
+        mask = (np.arange(part.shape[1])[None, :] >= dense.first_active[sel, None])[..., None]
+        n = mask.sum(axis=1)  # [U, 1]
+        safe_n = np.maximum(n, 1)
+        rms = np.sqrt((np.square(part) * mask).sum(axis=1) / safe_n)
+        if rms_only:
+            return (rms,)
+        logs = np.log1p(part)
+        mean = (logs * mask).sum(axis=1) / safe_n
+        var = (np.square(logs - mean[:, None]) * mask).sum(axis=1) / safe_n
+        return n, mean, var, rms
+
+    def chunked(sel: np.ndarray, rms_only: bool) -> list[np.ndarray]:
+        parts = [stats(sel[a : a + chunk_users], rms_only) for a in range(0, len(sel), chunk_users)]
+        width = 1 if rms_only else 4
+        return [np.concatenate([p[k] for p in parts]) if parts else np.zeros((0, N_RESOURCES)) for k in range(width)]
+
+    everyone = np.arange(dense.n_users)
+    n, mean, var, rms = chunked(rows, rms_only=False)
+    all_rms = rms if np.array_equal(rows, everyone) else chunked(everyone, rms_only=True)[0]
+    typical = np.array([np.median(col[col > 0]) if (col > 0).any() else 1.0 for col in all_rms.T])
     floor = np.maximum(SCALE_FLOOR_SHARE * typical, 1e-6)
     return Normaliser(
         log_mean=np.where(n > 0, mean, 0.0).astype(np.float32),
@@ -183,20 +224,27 @@ def calendar_features(t0: datetime, steps: int) -> np.ndarray:
     return np.stack([np.sin(day), np.cos(day), np.sin(week), np.cos(week)], axis=1).astype(np.float32)
 
 
-def input_features(dense: DenseDemand, norm: Normaliser) -> np.ndarray:
-    """float32 ``[n_users, T, N_INPUTS]``, the columns of the module docstring."""
+def input_features(dense: DenseDemand, norm: Normaliser, last: int | None = None) -> np.ndarray:
+    """float32 ``[n_users, T, N_INPUTS]``, the columns of the module docstring; with ``last``,
+    only the last ``last`` steps ``[n_users, last, N_INPUTS]`` (the same values, computed
+    from the buckets they read only: a forecast needs its warm-up, not the whole week)."""
     n_users, steps = dense.n_users, dense.n_steps
-    hist = dense.history_mask()
-    z = (np.log1p(dense.values) - norm.log_mean[:, None]) / norm.log_std[:, None]
-    z = np.clip(z, -Z_CLIP, Z_CLIP) * hist[..., None]
-    out = np.zeros((n_users, steps, N_INPUTS), dtype=np.float32)
-    out[..., 0:4] = z
+    lo = 0 if last is None else max(steps - last, 0)
+    t = np.arange(lo, steps)
+
+    def z_at(idx: np.ndarray) -> np.ndarray:  # [U, len(idx), 4], 0 before the user's history
+        z = (np.log1p(dense.values[:, idx]) - norm.log_mean[:, None]) / norm.log_std[:, None]
+        return np.clip(z, -Z_CLIP, Z_CLIP) * (idx[None, :] >= dense.first_active[:, None])[..., None]
+
+    hist = t[None, :] >= dense.first_active[:, None]
+    out = np.zeros((n_users, len(t), N_INPUTS), dtype=np.float32)
+    out[..., 0:4] = z_at(t)
     for col, lag in ((4, BUCKETS_PER_DAY), (8, BUCKETS_PER_WEEK)):
-        src = np.arange(steps) + 1 - lag  # the lagged bucket of the first target
+        src = t + 1 - lag  # the lagged bucket of the first target
         ok = (src >= 0)[None, :] & (src[None, :] >= dense.first_active[:, None]) & hist
-        out[..., col : col + 4] = z[:, np.clip(src, 0, None)] * ok[..., None]
+        out[..., col : col + 4] = z_at(np.clip(src, 0, None)) * ok[..., None]
         out[..., 12 + (col == 8)] = ok
-    out[..., 14:18] = calendar_features(dense.t0, steps)[None] * hist[..., None]
+    out[..., 14:18] = calendar_features(dense.t0 + lo * BUCKET, len(t))[None] * hist[..., None]
     return out
 
 

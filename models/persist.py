@@ -1,66 +1,136 @@
 """Trained models to and from the model store, and the training / forecasting entry points the
-``warmcast train`` and ``warmcast forecast`` commands call.
+``warmcast train`` / ``warmcast forecast`` commands and the Airflow DAGs call.
 
 A version is two store entries with the same version id: ``users`` (the stacked per-user
 weights, one row per user, with the training window, config and per-user summary in its
 metadata) and ``global`` (the one-row global model that forecasts users without a model of
-their own).
+their own). ``global`` is published first, ``users`` last: the ``users`` manifest and its
+``latest`` pointer are the commit point, so a reader never sees half a version.
+
+Sharded training (the ``train_user_models`` DAG), three steps in separate processes:
+
+1. :func:`plan_training` lists the users with demand in the window, shards them, trains the
+   global model once (fine-tuned from the previous version's) and writes it, unpublished;
+2. :func:`train_shard`, once per shard, trains that shard's users warm-started from their
+   previous version (or the new global model) and writes one unpublished shard file;
+3. :func:`publish_training` publishes the version (index, metadata, manifests, ``latest``).
+
+Sharded forecasting (the ``forecast_and_scale`` DAG): :func:`plan_forecast` picks the version
+trained before the issue time and the users to forecast; :func:`forecast_users` forecasts one
+shard of them, with a baseline (``fallback:baseline:…``) when no version qualifies.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from datetime import datetime, timedelta
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from models.contract import to_forecast_table
 from models.module import StackedLSTM
 from models.store import ModelStore
 from models.train import TrainConfig, TrainedModels, UserMetrics, predict, train
-from pipeline.demand import demand_from_lake
+from pipeline.demand import DEFAULT_LOOKBACK, build_demand_series, demand_from_lake, read_requests
+from pipeline.schemas import USER_FORECAST
 from pipeline.storage import Location
+
+log = logging.getLogger(__name__)
 
 USERS, GLOBAL = "users", "global"
 #: Context a forecast reads before its issue time: a week for the lag, plus the warm-up.
 FORECAST_CONTEXT = timedelta(days=7, hours=9)
 
 
+_METRICS = {"pinball_real": "pinball", "last_value_pinball_real": "last_value_pinball", "global_pinball_real": "global_pinball"}
+
+
 def _nanmean(a: np.ndarray) -> float | None:
     return float(np.nanmean(a)) if np.isfinite(a).any() else None
 
 
-def save_trained(lake: Location, trained: TrainedModels) -> str:
-    """Publish ``trained`` (per-user and global weights, one version id); returns the version."""
-    users, glob = ModelStore(lake, USERS), ModelStore(lake, GLOBAL)
-    version = users.new_version()
-    m = trained.metrics
-    summary = {
-        "pinball_real": _nanmean(m.pinball),
-        "last_value_pinball_real": _nanmean(m.last_value_pinball),
-        "global_pinball_real": _nanmean(m.global_pinball),
-    }
-    window = (trained.since, trained.until)
-    glob.save(["global"], {k: v.detach() for k, v in trained.global_model.get_all().items()}, version=version,
-              training_window=window, metrics=summary)
-    users.save(trained.user_ids, {k: v.detach() for k, v in trained.model.get_all().items()}, version=version,
-               training_window=window, metrics=summary,
-               extra={"config": dataclasses.asdict(trained.config), "epochs_run": list(trained.epochs_run),
-                      "uses_global": [u for u, g in zip(trained.user_ids, trained.uses_global) if g]})
+def _metric_sums(m: UserMetrics, rows: slice | None = None) -> dict[str, list[float]]:
+    """``{summary name: [sum, count]}`` of the finite per-user losses (of ``rows``): shards add up."""
+    out = {}
+    for name, attr in _METRICS.items():
+        a = np.asarray(getattr(m, attr))[rows if rows is not None else slice(None)]
+        finite = np.isfinite(a)
+        out[name] = [float(a[finite].sum()), int(finite.sum())]
+    return out
+
+
+def _summary(sums: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, float | None]:
+    """Mean over every shard's finite losses (the same as ``_nanmean`` over all users at once)."""
+    out: dict[str, float | None] = {}
+    for name in _METRICS:
+        total, count = sum(s[name][0] for s in sums), sum(s[name][1] for s in sums)
+        out[name] = total / count if count else None
+    return out
+
+
+def write_global(lake: Location, version: str, trained: TrainedModels) -> dict[str, Any]:
+    """Write ``trained``'s global model as the (unpublished) ``global`` entry of ``version``; its ShardInfo."""
+    weights = {k: v.detach() for k, v in trained.global_model.get_all().items()}
+    return dataclasses.asdict(ModelStore(lake, GLOBAL).write_shard(version, 0, ["global"], weights))
+
+
+def write_user_shard(lake: Location, version: str, shard: int, trained: TrainedModels, rows: slice | None = None) -> dict[str, Any]:
+    """Write the per-user weights of ``trained`` (its ``rows``, default all) as shard ``shard`` of the
+    unpublished ``users`` entry of ``version``. Returns what :func:`publish_version` needs (JSON-able)."""
+    rows = rows or slice(None)
+    users = trained.user_ids[rows]
+    weights = {k: v.detach()[rows] for k, v in trained.model.get_all().items()}
+    info = ModelStore(lake, USERS).write_shard(version, shard, users, weights)
+    uses = [u for u, g in zip(users, trained.uses_global[rows]) if g]
+    return {"info": dataclasses.asdict(info), "uses_global": uses, "epochs_run": list(trained.epochs_run),
+            "metrics": _metric_sums(trained.metrics, rows) if trained.metrics is not None else {}}
+
+
+def publish_version(lake: Location, version: str, global_info: Mapping[str, Any], shards: Sequence[Mapping[str, Any]],
+                    window: tuple[datetime, datetime], config: TrainConfig, global_epochs: int | None = None,
+                    fine_tuned_from: str | None = None) -> str:
+    """Publish ``version``: the global entry first, then the users entry (the commit point), then ``latest``.
+
+    ``shards``: :func:`write_user_shard` results; ``global_epochs``: epochs the global model ran
+    (default: the shards' own count); ``fine_tuned_from``: the version training started from,
+    recorded in the metadata. Returns the version.
+    """
+    summary = _summary([s["metrics"] for s in shards if s["metrics"]])
+    epochs = [s["epochs_run"] for s in shards]
+    epochs_run = [global_epochs if global_epochs is not None else max(e[0] for e in epochs), max(e[1] for e in epochs)]
+    ModelStore(lake, GLOBAL).publish(version, [global_info], training_window=window, metrics=summary)
+    ModelStore(lake, USERS).publish(version, [s["info"] for s in shards], training_window=window, metrics=summary,
+                                    extra={"config": dataclasses.asdict(config), "epochs_run": epochs_run,
+                                           "uses_global": sorted(u for s in shards for u in s["uses_global"]),
+                                           "fine_tuned_from": fine_tuned_from})
     return version
 
 
-def load_trained(lake: Location, version: str | None = None) -> tuple[str, TrainedModels] | None:
+def save_trained(lake: Location, trained: TrainedModels, shard_size: int = 1024, fine_tuned_from: str | None = None) -> str:
+    """Publish ``trained`` (per-user and global weights, one version id); returns the version."""
+    version = ModelStore.new_version()
+    n = len(trained.user_ids)
+    shards = [write_user_shard(lake, version, i, trained, slice(lo, lo + shard_size)) for i, lo in enumerate(range(0, n, shard_size))]
+    return publish_version(lake, version, write_global(lake, version, trained), shards, (trained.since, trained.until), trained.config,
+                           fine_tuned_from=fine_tuned_from)
+
+
+def load_trained(lake: Location, version: str | None = None, user_ids: Sequence[str] | None = None) -> tuple[str, TrainedModels] | None:
     """The latest (or given) version as :class:`TrainedModels`; None when nothing is published.
 
+    ``user_ids``: load only these users' rows (those the version has; only their shards are read).
     Per-user metrics are not stored (only their summary), so ``metrics`` is None on a loaded model.
     """
     users, glob = ModelStore(lake, USERS), ModelStore(lake, GLOBAL)
     version = version or users.latest_version()
     if version is None:
         return None
-    stored = users.load_version(version)
+    stored = users.load_version(version, user_ids)
     stored_global = glob.load_version(version)
     meta = stored.metadata  # the store merges ``extra`` into the top level
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -87,7 +157,7 @@ def train_from_lake(lake: Location, until: datetime, days: float, config: TrainC
     previous = load_trained(lake)
     trained = train(demand, since=until - timedelta(days=days), until=until, config=config,
                     previous=previous[1] if previous else None)
-    return save_trained(lake, trained), trained
+    return save_trained(lake, trained, fine_tuned_from=previous[0] if previous else None), trained
 
 
 def forecast_from_lake(lake: Location, at: datetime, version: str | None = None) -> pa.Table:
@@ -109,3 +179,157 @@ def forecast_from_lake(lake: Location, at: datetime, version: str | None = None)
 def user_metrics_summary(m: UserMetrics) -> dict[str, float | None]:
     """Mean held-out pinball loss (real units) of the trained models, the global model and last value."""
     return {"lstm": _nanmean(m.pinball), "global": _nanmean(m.global_pinball), "last_value": _nanmean(m.last_value_pinball)}
+
+
+# ---- sharded training (the train_user_models DAG) ---------------------------------------------
+
+
+class NoDemandError(ValueError):
+    """The lake has no demand in the window a run needs."""
+
+
+def shard_users(user_ids: Sequence[str], shard_size: int, max_shards: int) -> list[list[str]]:
+    """``user_ids`` sorted and cut into shards of ``shard_size`` users, or into ``max_shards`` equal
+    shards when that would take more tasks (the mapped-task bound); [] for no users."""
+    users = sorted(set(user_ids))
+    if not users:
+        return []
+    size = max(int(shard_size), math.ceil(len(users) / int(max_shards)))
+    return [users[i : i + size] for i in range(0, len(users), size)]
+
+
+def _demand(lake: Location, since: datetime, until: datetime, user_ids: Sequence[str] | None = None) -> pa.Table:
+    """Demand buckets in ``[since, until)`` of ``user_ids`` (default everyone), from requests before ``until``."""
+    if user_ids is None:
+        return demand_from_lake(lake, since, until)
+    return build_demand_series(read_requests(lake, since - DEFAULT_LOOKBACK, until, users=list(user_ids)), since, until)
+
+
+def _previous_global(lake: Location, version: str | None) -> TrainedModels | None:
+    """A :class:`TrainedModels` carrying only ``version``'s global model (None without a version):
+    what :func:`models.train.train` needs to fine-tune the global model, without every user's weights."""
+    if version is None:
+        return None
+    stored = ModelStore(lake, GLOBAL).load_version(version)
+    return TrainedModels([], None, StackedLSTM.from_weights(stored.weights), np.zeros(0, bool),  # type: ignore[arg-type]
+                         datetime.min, datetime.min, None, TrainConfig())  # type: ignore[arg-type]
+
+
+def plan_training(lake: Location, until: datetime, days: float, config: TrainConfig, shard_size: int,
+                  max_shards: int) -> list[dict[str, Any]]:
+    """Step 1 of sharded training: users, shards, and the global model (trained here, once).
+
+    The window is ``[until - days, until)``; the version fine-tuned from is the newest one trained
+    on data strictly before ``until`` (so a re-run for the same date starts from the same point).
+    Writes the global model as an unpublished entry of a fresh version. Returns one JSON-able dict
+    per shard (what a mapped task receives): ``shard``, ``users``, and the run's ``version``,
+    ``previous``, ``since``, ``until`` (ISO), ``global`` (its ShardInfo) and ``global_epochs``.
+    """
+    since = until - timedelta(days=days)
+    demand = _demand(lake, since, until)
+    if demand.num_rows == 0:
+        raise NoDemandError(f"no demand in {lake.uri} in [{since.isoformat()}, {until.isoformat()}): ingest first")
+    shards = shard_users(pc.unique(demand["user_id"]).to_pylist(), shard_size, max_shards)
+    previous = ModelStore(lake, USERS).version_trained_before(until, strict=True)
+    # The per-user stage is the shards' job: 0 epochs here (train() still sets up every user).
+    trained = train(demand, since=since, until=until, config=dataclasses.replace(config, epochs=0),
+                    previous=_previous_global(lake, previous))
+    version = ModelStore.new_version()
+    log.info("training version %s on [%s, %s): %d users in %d shards, fine-tuning %s", version, since.isoformat(),
+             until.isoformat(), sum(map(len, shards)), len(shards), previous or "nothing (first version)")
+    common = {"version": version, "previous": previous, "since": since.isoformat(), "until": until.isoformat(),
+              "global": write_global(lake, version, trained), "global_epochs": trained.epochs_run[0]}
+    return [{"shard": i, "users": users, **common} for i, users in enumerate(shards)]
+
+
+def train_shard(lake: Location, shard: Mapping[str, Any], config: TrainConfig) -> dict[str, Any]:
+    """Step 2: train one shard's users (warm-started from their previous version, else from the run's
+    global model, which is not trained again) and write their weights as an unpublished shard."""
+    version, users = shard["version"], list(shard["users"])
+    since, until = datetime.fromisoformat(shard["since"]), datetime.fromisoformat(shard["until"])
+    _, global_weights = ModelStore(lake, GLOBAL).read_shard(version, shard["global"])
+    previous = load_trained(lake, shard["previous"], users) if shard["previous"] else None
+    prev = previous[1] if previous else None
+    start = TrainedModels(prev.user_ids if prev else [], prev.model if prev else None,  # type: ignore[arg-type]
+                          StackedLSTM.from_weights(global_weights), np.zeros(0, bool), since, until, None, config)  # type: ignore[arg-type]
+    demand = _demand(lake, since, until, users)
+    trained = train(demand, since=since, until=until, config=dataclasses.replace(config, global_epochs=0), previous=start) \
+        if demand.num_rows else None
+    missing = sorted(set(users) - set(trained.user_ids if trained else []))
+    if missing:  # the lake changed since planning: publishing without these users would drop them silently
+        raise NoDemandError(f"version {version} shard {shard['shard']}: users without demand in the window: {missing[:10]}")
+    return write_user_shard(lake, version, int(shard["shard"]), trained)
+
+
+def publish_training(lake: Location, planned: Sequence[Mapping[str, Any]], shards: Sequence[Mapping[str, Any]],
+                     config: TrainConfig) -> dict[str, Any]:
+    """Step 3: check that the written shards hold exactly the planned users, then publish the version
+    (the commit point). ``planned``: :func:`plan_training`'s shards; ``shards``: :func:`train_shard`'s results."""
+    plan = planned[0]
+    users = ModelStore(lake, USERS)
+    want = {u for s in planned for u in s["users"]}
+    got = [u for s in shards for u in users.read_shard(plan["version"], s["info"])[0]]
+    if len(got) != len(set(got)) or set(got) != want:
+        raise ValueError(f"version {plan['version']}: the shards hold {len(set(got))} users, the plan {len(want)}; "
+                         "a shard is missing or repeated, nothing was published")
+    window = (datetime.fromisoformat(plan["since"]), datetime.fromisoformat(plan["until"]))
+    version = publish_version(lake, plan["version"], plan["global"], shards, window, config, plan["global_epochs"],
+                              fine_tuned_from=plan["previous"])
+    log.info("published model version %s: %d users in %d shards (fine-tuned from %s)", version, len(got), len(shards), plan["previous"])
+    return {"version": version, "n_users": len(got), "n_shards": len(shards), "fine_tuned_from": plan["previous"],
+            "training_window": [plan["since"], plan["until"]]}
+
+
+# ---- sharded forecasting (the forecast_and_scale DAG) -----------------------------------------
+
+
+class NoModelError(ValueError):
+    """No model version was trained before the issue time and the fallback is ``fail``."""
+
+
+def plan_forecast(lake: Location, at: datetime, shard_size: int, max_shards: int) -> list[dict[str, Any]]:
+    """The shards of the forecast issued at ``at``: the users of the version trained on data before
+    ``at`` plus every user with requests in the context window before ``at``, sharded, each shard
+    naming that version (None: none is). Returns ``[{"shard": i, "users": [...], "version": ...}]``;
+    always at least one shard (an empty one when there are no users)."""
+    version = ModelStore(lake, USERS).version_trained_before(at)
+    users = set(ModelStore(lake, USERS).read_index(version)["user_id"].to_pylist()) if version else set()
+    recent = read_requests(lake, at - FORECAST_CONTEXT, at)
+    users |= set(pc.unique(recent["user_id"]).to_pylist())
+    shards = shard_users(users, shard_size, max_shards) or [[]]
+    return [{"shard": i, "users": u, "version": version} for i, u in enumerate(shards)]
+
+
+def baseline_forecast(demand: pa.Table, at: datetime, user_ids: Sequence[str], method: str) -> pa.Table:
+    """``USER_FORECAST`` rows issued at ``at`` by baseline ``method`` from ``demand`` before ``at``,
+    flagged ``model_version = "fallback:baseline:<method>"``."""
+    from models.baselines import forecast_baseline
+    from models.features import dense_demand
+
+    dense = dense_demand(demand, at - FORECAST_CONTEXT, at, users=list(user_ids))
+    fc = forecast_baseline(dense.values, method, origins=np.array([dense.values.shape[1]]))
+    return to_forecast_table(dense.user_ids, at, fc.quantiles[:, 0], fc.point[:, 0], f"fallback:{fc.model_version}")
+
+
+def forecast_users(lake: Location, at: datetime, user_ids: Sequence[str], version: str | None, fallback: str = "last_value") -> pa.Table:
+    """``USER_FORECAST`` rows issued at ``at`` for ``user_ids``, from lake data before ``at`` only.
+
+    ``version``: the model version (from :func:`plan_forecast`; users it lacks get the global model,
+    ``lstm:<version>+global``). None: the ``fallback`` baseline for everyone, or :class:`NoModelError`
+    when ``fallback == "fail"``.
+    """
+    users = list(user_ids)
+    if not users:
+        return USER_FORECAST.empty_table()
+    if version is None and fallback == "fail":
+        raise NoModelError(f"no model version in {lake.uri}/models was trained before {at.isoformat()}: run the "
+                           "train_user_models DAG (or `warmcast train`) first, or set forecast.fallback to a baseline")
+    demand = _demand(lake, at - FORECAST_CONTEXT, at, users)
+    if version is None:
+        log.warning("no model version trained before %s: %d users forecast by the %s baseline", at.isoformat(), len(users), fallback)
+        return baseline_forecast(demand, at, users, fallback)
+    loaded = load_trained(lake, version, users)
+    assert loaded is not None
+    fc = predict(loaded[1], demand, at, users=users)
+    versions = [f"lstm:{version}+global" if g else f"lstm:{version}" for g in fc.uses_global]
+    return to_forecast_table(fc.user_ids, fc.issued_at, fc.quantiles, None, versions)

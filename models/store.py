@@ -13,8 +13,13 @@ Layout (``<lake>`` a local folder or ``s3://bucket/prefix``, all I/O through
 Shards are ``torch.save`` files of a flat ``dict[str, Tensor]`` whose tensors are stacked over the
 shard's users (``[n_users_in_shard, ...]``), read back with ``torch.load(weights_only=True)`` so
 loading never runs pickled code. A shard is written by one training task
-(:meth:`ModelStore.write_shard`); :meth:`ModelStore.publish` then writes the index, the metadata
-and the manifest, and moves ``latest``.
+(:meth:`ModelStore.write_shard`; :meth:`ModelStore.read_shard` reads it back, checked, before
+publish); :meth:`ModelStore.publish` then writes the index, the metadata and the manifest, and
+moves ``latest``.
+
+The manifest also records the training window, so :meth:`ModelStore.version_trained_before`
+can pick, for a forecast issued (or a training run) at time *t*, the newest version trained only
+on data before *t*: a back-fill never uses a model that saw its future.
 
 Atomic publish: each object is written atomically (:meth:`Location.write_atomic`), and a version
 exists only once its ``MANIFEST.json`` does. A crash before that leaves files that no reader
@@ -241,12 +246,18 @@ class ModelStore:
         self.loc.write_bytes(self._vpath(version, INDEX), index_bytes)
         self.loc.write_bytes(self._vpath(version, METADATA), meta_bytes)
         manifest = {"format": FORMAT, "name": self.name, "version": version, "created_at": created, "parent": self.latest_version(),
-                    "n_users": len(users), "tensors": infos[0].tensors, "shards": [asdict(s) for s in infos],
+                    "training_window": window, "n_users": len(users), "tensors": infos[0].tensors, "shards": [asdict(s) for s in infos],
                     "index": {"file": INDEX, "sha256": _sha256(index_bytes)}, "metadata": {"file": METADATA, "sha256": _sha256(meta_bytes)}}
         self.loc.write_bytes(self._vpath(version, MANIFEST), _json_bytes(manifest))  # the commit point
         if set_latest:
             self.set_latest(version)
         return version
+
+    def read_shard(self, version: str, info: ShardInfo | Mapping) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """One shard's users and weights, checked against the :class:`ShardInfo` that :meth:`write_shard`
+        returned; works before :meth:`publish` (a training task reads the global model its run wrote)."""
+        info = info if isinstance(info, ShardInfo) else ShardInfo.from_dict(info)
+        return self._shard_users(version, info), self._load_shard(version, info, info.tensors)
 
     def set_latest(self, version: str) -> None:
         """Point ``latest`` at a published ``version`` (also how to roll back)."""
@@ -290,6 +301,43 @@ class ModelStore:
                 except ModelStoreError:
                     found.append(("", v))  # unreadable manifest: listed oldest, fails on load
         return [v for _, v in sorted(found)]
+
+    def training_window(self, version: str) -> tuple[datetime, datetime] | None:
+        """``(start, end)`` of the data ``version`` was trained on; None when it was not recorded."""
+        manifest = self.manifest(version)
+        window = manifest["training_window"] if "training_window" in manifest else (  # older manifests: metadata
+            json.loads(self._read_checked(version, METADATA, manifest["metadata"]["sha256"])).get("training_window"))
+        if not window:
+            return None
+        return datetime.fromisoformat(window["start"]), datetime.fromisoformat(window["end"])
+
+    def version_trained_before(self, at: datetime, *, strict: bool = False) -> str | None:
+        """The version to use at time ``at`` without reading data from after it: ``latest`` when its
+        training window ends at or before ``at`` (before it with ``strict``), else the published
+        version with the newest such window end (ties: the newest publish). None when no version
+        qualifies (versions without a recorded window never do).
+
+        Forecasts issued at ``at`` (live or back-filled) and training runs for ``at`` (``strict``:
+        a re-run for the same date must not fine-tune from its own earlier output) use this.
+        """
+        def fits(end: datetime) -> bool:
+            return end < at if strict else end <= at
+
+        latest = self.latest_version()
+        if latest is not None:
+            window = self.training_window(latest)
+            if window is not None and fits(window[1]):
+                return latest
+        best: tuple[datetime, str, str] | None = None
+        for version in self.versions():
+            try:
+                window, created = self.training_window(version), self.manifest(version)["created_at"]
+            except ModelStoreError as exc:  # a broken version is never chosen
+                log.warning("%s; not a candidate for %s", exc, at.isoformat())
+                continue
+            if window is not None and fits(window[1]) and (best is None or (window[1], created) > best[:2]):
+                best = (window[1], created, version)
+        return None if best is None else best[2]
 
     def latest_version(self) -> str | None:
         path = self.loc.path(LATEST)

@@ -4,9 +4,11 @@ Precedence (later wins): built-in defaults < a TOML or YAML file < ``WARMCAST_*`
 variables < explicit overrides (command-line flags).
 
 The file is the path given to :func:`load_settings`, else ``$WARMCAST_CONFIG``, else none.
-Top-level keys map to :class:`Settings` fields; the tables ``[ingest]``, ``[aws]`` and
-``[scaler]`` map to :class:`IngestSettings`, :class:`AwsSettings` and :class:`ScalerSettings`. Environment variables use the same names,
-upper-cased, with ``__`` between a table and its key::
+Top-level keys map to :class:`Settings` fields; the tables ``[ingest]``, ``[aws]``, ``[scaler]``,
+``[train]``, ``[forecast]`` and ``[aggregate]`` map to :class:`IngestSettings`, :class:`AwsSettings`,
+:class:`ScalerSettings`, :class:`TrainSettings`, :class:`ForecastSettings` and
+:class:`AggregateSettings`. Environment variables use the same names, upper-cased, with ``__``
+between a table and its key::
 
     WARMCAST_LAKE=s3://bucket/lake
     WARMCAST_INGEST__MAX_QUARANTINE_SHARE=0.1
@@ -103,6 +105,99 @@ class ScalerSettings:
     #: Airflow connection the DAG's clients come from.
     aws_conn_id: str = "aws_default"
 
+    def __post_init__(self) -> None:
+        # The forecast_and_scale DAG also reads this as "how late a run may act on AWS": a run whose
+        # logical date is further in the past is a back-fill (or stale) and only records decisions.
+        if not self.max_forecast_age_s > 0:
+            raise ConfigError(f"scaler.max_forecast_age_s={self.max_forecast_age_s} must be > 0 seconds")
+
+
+#: Airflow's default ``[core] max_map_length``: no DAG maps more tasks than this.
+MAX_MAPPED_TASKS = 1024
+#: Fallbacks for users without a model version trained before the issue time: the baselines of
+#: :mod:`models.baselines` (kept equal to ``models.baselines.METHODS`` by a test), or ``fail``.
+FORECAST_FALLBACKS = ("last_value", "seasonal_daily", "seasonal_weekly", "moving_average", "fail")
+#: Sampling methods of :mod:`pipeline.aggregate`: dependence from residual history, or none.
+AGGREGATE_METHODS = ("copula_sample", "independent_sample")
+
+
+def _check_shards(where: str, shard_size: int, max_shards: int) -> None:
+    if shard_size < 1:
+        raise ConfigError(f"{where}.shard_size={shard_size} must be at least 1")
+    if not 1 <= max_shards <= MAX_MAPPED_TASKS:
+        raise ConfigError(f"{where}.max_shards={max_shards} must lie in [1, {MAX_MAPPED_TASKS}] (Airflow's max_map_length)")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How the ``train_user_models`` DAG trains (see :mod:`models.train`)."""
+
+    #: Training window: the days of demand before the run's logical date (held-out tail included).
+    days: float = 14.0
+    #: Per-user epochs (an upper bound: users stop early) and global-model epochs.
+    epochs: int = 8
+    global_epochs: int = 5
+    #: Users per training task; raised when more than ``max_shards`` tasks would be needed.
+    shard_size: int = 1024
+    max_shards: int = MAX_MAPPED_TASKS
+    #: CPU threads per training task (None: torch's default); 1 when many shards share a machine.
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1.5 <= self.days <= 366:
+            raise ConfigError(f"train.days={self.days} must lie in [1.5, 366] (a held-out day plus history)")
+        if self.epochs < 0 or self.global_epochs < 0:
+            raise ConfigError(f"train.epochs={self.epochs} and train.global_epochs={self.global_epochs} must be >= 0")
+        _check_shards("train", self.shard_size, self.max_shards)
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"train.threads={self.threads} must be at least 1 (or unset)")
+
+
+@dataclass(frozen=True)
+class ForecastSettings:
+    """How the ``forecast_and_scale`` DAG forecasts users (see :mod:`models.persist`)."""
+
+    #: Users per forecast task; raised when more than ``max_shards`` tasks would be needed.
+    shard_size: int = 2048
+    max_shards: int = 64
+    #: Users get this baseline when no model version was trained before the issue time (the first
+    #: days, or a back-fill older than every version); ``fail`` fails the run instead.
+    fallback: str = "last_value"
+
+    def __post_init__(self) -> None:
+        _check_shards("forecast", self.shard_size, self.max_shards)
+        if self.fallback not in FORECAST_FALLBACKS:
+            raise ConfigError(f"forecast.fallback={self.fallback!r} must be one of {', '.join(FORECAST_FALLBACKS)}")
+
+
+@dataclass(frozen=True)
+class AggregateSettings:
+    """How per-user forecasts become the system forecast (see :mod:`pipeline.aggregate`)."""
+
+    #: Central band of the system forecast: lower/upper at (1 -/+ level)/2.
+    level: float = 0.9
+    #: Joint sample paths drawn per issue.
+    n_paths: int = 1000
+    #: ``copula_sample``: users' dependence from their recent residuals; ``independent_sample``: none.
+    method: str = "copula_sample"
+    #: 5-minute buckets of residual history the copula reads (288: one day).
+    history_buckets: int = 288
+    seed: int = 0
+    #: User profiles (USER_PROFILE CSV: user_id, tier, weight, ...) for the tier-weighted target;
+    #: None: ``<landing>/_users.csv`` when it exists (the generator writes it), else every user at
+    #: the default tier level and weight 1.
+    profiles: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.level < 1.0:
+            raise ConfigError(f"aggregate.level={self.level} must lie in (0, 1)")
+        if not 2 <= self.n_paths <= 1_000_000:
+            raise ConfigError(f"aggregate.n_paths={self.n_paths} must lie in [2, 1000000]")
+        if self.method not in AGGREGATE_METHODS:
+            raise ConfigError(f"aggregate.method={self.method!r} must be one of {', '.join(AGGREGATE_METHODS)}")
+        if self.history_buckets < 2:
+            raise ConfigError(f"aggregate.history_buckets={self.history_buckets} must be at least 2")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -112,6 +207,9 @@ class Settings:
     ingest: IngestSettings = field(default_factory=IngestSettings)
     aws: AwsSettings = field(default_factory=AwsSettings)
     scaler: ScalerSettings = field(default_factory=ScalerSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    forecast: ForecastSettings = field(default_factory=ForecastSettings)
+    aggregate: AggregateSettings = field(default_factory=AggregateSettings)
 
     def redacted(self) -> dict[str, Any]:
         """A printable dict with any password in ``store_url`` masked."""

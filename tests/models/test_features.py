@@ -145,3 +145,22 @@ def test_chunk_batches_cover_each_origin_once_and_respect_the_target_end():
     assert seen[1, 40:79].eq(1).all() and seen[1, :40].eq(0).all()  # before its history: not scored
     pooled = ChunkBatches(feats, scaled, first, 0, 79, 80, 25, 7, 5, pooled=True)[1]
     assert pooled["x"].shape[0] == 1 and pooled["x"].shape[2] == n_users * batches[1]["x"].shape[2]
+
+
+def test_inference_shortcuts_equal_the_full_computations():
+    """``input_features(last=)``, ``fit_normaliser(rows=)`` and ``DenseDemand.select`` (what a
+    forecast uses) give exactly the values of the full computations."""
+    rng = np.random.default_rng(3)
+    steps = BUCKETS_PER_WEEK + 300
+    rows = [(u, t, float(rng.gamma(1.0, 2.0))) for u in ("a", "b", "c") for t in range(steps) if rng.random() > 0.3 and (u != "c" or t > 2100)]
+    dense = dense_demand(demand_table(rows), T0, T0 + steps * BUCKET)
+    norm = fit_normaliser(dense, dense.n_steps)
+    np.testing.assert_array_equal(input_features(dense, norm, last=97), input_features(dense, norm)[:, -97:])
+    part = fit_normaliser(dense, dense.n_steps, rows=np.array([2, 0]), chunk_users=1)
+    for name in ("log_mean", "log_std", "scale"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(norm, name)[[2, 0]])
+    picked = dense.select(["c", "zz", "a"])
+    direct = dense_demand(demand_table(rows), T0, T0 + steps * BUCKET, users=["c", "zz", "a"])
+    np.testing.assert_array_equal(picked.values, direct.values)
+    np.testing.assert_array_equal(picked.first_active, direct.first_active)
+    assert picked.first_active[1] == steps and picked.user_ids == ["c", "zz", "a"]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
 
 from models.persist import load_trained, save_trained
 from models.train import TrainConfig, predict, train
-from pipeline.demand import build_demand_series
+from pipeline.demand import build_demand_series, demand_from_lake
 from pipeline.generate import generate_requests
 from pipeline.storage import open_location
 
@@ -32,3 +36,71 @@ def test_save_load_round_trip_forecasts_identically(tmp_path):
     a, b = predict(trained, demand, at), predict(loaded, demand, at)
     assert a.user_ids == b.user_ids
     np.testing.assert_array_equal(a.quantiles, b.quantiles)
+
+
+def _lake_with_requests(tmp_path, users: int, days: float, seed: int = 4):
+    """Generated requests written straight into the lake's hour partitions (as ingest would)."""
+    lake = tmp_path / "lake"
+    for i, hour in enumerate(generate_requests(users=users, days=days, start=START, seed=seed)):
+        t = START + timedelta(hours=i)
+        path = lake / "request_logs" / f"date={t:%Y-%m-%d}" / f"hour={t:%H}" / "part.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(hour, path)
+    return open_location(str(lake))
+
+
+def test_shard_users_bounds_the_number_of_shards():
+    from models.persist import shard_users
+
+    users = [f"u{i:03d}" for i in range(10)]
+    assert shard_users(users, 4, 10) == [users[0:4], users[4:8], users[8:10]]
+    assert [len(s) for s in shard_users(users, 1, 3)] == [4, 4, 2]  # 10 tasks wanted, 3 allowed
+    assert shard_users(list(reversed(users)) + users[:2], 100, 1) == [users]  # sorted, deduplicated
+    assert shard_users([], 4, 10) == []
+
+
+def test_sharded_training_publishes_one_version_that_forecasts_like_any_other(tmp_path):
+    from models.persist import FORECAST_CONTEXT, forecast_users, plan_forecast, plan_training, publish_training, train_shard
+    from models.store import ModelStore
+
+    lake = _lake_with_requests(tmp_path, users=5, days=3.0)
+    until = START + timedelta(days=3)
+    config = TrainConfig(epochs=1, global_epochs=1)
+    planned = plan_training(lake, until, 3.0, config, shard_size=2, max_shards=8)
+    assert [len(s["users"]) for s in planned] == [2, 2, 1] and len({s["version"] for s in planned}) == 1
+    results = [train_shard(lake, s, config) for s in planned]
+    assert ModelStore(lake, "users").versions() == []  # nothing visible before publish
+    with pytest.raises(ValueError, match="a shard is missing"):
+        publish_training(lake, planned, results[:2], config)
+    out = publish_training(lake, planned, results, config)
+    assert out["n_users"] == 5 and out["n_shards"] == 3
+    version, trained = load_trained(lake)
+    assert version == out["version"] and sorted(trained.user_ids) == sorted(u for s in planned for u in s["users"])
+    at = until + timedelta(minutes=30)
+    shards = plan_forecast(lake, at, shard_size=3, max_shards=8)
+    assert {s["version"] for s in shards} == {version} and [len(s["users"]) for s in shards] == [3, 2]
+    table = forecast_users(lake, at, shards[1]["users"], version)
+    assert sorted(set(table["user_id"].to_pylist())) == shards[1]["users"]
+    assert all(v.startswith(f"lstm:{version}") for v in table["model_version"].to_pylist())
+    # sharded forecasts are those of the whole population, user by user
+    whole = predict(trained, demand_from_lake(lake, at - FORECAST_CONTEXT, at), at)
+    user = shards[1]["users"][0]
+    np.testing.assert_allclose(table.filter(pc.equal(table["user_id"], user))["q50"].to_numpy(),
+                               whole.quantiles[whole.user_ids.index(user), :, :, 3].reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_version_the_baseline_forecasts_only_from_the_past(tmp_path):
+    from models.persist import forecast_users
+
+    lake = _lake_with_requests(tmp_path, users=3, days=2.0)
+    at = START + timedelta(days=1, hours=3)
+    users = ["user-0000", "user-0001"]
+    table = forecast_users(lake, at, users, None, fallback="seasonal_daily")
+    assert table.num_rows == 2 * 6 * 4 and set(table["model_version"].to_pylist()) == {"fallback:baseline:seasonal_daily"}
+    # the same issue from a lake cut at ``at`` is identical: nothing after ``at`` was read
+    cut = tmp_path / "cut"
+    shutil.copytree(lake.root, cut)
+    for p in (cut / "request_logs").rglob("*.parquet"):
+        t = pq.read_table(p)
+        pq.write_table(t.filter(pc.less(t["ts"], pa.scalar(at, t.schema.field("ts").type))), p)
+    assert forecast_users(open_location(str(cut)), at, users, None, fallback="seasonal_daily").equals(table)

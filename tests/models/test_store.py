@@ -202,3 +202,36 @@ def test_s3_round_trip(s3_endpoint):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="warmcast-test")["Contents"]]
     assert all(k.startswith("lake/models/lstm/") for k in keys) and not any("/." in k for k in keys)
+
+
+def test_version_trained_before_never_picks_a_model_that_saw_later_data(tmp_path):
+    from datetime import timedelta
+
+    store = ModelStore(str(tmp_path), "lstm")
+    d = WINDOW[1]
+    old = store.save(_users(3), _weights(3), training_window=(d - timedelta(days=14), d))
+    new = store.save(_users(3), _weights(3, seed=1), training_window=(d - timedelta(days=13), d + timedelta(days=1)))
+    assert store.latest_version() == new
+    assert store.version_trained_before(d + timedelta(days=2)) == new  # latest qualifies: used (rollbacks respected)
+    assert store.version_trained_before(d + timedelta(days=1)) == new
+    assert store.version_trained_before(d + timedelta(days=1), strict=True) == old
+    assert store.version_trained_before(d + timedelta(hours=12)) == old  # latest saw data after then
+    assert store.version_trained_before(d - timedelta(seconds=1)) is None
+    store.set_latest(old)  # a rollback wins wherever it qualifies
+    assert store.version_trained_before(d + timedelta(days=2)) == old
+    assert store.training_window(new) == (d - timedelta(days=13), d + timedelta(days=1))
+    assert store.manifest(new)["training_window"]["end"] == (d + timedelta(days=1)).isoformat()
+    untimed = store.save(_users(1), _weights(1))  # no window recorded: never chosen
+    assert store.training_window(untimed) is None and store.version_trained_before(d + timedelta(days=9)) in (old, new)
+
+
+def test_read_shard_reads_an_unpublished_shard_and_checks_it(tmp_path):
+    store = ModelStore(str(tmp_path), "lstm")
+    info = store.write_shard("v1", 0, _users(2), _weights(2))
+    users, weights = store.read_shard("v1", info)
+    assert users == _users(2) and torch.equal(weights["w_ih"], _weights(2)["w_ih"])
+    assert store.versions() == []  # still unpublished
+    path = tmp_path / "models" / "lstm" / "versions" / "v1" / info.file
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CorruptModelError, match="corrupt or truncated"):
+        store.read_shard("v1", info)

@@ -72,3 +72,44 @@ def test_ingest_settings_are_range_checked(key, value, message):
 def test_non_setting_variables_are_not_refused():
     env = {"WARMCAST_TEST_PG_URL": "postgresql://x", "WARMCAST_TRACE_DIR": "/data", "WARMCAST_LAKE": "/l"}
     assert load_settings(environ=env).lake == "/l"
+
+
+def test_dag_sections_have_defaults_and_read_the_environment():
+    s = load_settings(environ={"WARMCAST_TRAIN__EPOCHS": "2", "WARMCAST_FORECAST__SHARD_SIZE": "50",
+                               "WARMCAST_AGGREGATE__LEVEL": "0.8", "WARMCAST_AGGREGATE__METHOD": "independent_sample",
+                               "WARMCAST_TRAIN__THREADS": "none"})
+    assert (s.train.epochs, s.train.global_epochs, s.train.days, s.train.threads) == (2, 5, 14.0, None)
+    assert (s.forecast.shard_size, s.forecast.fallback) == (50, "last_value")
+    assert (s.aggregate.level, s.aggregate.method, s.aggregate.n_paths) == (0.8, "independent_sample", 1000)
+    assert s.train.max_shards <= 1024 and s.forecast.max_shards <= 1024
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("TRAIN__DAYS", "1", "train.days=1.0 must lie in [1.5, 366]"),
+        ("TRAIN__EPOCHS", "-1", "must be >= 0"),
+        ("TRAIN__SHARD_SIZE", "0", "train.shard_size=0 must be at least 1"),
+        ("TRAIN__MAX_SHARDS", "1025", "train.max_shards=1025 must lie in [1, 1024]"),
+        ("TRAIN__THREADS", "0", "train.threads=0 must be at least 1"),
+        ("FORECAST__MAX_SHARDS", "0", "forecast.max_shards=0 must lie in [1, 1024]"),
+        ("FORECAST__FALLBACK", "guess", "forecast.fallback='guess' must be one of last_value"),
+        ("AGGREGATE__LEVEL", "1.0", "aggregate.level=1.0 must lie in (0, 1)"),
+        ("AGGREGATE__N_PATHS", "1", "aggregate.n_paths=1 must lie in [2, 1000000]"),
+        ("AGGREGATE__METHOD", "quantile_sum", "aggregate.method='quantile_sum' must be one of copula_sample"),
+        ("AGGREGATE__HISTORY_BUCKETS", "1", "aggregate.history_buckets=1 must be at least 2"),
+        ("SCALER__MAX_FORECAST_AGE_S", "0", "scaler.max_forecast_age_s=0.0 must be > 0"),
+    ],
+)
+def test_dag_settings_are_range_checked(key, value, message):
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(environ={f"WARMCAST_{key}": value})
+
+
+def test_forecast_fallbacks_are_the_baselines():
+    from models.baselines import METHODS
+    from pipeline.config import FORECAST_FALLBACKS
+
+    assert FORECAST_FALLBACKS == (*METHODS, "fail")
