@@ -59,7 +59,8 @@ airflow: $(STAMP)
 	AIRFLOW__API__BASE_URL=http://127.0.0.1:$(AIRFLOW_PORT) \
 	AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:$(AIRFLOW_PORT)/execution/ \
 	AIRFLOW__WARMCAST__START_DATE="$$(date -u +%Y-%m-%dT%H:00:00+00:00)" \
-	WARMCAST_LAKE="$(abspath var/lake)" WARMCAST_LANDING="$(abspath var/landing)" \
+	WARMCAST_LAKE="$${WARMCAST_LAKE:-$(abspath var/lake)}" WARMCAST_LANDING="$${WARMCAST_LANDING:-$(abspath var/landing)}" \
+	WARMCAST_STORE_URL="$${WARMCAST_STORE_URL:-sqlite:///$(abspath var/warmcast.db)}" \
 	airflow standalone
 
 ## lock: refresh constraints.txt from the current environment

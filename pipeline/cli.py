@@ -2,7 +2,8 @@
 
 Heavy packages are imported inside the subcommands that need them, so ``warmcast ingest``
 never loads torch. Exit codes: 0 success, 1 a run failed its validation gate, 2 bad input or
-configuration (the message names the problem; nothing was written).
+configuration (the message names the problem; nothing was written), 3 ``warmcast scale`` found
+another scaler run holding the lease (nothing was applied).
 """
 
 from __future__ import annotations
@@ -152,7 +153,11 @@ def _aws_settings(settings: Settings, endpoint_url: str | None):
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    """One scaling cycle: read a system forecast, plan every pool of the fleet, apply or dry-run."""
+    """One scaling cycle: read a system forecast, plan every pool of the fleet, apply or dry-run.
+
+    Unless it is a dry run, the cycle holds the scaler lease in the forecast store: a second run at
+    the same time applies nothing and exits 3, naming the holder.
+    """
     import pyarrow.parquet as pq
 
     from scaler.aws import RetryPolicy, is_backfill, make_clients, scale_cycle
@@ -165,14 +170,37 @@ def cmd_scale(args: argparse.Namespace) -> int:
     forecast = pq.read_table(args.forecast)
     now = args.now or datetime.now(timezone.utc)
     backfill = is_backfill(now, max_lag_s=sc.max_forecast_age_s)
+    dry_run = args.dry_run or sc.dry_run or backfill
     clients = make_clients(_aws_settings(settings, args.endpoint_url))
-    plan, report = scale_cycle(
-        clients.autoscaling, fleet.policy_pools(), forecast, now,
-        dry_run=args.dry_run or sc.dry_run or backfill,
-        options=PlanOptions(sc.max_forecast_age_s, sc.upper_shading),
-        max_workers=sc.apply_workers,
-        retry=RetryPolicy(sc.retry_attempts, sc.retry_base_delay_s, sc.retry_max_delay_s),
-    )
+    sub: dict = {}
+    if fleet.subpools is not None and args.user_forecast:
+        from scaler.subpools import top_software_configs
+
+        requests = pq.read_table(args.requests) if args.requests else None
+        sub = dict(subpools=fleet.subpools, user_forecast=pq.read_table(args.user_forecast), ec2=clients.ec2,
+                   user_configs=top_software_configs(requests, fleet.subpools.policy.top_k,
+                                                     start=now - timedelta(days=args.requests_days), end=now)
+                   if requests is not None else {})
+    lease = None
+    if not dry_run:
+        from pipeline.forecast_store import ForecastStore
+        from scaler.lease import ScalerLease
+
+        store = ForecastStore(args.store_url or settings.store_url)
+        store.create_schema()
+        lease = ScalerLease(store)
+    from scaler.lease import LeaseHeldError, LeaseLostError
+
+    try:
+        plan, report = scale_cycle(
+            clients.autoscaling, fleet.policy_pools(), forecast, now, dry_run=dry_run,
+            options=PlanOptions(sc.max_forecast_age_s, sc.upper_shading, on_bad_forecast=args.on_bad_forecast),
+            max_workers=sc.apply_workers, lease=lease,
+            retry=RetryPolicy(sc.retry_attempts, sc.retry_base_delay_s, sc.retry_max_delay_s), **sub,
+        )
+    except (LeaseHeldError, LeaseLostError) as exc:
+        print(f"not applied: {exc}", file=sys.stderr)
+        return 3
     if backfill and not args.dry_run:
         print(f"note: {now.isoformat()} is in the past: a historical run records decisions and never touches AWS")
     print(report.render())
@@ -219,6 +247,44 @@ def _forecast_store(settings: Settings, lake):
     store = ForecastStore(settings.store_url, lake=lake)
     store.create_schema()
     return store
+
+
+def cmd_backtest(args: argparse.Namespace) -> int:
+    """Rolling-origin backtest: train before the lake's last ``--holdout-days``, forecast every origin in them."""
+    from models.backtest import BacktestConfig, backtest_lake, render, write_backtest
+    from models.train import TrainConfig
+    from pipeline.storage import location_from_settings
+
+    settings = _settings(args)
+    lake = location_from_settings(settings.lake, settings)
+    train = TrainConfig(epochs=args.epochs, global_epochs=args.global_epochs, hidden=args.hidden, val_days=args.val_days,
+                        min_history_days=args.min_history_days, seed=args.seed, progress_bar=args.progress)
+    config = BacktestConfig(holdout_days=args.holdout_days, train_days=args.train_days, train=train,
+                            max_forecast_rows=args.max_forecast_rows)
+    result = backtest_lake(lake, config, until=args.until)
+    paths = write_backtest(result, args.out)
+    print(render(result))
+    print(f"wrote {paths['metrics']}, {paths['table']} and {paths['forecasts']} ({result.forecasts.num_rows:,} forecast rows "
+          f"of {len(result.forecast_users)} users)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Replay the demand through every scaling policy and write the evaluation report."""
+    from pipeline.storage import location_from_settings
+    from scaler.evaluate import POLICY_NAMES, run_evaluation
+
+    settings = _settings(args)
+    if args.source == "trace" and not args.trace:
+        raise ValueError("--source trace needs --trace FOLDER (the landing folder `warmcast import` wrote)")
+    loc = location_from_settings(args.trace if args.source == "trace" else settings.lake, settings)
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else POLICY_NAMES
+    paths = run_evaluation(loc, args.source, args.out, since=args.since, until=args.until,
+                           step_s=60.0 if args.step == "1min" else 300.0, policies=policies, vcpu=args.vcpu,
+                           boot_s=args.boot_s, warmup_s=None if args.warmup_hours is None else args.warmup_hours * 3600,
+                           progress=lambda msg: print(msg, flush=True))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -345,12 +411,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="record decisions, call no mutating AWS API")
     p.add_argument("--endpoint-url", help="AWS endpoint (e.g. a local one from `warmcast aws local-endpoint`)")
     p.add_argument("--decisions-out", help="also write the decisions (SCALING_DECISION) to this Parquet file")
+    p.add_argument("--user-forecast", help="per-user forecast Parquet (USER_FORECAST) for the fleet's [subpools]")
+    p.add_argument("--requests", help="request log Parquet file or lake folder: each user's most-requested software")
+    p.add_argument("--requests-days", type=float, default=7.0, help="days of requests before --now to count (default 7)")
+    p.add_argument("--on-bad-forecast", choices=("reactive", "hold"), default="reactive",
+                   help="when the forecast is missing or stale: reactive sizing, scale-out only (default), or hold")
+    p.add_argument("--store-url", help="forecast store holding the scaler lease (default: settings' store_url)")
 
     p = add("aws", cmd_aws, "AWS set-up: bootstrap the fleet's groups, print the IAM policy, run a local endpoint")
     p.add_argument("aws_command", choices=("bootstrap", "iam-policy", "local-endpoint"))
     p.add_argument("--fleet", help="fleet file for bootstrap")
     p.add_argument("--endpoint-url", help="AWS endpoint for bootstrap")
     p.add_argument("--port", type=int, default=5000, help="local-endpoint: port on 127.0.0.1 (default 5000)")
+
+    p = add("backtest", cmd_backtest, "rolling-origin backtest of the per-user LSTMs, the global model and the baselines on the lake")
+    p.add_argument("--lake", help="lake location")
+    p.add_argument("--holdout-days", type=float, required=True, help="test window: the last K days of the lake's demand")
+    p.add_argument("--out", required=True, help="folder for metrics.json, table.txt and forecasts.parquet")
+    p.add_argument("--until", type=_time, help="end of the test window (default: end of the lake's data)")
+    p.add_argument("--train-days", type=float, help="training window before the test window (default: all history)")
+    p.add_argument("--epochs", type=int, default=TRAIN_EPOCHS, help="per-user epochs (an upper bound: users stop early)")
+    p.add_argument("--global-epochs", type=int, default=5)
+    p.add_argument("--hidden", type=int, default=32, help="LSTM hidden units")
+    p.add_argument("--val-days", type=float, default=1.0, help="validation tail inside the training window (early stopping)")
+    p.add_argument("--min-history-days", type=float, default=2.0, help="users with less history before the validation tail use the global model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-forecast-rows", type=int, default=1_000_000, help="bound on the forecast rows written (a sample of users)")
+    p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+
+    p = add("evaluate", cmd_evaluate, "replay demand through reactive, predictive and warmcast scaling; write a report")
+    p.add_argument("--lake", help="lake location (with --source lake)")
+    p.add_argument("--source", choices=("lake", "trace"), default="lake",
+                   help="lake: the lake's request logs; trace: Parquet landing files of `warmcast import` (no ingest)")
+    p.add_argument("--trace", help="with --source trace: the landing folder `warmcast import` wrote")
+    p.add_argument("--out", required=True, help="folder for report.md, report.html, summary.json and the PNGs")
+    p.add_argument("--since", type=_time, help="start (UTC; default: the first hour with data)")
+    p.add_argument("--until", type=_time, help="end, exclusive (default: the end of the last hour with data)")
+    p.add_argument("--step", choices=("1min", "5min"), default="1min", help="replay step (default 1min)")
+    p.add_argument("--policies", default=None, help="comma-separated subset (default all; reactive is always needed)")
+    p.add_argument("--vcpu", type=float, help="vCPUs per instance (default: 16, smaller for small demand)")
+    p.add_argument("--boot-s", type=float, default=300.0, help="instance boot time, seconds (default 300)")
+    p.add_argument("--warmup-hours", type=float, help="unscored warm-up (default: 7 days, or half a shorter window)")
 
     p = add("demo", cmd_demo, "the main job on embedded defaults: generate, ingest, build and summarise demand")
     p.add_argument("--landing", help="landing location (default var/landing)")

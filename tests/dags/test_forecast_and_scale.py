@@ -213,6 +213,46 @@ def test_live_run_while_another_run_holds_the_scaler_lease_applies_nothing(dag, 
     assert other.holder()["owner"] == "other-host:1:abc"  # the loser did not release someone else's lease
 
 
+def test_live_run_with_subpools_creates_tagged_user_groups(dag, env, aws):
+    """A fleet with ``[subpools]``: the live run gives users whose forecast needs them a tagged
+    sub-pool group preloaded with their most-requested software (from the lake's request logs)."""
+    clients, calls = aws
+    from pipeline.intervals import floor_to_slot
+    from scaler.subpools import SUBPOOL_PREFIX
+
+    fleet = Path(str(env["lake"])).parent / "fleet.toml"
+    fleet.write_text(fleet.read_text() + """
+[subpools]
+instance_type = "t3.nano"
+vcpu = 0.25
+memory_gb = 0.5
+hourly_price_usd = 0.005
+boot_s = 120
+mode = "scale"
+enter_instances = 0.5
+exit_instances = 0.25
+max_subpools = 3
+max_size = 40
+""")
+    at = floor_to_slot(datetime.now(UTC), 5)
+    dr = run_dag(dag, at)
+
+    assert dr.state == "success", task_states(dr)
+    groups = clients.autoscaling.describe_auto_scaling_groups()["AutoScalingGroups"]
+    subs = [g for g in groups if g["AutoScalingGroupName"].startswith(SUBPOOL_PREFIX)]
+    assert 1 <= len(subs) <= 3, [(d["pool"], d["reason"]) for d in store().read_decisions(at, at + timedelta(seconds=1)).to_pylist()]
+    from scaler.subpools import subpool_group_name
+
+    for g in subs:
+        tags = {t["Key"]: t["Value"] for t in g["Tags"]}
+        # the owning user is a tag; the name is a hash of it, never the raw id
+        assert g["AutoScalingGroupName"] == subpool_group_name(tags["warmcast:user"]), tags
+        assert tags["warmcast:user"] not in g["AutoScalingGroupName"] and tags["warmcast:software-configs"], tags
+    rows = [d for d in store().read_decisions(at, at + timedelta(seconds=1)).to_pylist() if d["pool_kind"] == "subpool"]
+    assert rows and all(r["applied"] for r in rows if "action=create" in r["reason"]), rows
+    assert "CreateAutoScalingGroup" in calls
+
+
 def test_backfill_reads_nothing_from_after_its_issue_time(dag, env, aws):
     from models.persist import load_trained, save_trained
     from models.store import ModelStore
