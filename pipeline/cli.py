@@ -272,17 +272,21 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Replay the demand through every scaling policy and write the evaluation report."""
     from pipeline.storage import location_from_settings
-    from scaler.evaluate import POLICY_NAMES, run_evaluation
+    from scaler.evaluate import LstmForecastConfig, run_evaluation
 
     settings = _settings(args)
     if args.source == "trace" and not args.trace:
         raise ValueError("--source trace needs --trace FOLDER (the landing folder `warmcast import` wrote)")
+    if args.forecaster == "lstm" and args.source != "lake":
+        raise ValueError("--forecaster lstm needs --source lake: the per-user LSTMs train on the lake's per-user demand")
     loc = location_from_settings(args.trace if args.source == "trace" else settings.lake, settings)
-    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else POLICY_NAMES
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else None
+    lstm = LstmForecastConfig(epochs=args.epochs, global_epochs=args.global_epochs, val_days=args.val_days,
+                              min_history_days=args.min_history_days, n_paths=args.n_paths)
     paths = run_evaluation(loc, args.source, args.out, since=args.since, until=args.until,
                            step_s=60.0 if args.step == "1min" else 300.0, policies=policies, vcpu=args.vcpu,
                            boot_s=args.boot_s, warmup_s=None if args.warmup_hours is None else args.warmup_hours * 3600,
-                           progress=lambda msg: print(msg, flush=True))
+                           forecaster=args.forecaster, lstm=lstm, progress=lambda msg: print(msg, flush=True))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -452,6 +456,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vcpu", type=float, help="vCPUs per instance (default: 16, smaller for small demand)")
     p.add_argument("--boot-s", type=float, default=300.0, help="instance boot time, seconds (default 300)")
     p.add_argument("--warmup-hours", type=float, help="unscored warm-up (default: 7 days, or half a shorter window)")
+    p.add_argument("--forecaster", choices=("baseline", "lstm"), default="baseline",
+                   help="baseline: warmcast from the last value of the system sum (default); lstm: also 'warmcast_lstm', "
+                        "per-user LSTMs trained on the lake before the scored period, forecasting every 5-minute origin "
+                        "of it from past data, aggregated (--source lake only)")
+    p.add_argument("--epochs", type=int, default=TRAIN_EPOCHS, help="with --forecaster lstm: per-user epochs (an upper bound)")
+    p.add_argument("--global-epochs", type=int, default=5, help="with --forecaster lstm: global-model epochs")
+    p.add_argument("--val-days", type=float, help="with --forecaster lstm: validation tail of the training window "
+                                                  "(default 1, or half a shorter window)")
+    p.add_argument("--min-history-days", type=float, help="with --forecaster lstm: history a user needs for its own "
+                                                          "model (default 2, or half of what the window leaves before the tail)")
+    p.add_argument("--n-paths", type=int, default=1000, help="with --forecaster lstm: sample paths per origin (default 1000)")
 
     p = add("demo", cmd_demo, "the main job on embedded defaults: generate, ingest, build and summarise demand")
     p.add_argument("--landing", help="landing location (default var/landing)")

@@ -23,7 +23,10 @@ Pure computation on a :class:`~scaler.simulate.SystemTrace`; rendering lives in
    in cost) to ``H``, for the pool-size plots.
 
 Forecasts are issued with past data only: every simulated policy reads at step ``t`` only demand
-before ``t`` (the oracle excepted, by design).
+before ``t`` (the oracle excepted, by design). ``warmcast`` plans from a baseline forecast of the
+system sum; with ``forecaster="lstm"``, ``warmcast_lstm`` plans from warmcast's own per-user LSTMs
+(trained before the scored period, issued at every 5-minute origin, aggregated to sample paths of
+the sum: :func:`train_lstm_models`, :func:`lstm_system_forecast`). torch is imported only there.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 
 from scaler.policy import InstanceShape
 from scaler.sim_policies import (AwsPredictive, KnativeAutoscaler, NaivePredictive, Oracle, ReactiveTargetTracking,
-                                 Warmcast)
+                                 SampledForecast, Warmcast)
 from scaler.simulate import FleetModel, ScalingPolicy, SimMetrics, SimResult, SystemTrace, simulate
 
 UTILS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
@@ -63,13 +66,26 @@ POLICY_SPECS: dict[str, PolicySpec] = {s.name: s for s in (
                lambda v: AwsPredictive(target_utilisation=v), UTILS),
     PolicySpec("naive_predictive", "naive heuristic (last + increment quantile)", "level",
                lambda v: NaivePredictive(level=v), LEVELS),
-    PolicySpec("warmcast", "warmcast", "level", lambda v: Warmcast(level=v), LEVELS),
+    PolicySpec("warmcast", "warmcast, baseline forecast (last value of the sum)", "level", lambda v: Warmcast(level=v), LEVELS),
     PolicySpec("warmcast_1min", "warmcast, planning every minute", "level",
                lambda v: Warmcast(level=v, decide_every_s=60), LEVELS),
     PolicySpec("oracle", "oracle (perfect foresight)", "coverage", lambda v: Oracle(coverage=v), COVERAGE),
 )}
 POLICY_NAMES = tuple(POLICY_SPECS)
 REFERENCE_POLICY, NAIVE_POLICY = "reactive", "naive_predictive"
+LSTM_POLICY = "warmcast_lstm"  # only with forecaster="lstm": see lstm_policy_spec
+FORECASTERS = ("baseline", "lstm")
+
+
+def lstm_policy_spec(forecast: SampledForecast) -> PolicySpec:
+    """warmcast's plan driven by its own per-user LSTM forecasts, aggregated (``forecast``); the
+    knob ``level`` is the quantile of the sampled system sum, rebuilt for every setting."""
+    def make(level: float) -> Warmcast:
+        pol = Warmcast(level=level, forecast=forecast.at(level))
+        pol.name = LSTM_POLICY
+        return pol
+
+    return PolicySpec(LSTM_POLICY, "warmcast, per-user LSTM forecasts aggregated", "level", make, LEVELS)
 
 
 def choose_shape(trace: SystemTrace, *, vcpu: float | None = None, boot_s: float = 300.0,
@@ -165,6 +181,7 @@ class Evaluation:
     policies: dict[str, PolicyEvaluation]
     also: dict[str, dict] = field(default_factory=dict)
     forecast_note: str = ""
+    forecasters: dict[str, str] = field(default_factory=dict)  # policy -> which forecast drove it (report text)
 
     def summary(self) -> dict:
         """The ``summary.json`` content (plain JSON types; None for undefined ratios)."""
@@ -181,6 +198,7 @@ class Evaluation:
                               "outside the curve); ratio = that value / the reference's (or the naive heuristic's "
                               "interpolated value)"),
             "forecast": self.forecast_note,
+            "forecasters": dict(self.forecasters),
             "policies": {},
             "also_at": self.also,
         }
@@ -189,6 +207,7 @@ class Evaluation:
             out["policies"][name] = {
                 "label": pe.spec.label,
                 "knob": pe.spec.knob,
+                "forecaster": self.forecasters.get(name),
                 "curve": [{"knob": m.knob_value, "instance_hours": r(m.instance_hours, 3),
                            "equivalent_instance_hours": r(m.equivalent_instance_hours, 3),
                            "cold_requests": r(m.cold_requests, 3), "cold_core_seconds": r(m.cold_core_seconds, 3),
@@ -227,7 +246,8 @@ def _ratios(policies: dict[str, PolicyEvaluation], ref: SimMetrics) -> dict[str,
 def evaluate(trace: SystemTrace, fleet: FleetModel, *, policies: Sequence[str] = POLICY_NAMES,
              specs: dict[str, PolicySpec] | None = None, reference_utilisation: float = 0.7,
              also_utilisations: Sequence[float] = (0.8, 0.9), eval_start: int | None = None,
-             forecast_note: str = "", progress: Callable[[str], None] | None = None) -> Evaluation:
+             forecast_note: str = "", forecasters: dict[str, str] | None = None,
+             progress: Callable[[str], None] | None = None) -> Evaluation:
     """Sweep every policy, compare at the reference cost, replay each at that cost (module doc)."""
     specs = specs or POLICY_SPECS
     unknown = [p for p in policies if p not in specs]
@@ -264,7 +284,8 @@ def evaluate(trace: SystemTrace, fleet: FleetModel, *, policies: Sequence[str] =
             "cold_core_seconds": round(m.cold_core_seconds, 3),
             "policies": {k: {kk: (None if vv is None else round(vv, 4)) for kk, vv in v.items()}
                          for k, v in _ratios(evals, m).items()}}
-    return Evaluation(trace, fleet, eval_start, reference_utilisation, ref, evals, also, forecast_note)
+    return Evaluation(trace, fleet, eval_start, reference_utilisation, ref, evals, also, forecast_note,
+                      {k: v for k, v in (forecasters or {}).items() if k in evals})
 
 
 FORECAST_NOTE = ("baseline, not the LSTM: the last value of the system demand (all users summed) plus the chosen "
@@ -274,6 +295,166 @@ FORECAST_NOTE = ("baseline, not the LSTM: the last value of the system demand (a
                  "square root of the level. Sized by scaler.policy.plan_pools every 5 minutes (the forecast-and-"
                  "scale cadence; 'warmcast_1min': every minute) for boot time + the decision interval, warm pool for "
                  "30 min, no hysteresis or scale-in grace, and a reactive safety net that pulls warm instances.")
+
+
+LSTM_NOTE = ("warmcast's own forecasts: one LSTM per user (models.train.train on the demand before the scored period "
+             "only: {train}), issuing per-user quantile forecasts at every 5-minute origin of the scored period from "
+             "the demand before that origin (models.backtest.lstm_forecasts); each origin's forecasts are aggregated "
+             "as the pipeline does (pipeline.aggregate.sample_totals: {n_paths} joint sample paths of the users' sum, "
+             "dependence from each user's one-step demand changes over the {history} buckets before the origin) and "
+             "the upper bound at the knob `level` is that quantile of the sampled sum (1: the largest path). The "
+             "target is each 5-minute bucket's average demand (the forecast contract), not its peak minute as in "
+             "the baseline. {users} Sized by the same plan every 5 minutes; no forecast before the scored period "
+             "(only the safety net there).")
+
+
+@dataclass(frozen=True)
+class LstmForecastConfig:
+    """How ``--forecaster lstm`` trains and aggregates. ``val_days`` (None: 1 day, or half a shorter
+    training window) and ``min_history_days`` (None: 2 days, or half of what the window leaves
+    before the validation tail) go to :class:`models.train.TrainConfig`; ``n_paths``, ``history_buckets``,
+    ``seed``: the aggregation's (as in the pipeline's settings)."""
+
+    epochs: int = 8
+    global_epochs: int = 5
+    hidden: int = 32
+    val_days: float | None = None
+    min_history_days: float | None = None
+    n_paths: int = 1000
+    history_buckets: int = 288
+    seed: int = 0
+
+    def train_config(self, window_days: float):
+        from models.train import TrainConfig
+
+        val = self.val_days if self.val_days is not None else min(1.0, window_days / 2)
+        # a user's history counts from its first active bucket: a threshold of the whole window before the
+        # tail would leave every user not active from its first bucket on the global model
+        hist = self.min_history_days if self.min_history_days is not None else min(2.0, (window_days - val) / 2)
+        return TrainConfig(epochs=self.epochs, global_epochs=self.global_epochs, hidden=self.hidden, val_days=val,
+                           min_history_days=hist, seed=self.seed)
+
+
+def _on_grid(when, what: str) -> None:
+    from pipeline.schemas import BUCKET_SECONDS
+
+    if (when.timestamp() % BUCKET_SECONDS) != 0:
+        raise ValueError(f"{what} {when.isoformat()} is not on the 5-minute forecast grid")
+
+
+def train_lstm_models(demand, since, scored_start, config: LstmForecastConfig = LstmForecastConfig()):
+    """Per-user (and global) LSTMs trained on the rows of ``demand`` in ``[since, scored_start)``
+    only (:func:`models.train.train`); the rows from ``scored_start`` on are dropped before training."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from models import train as train_module
+
+    _on_grid(since, "the training start")
+    _on_grid(scored_start, "the scored period's start")
+    ts_type = demand.schema.field("ts").type
+    before = demand.filter(pc.and_(pc.greater_equal(demand["ts"], pa.scalar(since, ts_type)),
+                                   pc.less(demand["ts"], pa.scalar(scored_start, ts_type))))
+    if before.num_rows == 0:
+        raise ValueError(f"no demand before the scored period ({since.isoformat()} – {scored_start.isoformat()}) "
+                         "to train the LSTMs on: lengthen the warm-up (--warmup-hours)")
+    window_days = (scored_start - since).total_seconds() / 86_400
+    tc = config.train_config(window_days)
+    if window_days < tc.val_days + 1 / 24:
+        raise ValueError(f"the {window_days:.2f} day(s) before the scored period leave no training data before the "
+                         f"{tc.val_days:g}-day validation tail: lengthen the warm-up (--warmup-hours) or pass --val-days")
+    trained = train_module.train(before, since=since, until=scored_start, config=tc)
+    if trained.until > scored_start:
+        raise ValueError(f"the models were trained on data until {trained.until.isoformat()}, after the scored "
+                         f"period's start {scored_start.isoformat()}")
+    return trained
+
+
+def _dense_history(demand, users: Sequence[str], start, n_buckets: int) -> np.ndarray:
+    """float64 ``[U, n_buckets, 4]`` demand of ``users`` on the 5-minute grid from ``start``
+    (DEMAND_RESOURCES order, 0 without a row); the grid :func:`pipeline.aggregate.residual_history` reads."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES
+
+    grid = np.zeros((len(users), n_buckets, len(DEMAND_RESOURCES)))
+    if demand.num_rows == 0 or not len(users):
+        return grid
+    u = pc.index_in(demand["user_id"], value_set=pa.array(list(users), pa.string())).to_numpy(zero_copy_only=False)
+    t0 = int(start.timestamp() * 1_000_000)
+    b = (pc.cast(demand["ts"].cast(pa.timestamp("us", tz="UTC")), pa.int64()).to_numpy() - t0) // (BUCKET_SECONDS * 1_000_000)
+    ok = ~np.isnan(u.astype(np.float64)) & (b >= 0) & (b < n_buckets)
+    ui, bi = u[ok].astype(np.int64), b[ok]
+    for k, r in enumerate(DEMAND_RESOURCES):
+        np.add.at(grid[:, :, k], (ui, bi), demand[r].to_numpy(zero_copy_only=False).astype(np.float64)[ok])
+    return grid
+
+
+def lstm_system_forecast(trained, demand, trace: SystemTrace, eval_start: int, *, n_paths: int = 1000,
+                         history_buckets: int = 288, seed: int = 0, chunk_users: int = 256,
+                         progress: Callable[[str], None] | None = None) -> SampledForecast:
+    """The system forecast warmcast would have issued at every 5-minute origin of the scored
+    period ``[eval_start, T)`` of ``trace``, from ``trained``'s per-user LSTMs and ``demand`` (the
+    DEMAND table) before each origin.
+
+    Per origin: the users' quantiles (:func:`models.backtest.lstm_forecasts`, issued at the origin
+    from the buckets before it), their means (:func:`models.contract.quantile_mean`) and
+    ``n_paths`` joint sample paths of their sum (:func:`pipeline.aggregate.sample_totals`, the
+    empirical copula of each user's one-step changes over the ``history_buckets`` buckets before
+    the origin, as :func:`pipeline.aggregate.residual_history`; seed ``seed + origin index``).
+    Issue ``k`` is read from step ``eval_start + k·K`` (``K`` steps per bucket). Users first seen
+    in the scored period have no model and are not in the forecast.
+    """
+    import time
+    from datetime import timedelta
+
+    from models.backtest import LSTM, lstm_forecasts
+    from models.contract import quantile_mean
+    from pipeline.aggregate import AggregateConfig, ForecastCube, ResidualHistory, sample_totals
+    from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN
+
+    k = round(BUCKET_SECONDS / trace.step_s)
+    if abs(k * trace.step_s - BUCKET_SECONDS) > 1e-6:
+        raise ValueError(f"step_s={trace.step_s:g} must divide the 5-minute forecast bucket")
+    start = trace.start + timedelta(seconds=eval_start * trace.step_s)
+    end = trace.start + timedelta(seconds=trace.steps * trace.step_s)
+    _on_grid(start, "the scored period's start")
+    _on_grid(end, "the trace's end")
+    if trained.until > start:
+        raise ValueError(f"the models were trained on data until {trained.until.isoformat()}, after the scored "
+                         f"period's start {start.isoformat()}: they have seen it")
+    users = list(trained.user_ids)
+    n_orig = round((end - start).total_seconds() / BUCKET_SECONDS)
+    res = [DEMAND_RESOURCES.index("cpu_cores"), DEMAND_RESOURCES.index("memory_gb")]
+    t0 = time.perf_counter()
+    q = np.empty((len(users), n_orig, 6, 2, 7), dtype=np.float32)
+    for u0 in range(0, len(users), chunk_users):
+        rows = np.arange(u0, min(len(users), u0 + chunk_users))
+        part = lstm_forecasts(trained, demand, start, end, rows)[LSTM]
+        if part.shape[1] != n_orig:
+            raise RuntimeError(f"lstm_forecasts gave {part.shape[1]} origins for the {n_orig} buckets of the scored period")
+        q[rows] = part[:, :, :, res, :]
+    q.sort(axis=-1)  # non-crossing, as read_user_forecast repairs a stored forecast
+    mean = quantile_mean(q)  # [U, O, 6, 2]
+    if progress:
+        progress(f"{LSTM_POLICY}: per-user forecasts of {len(users)} users at {n_orig} origins in "
+                 f"{time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    hist_start = start - (history_buckets + 1) * timedelta(seconds=BUCKET_SECONDS)
+    grid = _dense_history(demand, users, hist_start, history_buckets + n_orig)  # [U, H + 1 + O - 1, 4]
+    totals = np.empty((n_orig, n_paths, 6, 2), dtype=np.float32)
+    for o in range(n_orig):
+        issued_at = start + o * timedelta(seconds=BUCKET_SECONDS)
+        changes = np.diff(grid[:, o:o + history_buckets + 1], axis=1)  # the buckets before issued_at only
+        cube = ForecastCube(issued_at, users, HORIZONS_MIN, ("cpu_cores", "memory_gb"),
+                            q[:, o].astype(np.float64), mean[:, o])
+        paths, _ = sample_totals(cube, ResidualHistory(users, changes), AggregateConfig(n_paths=n_paths, seed=seed + o))
+        totals[o] = np.sort(paths, axis=0)
+    if progress:
+        progress(f"{LSTM_POLICY}: {n_paths} sample paths of the system sum at {n_orig} origins in "
+                 f"{time.perf_counter() - t0:.1f} s")
+    return SampledForecast(eval_start + k * np.arange(n_orig), totals, mean.sum(axis=0))
 
 
 def data_hours(loc, prefix: str = "") -> tuple["datetime", "datetime"]:
@@ -289,12 +470,19 @@ def data_hours(loc, prefix: str = "") -> tuple["datetime", "datetime"]:
 
 
 def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: float = 60.0,
-                   policies: Sequence[str] = POLICY_NAMES, vcpu: float | None = None, boot_s: float = 300.0,
-                   warmup_s: float | None = None, progress: Callable[[str], None] | None = None) -> dict:
+                   policies: Sequence[str] | None = None, vcpu: float | None = None, boot_s: float = 300.0,
+                   warmup_s: float | None = None, forecaster: str = "baseline",
+                   lstm: LstmForecastConfig = LstmForecastConfig(),
+                   progress: Callable[[str], None] | None = None) -> dict:
     """``warmcast evaluate``: system demand of a lake (``source="lake"``) or of the Parquet files
     of a landing folder written by ``warmcast import`` (``"trace"``, no ingest) over
     ``[since, until)`` (default: every partition hour present) on ``step_s`` steps; evaluate; write
-    the report into ``out``. Returns the paths written (name → path)."""
+    the report into ``out``. Returns the paths written (name → path).
+
+    ``forecaster="lstm"`` (lake only) adds :data:`LSTM_POLICY`: warmcast's plan driven by per-user
+    LSTMs trained on the lake's demand before the scored period (:func:`train_lstm_models`) and
+    their forecasts issued at every 5-minute origin of it, aggregated (:func:`lstm_system_forecast`).
+    The scored period then starts on the 5-minute grid (the warm-up is rounded up to it)."""
     from pathlib import Path
 
     from pipeline.demand import system_demand_from_landing, system_demand_from_lake
@@ -303,6 +491,18 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
 
     if source not in ("lake", "trace"):
         raise ValueError(f"source must be 'lake' or 'trace', got {source!r}")
+    if forecaster not in FORECASTERS:
+        raise ValueError(f"forecaster must be one of {', '.join(FORECASTERS)}, got {forecaster!r}")
+    if forecaster == "lstm" and source != "lake":
+        raise ValueError("--forecaster lstm needs --source lake: the per-user models are trained on the lake's "
+                         "per-user demand series (a trace's landing files are only summed)")
+    if policies is None:
+        policies = POLICY_NAMES
+        if forecaster == "lstm":  # beside the other warmcast policies
+            at = POLICY_NAMES.index("warmcast_1min") + 1
+            policies = POLICY_NAMES[:at] + (LSTM_POLICY,) + POLICY_NAMES[at:]
+    if LSTM_POLICY in policies and forecaster != "lstm":
+        raise ValueError(f"the {LSTM_POLICY!r} policy needs --forecaster lstm")
     if since is None or until is None:
         first, last = data_hours(loc, "request_logs" if source == "lake" else "")
         since, until = since or first, until or last
@@ -315,10 +515,53 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
     if not trace.cores.any():
         raise ValueError(f"no demand in {loc.uri} between {since.isoformat()} and {until.isoformat()}")
     fleet = FleetModel(choose_shape(trace, vcpu=vcpu, boot_s=boot_s))
-    eval_start = None if warmup_s is None else round(warmup_s / trace.step_s)
+    eval_start = default_eval_start(trace) if warmup_s is None else round(warmup_s / trace.step_s)
     note = FORECAST_NOTE
-    if source == "lake" and loc.is_dir(loc.path("models")):
-        note += " (The lake has a model store; replaying the per-user LSTM at every 5-minute origin is not done here.)"
-    ev = evaluate(trace, fleet, policies=policies, eval_start=eval_start, forecast_note=note, progress=progress)
-    meta = {"source": f"{source} {loc.uri}", "since": since.isoformat(), "until": until.isoformat(), "step_s": step_s}
+    forecasters = {name: "baseline: last value of the system sum + its past error quantiles"
+                   for name in ("warmcast", "warmcast_1min")}
+    specs = dict(POLICY_SPECS)
+    meta = {"source": f"{source} {loc.uri}", "since": since.isoformat(), "until": until.isoformat(), "step_s": step_s,
+            "forecaster": forecaster}
+    if forecaster == "lstm" and LSTM_POLICY in policies:
+        from datetime import timedelta
+
+        from models.backtest import demand_from_lake_chunked
+
+        per_bucket = max(1, round(300 / trace.step_s))
+        eval_start = -(-eval_start // per_bucket) * per_bucket  # the first origin on the 5-minute grid
+        if not 0 < eval_start < trace.steps:
+            raise ValueError(f"the trace has {trace.steps} steps; a warm-up of {eval_start} leaves no training or no "
+                             "scored period for the LSTMs")
+        scored = trace.start + timedelta(seconds=eval_start * trace.step_s)
+        demand = demand_from_lake_chunked(loc, since, until)
+        if progress:
+            progress(f"{LSTM_POLICY}: training per-user LSTMs on {since.isoformat()} – {scored.isoformat()} "
+                     f"(epochs {lstm.epochs}, global {lstm.global_epochs})")
+        trained = train_lstm_models(demand, since, scored, lstm)
+        sampled = lstm_system_forecast(trained, demand, trace, eval_start, n_paths=lstm.n_paths,
+                                       history_buckets=lstm.history_buckets, seed=lstm.seed, progress=progress)
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        later = demand.filter(pc.greater_equal(demand["ts"], pa.scalar(scored, demand.schema.field("ts").type)))
+        new_users = sorted(set(pc.unique(later["user_id"]).to_pylist()) - set(trained.user_ids))
+        users = (f"{len(trained.user_ids)} users forecast ({int(trained.uses_global.sum())} on the global model for "
+                 f"too little history)" + (f"; {len(new_users)} users first seen in the scored period have no model "
+                                           "and are left out of the forecast (the safety net covers them)." if new_users else "."))
+        tc = trained.config
+        train_text = (f"{since:%Y-%m-%d %H:%M} – {scored:%Y-%m-%d %H:%M} UTC, validation tail {tc.val_days:g} d, "
+                      f"per-user models from {tc.min_history_days:g} d of history, epochs run global/per-user "
+                      f"{trained.epochs_run[0]}/{trained.epochs_run[1]}")
+        specs[LSTM_POLICY] = lstm_policy_spec(sampled)
+        forecasters[LSTM_POLICY] = LSTM_NOTE.format(train=train_text, n_paths=lstm.n_paths,
+                                                    history=lstm.history_buckets, users=users)
+        meta["lstm"] = {"train_start": since.isoformat(), "train_end": scored.isoformat(), "users": len(trained.user_ids),
+                        "on_global_model": int(trained.uses_global.sum()), "new_users_not_forecast": len(new_users),
+                        "epochs_run": list(trained.epochs_run), "val_days": tc.val_days,
+                        "min_history_days": tc.min_history_days, "n_paths": lstm.n_paths, "origins": len(sampled.issued_step)}
+    elif source == "lake" and loc.is_dir(loc.path("models")):
+        note += (" (The lake has a model store; `--forecaster lstm` replays warmcast's own per-user LSTMs as the "
+                 f"{LSTM_POLICY!r} policy.)")
+    ev = evaluate(trace, fleet, policies=policies, specs=specs, eval_start=eval_start, forecast_note=note,
+                  forecasters=forecasters, progress=progress)
     return write_report(ev, Path(out), meta)

@@ -8,8 +8,10 @@ Plots (each titled, axes labelled with units, legends):
   cost in equivalent instance-hours, with the reference cost marked.
 * ``pools.png``: per policy, at the reference cost, the in-service capacity (cores) over the
   demand, cold moments marked; warmcast's warm pool too.
-* ``forecast.png``: the warmcast policy's forecast (mean and upper bound at the active horizon,
-  and the 30-minute upper bound) against the demand it had to cover.
+* ``forecast.png``: the warmcast policies' forecasts (mean and upper bound at the active horizon,
+  and the 30-minute upper bound) against the demand they had to cover: one panel for the baseline
+  forecaster (``warmcast``) and, with ``--forecaster lstm``, one for the per-user LSTMs aggregated
+  (``warmcast_lstm``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.schemas import HORIZONS_MIN
-from scaler.evaluate import Evaluation
+from scaler.evaluate import LSTM_POLICY, Evaluation
 from scaler.sim_policies import Warmcast
 
 COLORS = {"reactive": "#d62728", "knative": "#ff7f0e", "aws_predictive": "#8c564b", "naive_predictive": "#7f7f7f",
-          "warmcast": "#1f77b4", "warmcast_1min": "#17becf", "oracle": "#2ca02c"}
+          "warmcast": "#1f77b4", "warmcast_1min": "#17becf", LSTM_POLICY: "#9467bd", "oracle": "#2ca02c"}
+#: The policies whose forecast ``forecast.png`` shows, and what each forecast's target is.
+FORECAST_PANELS = {"warmcast": ("baseline forecaster (last value of the system sum + past error quantiles)",
+                                "the 5-min bucket's peak step"),
+                   LSTM_POLICY: ("per-user LSTM forecasts aggregated (sampled sum)", "the 5-min bucket's average")}
 PLOT_WINDOW_S = 2 * 86_400.0  # the time-series plots show at most the last two days
 
 
@@ -94,9 +100,10 @@ def plot_tradeoff(ev: Evaluation, path: Path) -> None:
     if has_req:
         axes[0][1].set_title("Cold requests vs cost (lower-left is better)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    ncol = 4 if len(labels) <= 4 or not has_req else 3
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle("Cold starts vs instance-hours, each policy's knob swept (hollow: zero cold demand)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * -(-len(labels) // ncol), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -130,50 +137,63 @@ def plot_pools(ev: Evaluation, path: Path) -> None:
     axes[-1, 0].set_xlabel("time (UTC)")
     fig.suptitle(f"Pool size over time at the reference cost ({ev.reference.equivalent_instance_hours:,.0f} equivalent "
                  f"instance-hours), {ev.fleet.shape.vcpu:g}-vCPU instances", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def warmcast_forecast(ev: Evaluation):
-    """The warmcast forecast (ForecastArrays) at the reference-cost level, and the policy object."""
-    pe = ev.policies["warmcast"]
+def warmcast_forecast(ev: Evaluation, name: str = "warmcast") -> Warmcast:
+    """The policy ``name`` at its reference-cost level, prepared: its forecast is ``.issued``."""
+    pe = ev.policies[name]
     pol = pe.spec.make(pe.knob_at_cost)
     pol.prepare(ev.trace, ev.fleet)
     return pol
+
+
+def forecast_at_steps(issued_step: np.ndarray, steps: np.ndarray, j: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each step, the issue whose horizon ``j`` (0-based) targets it: the latest issue ``i``
+    with ``issued_step[i] + j·k <= step``, valid when the step lies in that bucket
+    (``< issued_step[i] + (j+1)·k``). Returns ``(index clipped to >= 0, valid)``."""
+    i = np.searchsorted(issued_step, steps - j * k, side="right") - 1
+    ic = np.clip(i, 0, max(len(issued_step) - 1, 0))
+    ok = (i >= 0) & (steps < issued_step[ic] + (j + 1) * k) if len(issued_step) else np.zeros(len(steps), bool)
+    return ic, ok
 
 
 def plot_forecast(ev: Evaluation, path: Path) -> None:
     from scaler.forecast_view import horizon_covering
 
     plt = _plt()
-    pol: Warmcast = warmcast_forecast(ev)
-    fc, tr = pol.issued, ev.trace
+    names = [n for n in FORECAST_PANELS if n in ev.policies]
+    tr = ev.trace
     lo, hi = _window(ev)
     k = max(1, round(300 / tr.step_s))
-    h = horizon_covering(ev.fleet.shape.boot_s + pol.decide_every_s)
-    fig, ax = plt.subplots(figsize=(13, 5))
     t = _times(ev, lo, hi)
-    ax.plot(t, tr.cores[lo:hi], color="black", lw=0.7, label="actual demand (cores, per step)")
-    for hz, color, alpha in ((h, "#1f77b4", 0.35), (HORIZONS_MIN[-1], "#9467bd", 0.15)):
-        j = HORIZONS_MIN.index(hz)
-        shift = (j) * k  # issued at o, horizon j+1 targets steps o + j·k .. o + (j+1)·k − 1
-        src = np.arange(lo, hi) - shift
-        ok = (src >= 0) & (src < len(fc.issued_step))
-        srcc = np.clip(src, 0, len(fc.issued_step) - 1)
-        up = np.where(ok, fc.upper[srcc, j, 0], np.nan)
-        mean = np.where(ok, fc.mean[srcc, j, 0], np.nan)
-        ax.fill_between(t, mean, up, color=color, alpha=alpha, lw=0,
-                        label=f"{hz}-min-ahead forecast of the 5-min bucket's peak: mean to q{pol.level:.3g} upper bound")
-        if hz == h:
-            ax.plot(t, mean, color=color, lw=0.8)
-    ax.set_title(f"warmcast system forecast vs actual demand (issued from past data only, level {pol.level:.3g}, "
-                 f"drawn at the time it forecasts)", fontsize=10)
-    ax.set_ylabel("cores (average concurrent)")
-    ax.set_xlabel("time (UTC)")
-    _date_axis(ax)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    steps = np.arange(lo, hi)
+    fig, axes = plt.subplots(len(names), 1, figsize=(13, 4.2 * len(names) + 0.6), sharex=True, sharey=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        pol: Warmcast = warmcast_forecast(ev, name)
+        fc = pol.issued
+        what, target = FORECAST_PANELS[name]
+        h = horizon_covering(ev.fleet.shape.boot_s + pol.decide_every_s)
+        ax.plot(t, tr.cores[lo:hi], color="black", lw=0.7, label="actual demand (cores, per step)")
+        for hz, color, alpha in ((h, COLORS[name], 0.35), (HORIZONS_MIN[-1], "#bcbd22", 0.2)):
+            j = HORIZONS_MIN.index(hz)
+            i, ok = forecast_at_steps(fc.issued_step, steps, j, k)
+            up = np.where(ok, fc.upper[i, j, 0], np.nan)
+            mean = np.where(ok, fc.mean[i, j, 0], np.nan)
+            ax.fill_between(t, mean, up, color=color, alpha=alpha, lw=0,
+                            label=f"{hz}-min-ahead forecast of {target}: mean to q{pol.level:.3g} upper bound")
+            if hz == h:
+                ax.plot(t, mean, color=color, lw=0.8)
+        ax.set_title(f"{name}: {what}; issued from past data only, level {pol.level:.3g} (its reference-cost setting), "
+                     f"drawn at the time it forecasts", fontsize=9.5, loc="left")
+        ax.set_ylabel("cores (average concurrent)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    _date_axis(axes[-1, 0])
+    axes[-1, 0].set_xlabel("time (UTC)")
+    fig.suptitle("warmcast system forecasts vs actual demand", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -184,6 +204,7 @@ def result_rows(ev: Evaluation) -> list[dict]:
     for name, pe in ev.policies.items():
         near = pe.nearest(ev.reference.equivalent_instance_hours)
         rows.append({"policy": name, "label": pe.spec.label, "knob": f"{pe.spec.knob} = {pe.knob_at_cost:.3g}",
+                     "forecast": _short_forecaster(ev, name),
                      "cold_core_h": None if pe.cold_core_seconds_at_cost is None else pe.cold_core_seconds_at_cost / 3600,
                      "ratio_reactive": pe.ratio_to_reactive, "ratio_reactive_req": pe.ratio_to_reactive_requests,
                      "ratio_naive": pe.ratio_to_naive, "wait_p99_s": pe.at_cost.metrics.wait_p99_s if pe.at_cost else None,
@@ -191,7 +212,13 @@ def result_rows(ev: Evaluation) -> list[dict]:
     return rows
 
 
-_COLS = [("policy", "policy"), ("knob", "knob at reference cost"), ("cold_core_h", "cold core-h at reference cost"),
+def _short_forecaster(ev: Evaluation, name: str) -> str:
+    if name == LSTM_POLICY:
+        return "per-user LSTMs, aggregated"
+    return "baseline (last value of the sum)" if name in ("warmcast", "warmcast_1min") else "–"
+
+
+_COLS = [("policy", "policy"), ("forecast", "forecast driving it"), ("knob", "knob at reference cost"), ("cold_core_h", "cold core-h at reference cost"),
          ("ratio_reactive", "ratio to reactive (core-s)"), ("ratio_reactive_req", "ratio to reactive (requests)"),
          ("ratio_naive", "ratio to naive heuristic (core-s)"), ("wait_p99_s", "p99 wait of cold demand (s)"),
          ("nearest", "nearest swept point (cost / cold)")]
@@ -239,8 +266,18 @@ def _context_lines(ev: Evaluation, meta: dict) -> list[str]:
         f"{ev.reference.equivalent_instance_hours:,.1f} equivalent instance-hours, "
         f"{ev.reference.cold_core_seconds / 3600:,.2f} cold core-hours"
         + (f", {ev.reference.cold_requests:,.0f} cold requests." if ev.reference.cold_requests is not None else "."),
-        f"warmcast forecast: {ev.forecast_note}",
-    ]
+    ] + [f"{'/'.join(ps)} forecast: {text}" for text, ps in _forecast_texts(ev).items()]
+
+
+def _forecast_texts(ev: Evaluation) -> dict[str, list[str]]:
+    """Which forecast drove which warmcast policy: text → policy names (the baseline's text is
+    ``ev.forecast_note``)."""
+    out: dict[str, list[str]] = {}
+    for name in ev.policies:
+        if name in ev.forecasters or name in ("warmcast", "warmcast_1min"):
+            text = ev.forecasters.get(name, "") if name == LSTM_POLICY else ev.forecast_note
+            out.setdefault(text, []).append(name)
+    return out
 
 
 HOW = ("Each policy's main knob is swept; every setting replays the whole trace (a policy decides at the start of "
@@ -258,7 +295,7 @@ def write_report(ev: Evaluation, out: Path, meta: dict | None = None) -> dict[st
     paths = {"tradeoff": out / "tradeoff.png", "pools": out / "pools.png"}
     plot_tradeoff(ev, paths["tradeoff"])
     plot_pools(ev, paths["pools"])
-    if "warmcast" in ev.policies:
+    if any(n in ev.policies for n in FORECAST_PANELS):
         paths["forecast"] = out / "forecast.png"
         plot_forecast(ev, paths["forecast"])
     summary = {"meta": meta, **ev.summary()}
@@ -268,7 +305,7 @@ def write_report(ev: Evaluation, out: Path, meta: dict | None = None) -> dict[st
     ctx = _context_lines(ev, meta)
     captions = {"tradeoff": "Cold starts vs cost for every policy setting",
                 "pools": "Pool size over time at the reference cost (last two days at most)",
-                "forecast": "warmcast's forecast band vs the actual demand"}
+                "forecast": "warmcast's forecast bands vs the actual demand"}
     md = ["# warmcast evaluation: predictive vs reactive scaling", ""] + [f"- {c}" for c in ctx] + [
         "", "## Result at the reference cost", "",
         "| " + " | ".join(h for _, h in _COLS) + " |", "|" + "---|" * len(_COLS)]

@@ -25,7 +25,8 @@ demand (:meth:`FleetModel.need`); without ``u``, the fleet's serving capacity.
 * :class:`Warmcast` (knob ``level``): ``scaler.policy.plan_pools`` every ``decide_every_s``
   (the forecast-and-scale cadence), from a system forecast issued with past data only — by default
   :func:`empirical_forecast` (last value + empirical error quantiles of the system series), or an
-  injected :class:`ForecastArrays` — plus an optional reactive safety net that pulls warm instances
+  injected :class:`ForecastArrays` (e.g. :meth:`SampledForecast.at`, the per-user LSTM forecasts
+  aggregated, built by :func:`scaler.evaluate.lstm_system_forecast`) — plus an optional reactive safety net that pulls warm instances
   as soon as the last step did not fit. The plan's ``decision_interval_s`` is ``decide_every_s``, so its active horizon
   covers boot time plus the wait for the next plan: until the *next* plan's launches are in service.
 * :class:`Oracle` (knob ``coverage``): perfect foresight over the boot time: ``coverage`` × the
@@ -263,6 +264,27 @@ class ForecastArrays:
     issued_step: np.ndarray
     upper: np.ndarray
     mean: np.ndarray
+
+
+@dataclass(frozen=True)
+class SampledForecast:
+    """System forecasts as joint sample paths of the sum of the users' demand (the aggregation of
+    :mod:`pipeline.aggregate`): issue ``i`` is read from step ``issued_step[i]`` on (ascending).
+    ``totals``: ``[N, P, 6, 2]``, ``P`` sampled sums per issue, horizon and (cpu_cores, memory_gb);
+    ``mean``: ``[N, 6, 2]``, Σ users' means. Demand units. :meth:`at` turns it into the
+    :class:`ForecastArrays` of one level, so a sweep over ``level`` rebuilds the bound each time."""
+
+    issued_step: np.ndarray
+    totals: np.ndarray
+    mean: np.ndarray
+
+    def at(self, level: float) -> ForecastArrays:
+        """``upper`` = the ``level`` quantile of the sampled sums (one-sided, like the default
+        forecast's error quantile; 1: the largest path); ``mean`` capped at it."""
+        if not 0.0 <= level <= 1.0:
+            raise ValueError(f"level must lie in [0, 1], got {level}")
+        upper = np.quantile(self.totals, level, axis=1).astype(np.float64)
+        return ForecastArrays(self.issued_step, upper, np.minimum(self.mean, upper))
 
 
 def empirical_forecast(trace: SystemTrace, level: float, *, window_s: float = WEEK_S, refit_s: float = 3600.0,

@@ -136,3 +136,185 @@ def test_cli_evaluate_names_the_problem(tmp_path, capsys):
     rc = main(["evaluate", "--source", "trace", "--out", str(tmp_path / "out")])
     assert rc == 2 and "--trace" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --- warmcast driven by its own per-user LSTM forecasts (--forecaster lstm) --------------------------------------
+
+BUCKET = timedelta(minutes=5)
+
+
+def lstm_demand(days: float = 2.0):
+    """A DEMAND table: ``pulse`` (8 cores for 30 min every 2 h), ``noisy`` (Poisson around a daily sine),
+    ``flat``, and ``late`` (first seen in the last quarter day: no model)."""
+    import pyarrow as pa
+
+    from pipeline.schemas import DEMAND
+
+    rng = np.random.default_rng(1)
+    steps = int(days * 288)
+    t = np.arange(steps)
+    series = {"pulse": np.where(t % 24 < 6, 8.0, 0.5) * rng.lognormal(0, 0.05, steps),
+              "noisy": rng.poisson(3 + 2 * np.sin(2 * np.pi * t / 288)).astype(float),
+              "flat": 2.0 + rng.normal(0, 0.1, steps).clip(-1, 1),
+              "late": np.where(t >= steps - 72, 5.0, 0.0)}
+    users = np.repeat(list(series), steps)
+    values = np.concatenate(list(series.values()))
+    keep = ~((users == "late") & (values == 0))
+    ts = np.tile([START + int(i) * BUCKET for i in t], len(series))
+    return pa.table({"user_id": pa.array(users[keep], pa.string()), "ts": pa.array(list(np.asarray(ts)[keep]), DEMAND.field("ts").type),
+                     "requests": pa.array(np.round(values[keep]).astype(np.int64)), "cpu_cores": pa.array(values[keep]),
+                     "memory_gb": pa.array(2 * values[keep]), "gpus": pa.array(np.zeros(int(keep.sum())))}, schema=DEMAND)
+
+
+def minute_trace(demand) -> SystemTrace:
+    """The system sum of ``demand`` on 1-minute steps (each bucket's average repeated)."""
+    from scaler.simulate import trace_from_demand
+
+    five = trace_from_demand(demand)
+    return SystemTrace(np.repeat(five.cores, 5), np.repeat(five.memory_gb, 5), 60.0, None, five.start)
+
+
+@pytest.fixture(scope="module")
+def lstm_setup():
+    from models.train import TrainConfig, train
+
+    demand = lstm_demand()
+    scored = START + timedelta(days=1.5)
+    fast = TrainConfig(epochs=1, global_epochs=1, hidden=8, chunk_steps=96, eval_chunk_steps=24, eval_burn_in=24,
+                       val_days=0.5, min_history_days=1.0, progress_bar=False, checkpoint=False, accelerator="cpu")
+    ts_type = demand.schema.field("ts").type
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    trained = train(demand.filter(pc.less(demand["ts"], pa.scalar(scored, ts_type))), since=START, until=scored, config=fast)
+    return demand, scored, trained
+
+
+def test_lstm_system_forecast_is_the_pipelines_aggregate_issued_at_every_origin(lstm_setup):
+    from models.backtest import lstm_forecasts
+    from models.contract import quantile_mean
+    from pipeline.aggregate import AggregateConfig, ForecastCube, residual_history, sample_totals
+    from pipeline.schemas import HORIZONS_MIN
+    from scaler.evaluate import lstm_system_forecast
+
+    demand, scored, trained = lstm_setup
+    trace = minute_trace(demand)
+    eval_start = round((scored - trace.start).total_seconds() / 60)
+    fc = lstm_system_forecast(trained, demand, trace, eval_start, n_paths=200)
+    n = 144  # half a day of 5-minute origins
+    np.testing.assert_array_equal(fc.issued_step, eval_start + 5 * np.arange(n))
+    assert fc.totals.shape == (n, 200, 6, 2) and fc.mean.shape == (n, 6, 2)
+    assert trained.user_ids == ["flat", "noisy", "pulse"]  # "late" has no model
+    # origin 17 by hand, through the pipeline's own functions
+    o = 17
+    q = np.sort(lstm_forecasts(trained, demand, scored, scored + n * BUCKET)["lstm"][:, o][:, :, [1, 2], :], axis=-1)
+    cube = ForecastCube(scored + o * BUCKET, trained.user_ids, HORIZONS_MIN, ("cpu_cores", "memory_gb"),
+                        q.astype(np.float64), quantile_mean(q))
+    paths, dependent = sample_totals(cube, residual_history(demand, cube.issued_at), AggregateConfig(n_paths=200, seed=o))
+    assert dependent
+    np.testing.assert_allclose(fc.totals[o], np.sort(paths, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(fc.mean[o], quantile_mean(q).sum(axis=0), rtol=1e-5)
+    # the level knob: the quantile of the sampled sum, rebuilt per level
+    lo, hi = fc.at(0.5), fc.at(0.99)
+    assert (hi.upper >= lo.upper).all() and (hi.upper > lo.upper).any()
+    np.testing.assert_allclose(hi.upper[o], np.quantile(fc.totals[o], 0.99, axis=0), rtol=1e-6)
+    assert (lo.mean <= lo.upper + 1e-9).all()
+
+
+def test_changing_demand_after_an_origin_leaves_its_system_forecast_unchanged(lstm_setup):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from scaler.evaluate import lstm_system_forecast
+
+    demand, scored, trained = lstm_setup
+    trace = minute_trace(demand)
+    eval_start = round((scored - trace.start).total_seconds() / 60)
+    cut = scored + 30 * BUCKET  # origins 0..30 are issued at or before `cut`: they know only buckets before it
+    later = pc.greater_equal(demand["ts"], pa.scalar(cut, demand.schema.field("ts").type)).to_numpy(zero_copy_only=False)
+    changed = demand
+    for col in ("requests", "cpu_cores", "memory_gb"):
+        arr = demand[col].to_numpy()
+        changed = changed.set_column(changed.schema.get_field_index(col), col,
+                                     pa.array(np.where(later, arr * 3 + 5, arr).astype(arr.dtype)))
+    a = lstm_system_forecast(trained, demand, trace, eval_start, n_paths=100)
+    b = lstm_system_forecast(trained, changed, trace, eval_start, n_paths=100)
+    np.testing.assert_array_equal(a.totals[:31], b.totals[:31])
+    np.testing.assert_array_equal(a.mean[:31], b.mean[:31])
+    assert not np.array_equal(a.totals[31], b.totals[31])  # origin 31 reads the changed bucket: the test can fail
+
+
+def test_lstm_models_are_trained_only_on_data_before_the_scored_period(monkeypatch):
+    import types
+
+    import models.train
+    from scaler.evaluate import LstmForecastConfig, lstm_system_forecast, train_lstm_models
+
+    demand = lstm_demand()
+    scored = START + timedelta(days=1.5)
+    seen = {}
+
+    def spy(table, until=None, since=None, config=None, previous=None):
+        seen.update(table=table, until=until, since=since, config=config)
+        return types.SimpleNamespace(until=until, user_ids=[])
+
+    monkeypatch.setattr(models.train, "train", spy)
+    train_lstm_models(demand, START, scored, LstmForecastConfig(epochs=1))
+    ts = seen["table"]["ts"].to_pylist()
+    assert max(ts) < scored <= max(demand["ts"].to_pylist()) and min(ts) >= START
+    assert seen["since"] == START and seen["until"] == scored
+    assert seen["config"].epochs == 1 and seen["config"].val_days == 0.75 and seen["config"].min_history_days == 0.375
+    assert LstmForecastConfig().train_config(7.0).val_days == 1.0 and LstmForecastConfig().train_config(7.0).min_history_days == 2.0
+    # models that saw the scored period are refused
+    monkeypatch.setattr(models.train, "train", lambda table, until=None, since=None, config=None, previous=None:
+                        types.SimpleNamespace(until=until + BUCKET, user_ids=[]))
+    with pytest.raises(ValueError, match="after the scored period"):
+        train_lstm_models(demand, START, scored, LstmForecastConfig(epochs=1))
+    trace = minute_trace(demand)
+    with pytest.raises(ValueError, match="have seen it"):
+        lstm_system_forecast(types.SimpleNamespace(until=scored + BUCKET, user_ids=[]), demand, trace,
+                             round((scored - START).total_seconds() / 60))
+    with pytest.raises(ValueError, match="5-minute"):
+        train_lstm_models(demand, START, scored + timedelta(minutes=1))
+
+
+def test_cli_evaluate_with_the_lstm_forecaster(tiny_lake, capsys, monkeypatch):
+    import dataclasses
+
+    from scaler.evaluate import LstmForecastConfig
+
+    full = LstmForecastConfig.train_config
+    seen = []
+
+    def small(self, window_days):  # the CLI's config, on a smaller, faster network
+        seen.append(full(self, window_days))
+        return dataclasses.replace(seen[-1], hidden=8, chunk_steps=72, eval_chunk_steps=24, eval_burn_in=24,
+                                   checkpoint=False, accelerator="cpu")
+
+    monkeypatch.setattr(LstmForecastConfig, "train_config", small)
+    out = tiny_lake / "report-lstm"
+    policies = ("reactive", "naive_predictive", "warmcast", "warmcast_lstm")
+    rc = main(["evaluate", "--lake", str(tiny_lake / "lake"), "--out", str(out), "--step", "5min", "--warmup-hours", "18",
+               "--forecaster", "lstm", "--epochs", "1", "--global-epochs", "1", "--n-paths", "100",
+               "--policies", ",".join(policies)])
+    assert rc == 0, capsys.readouterr().err
+    assert [(c.epochs, c.global_epochs, c.val_days) for c in seen] == [(1, 1, 0.375)]
+    summary = _check_report(out, policies)
+    assert summary["meta"]["forecaster"] == "lstm"
+    lstm = summary["meta"]["lstm"]
+    assert lstm["train_end"].startswith("2026-03-02T18:00") and lstm["origins"] == 72 and lstm["users"] > 0
+    assert "per-user" in summary["policies"]["warmcast_lstm"]["label"]
+    assert "LSTM" in summary["forecasters"]["warmcast_lstm"] and "baseline" in summary["forecasters"]["warmcast"]
+    assert len(summary["policies"]["warmcast_lstm"]["curve"]) == len(POLICY_SPECS["warmcast"].grid)
+    md = (out / "report.md").read_text()
+    assert "| warmcast_lstm | per-user LSTMs" in md and "warmcast_lstm forecast: warmcast's own forecasts" in md
+
+
+def test_cli_evaluate_lstm_forecaster_errors(tiny_lake, tmp_path, capsys):
+    rc = main(["evaluate", "--source", "trace", "--trace", str(tiny_lake / "landing"), "--out", str(tmp_path / "o"),
+               "--forecaster", "lstm"])
+    assert rc == 2 and "--forecaster lstm needs --source lake" in capsys.readouterr().err
+    rc = main(["evaluate", "--lake", str(tiny_lake / "lake"), "--out", str(tmp_path / "o"),
+               "--policies", "reactive,warmcast_lstm"])
+    assert rc == 2 and "needs --forecaster lstm" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
