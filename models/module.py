@@ -30,6 +30,8 @@ N_RESOURCES = len(DEMAND_RESOURCES)
 N_QUANTILES = len(QUANTILES)
 N_OUTPUTS = N_HORIZONS * N_RESOURCES * N_QUANTILES
 MID = N_QUANTILES // 2  # index of the median (0.5) in QUANTILES
+#: Recalibration buffers (models/calibration.py) and their identity value.
+CALIBRATION = {"cal_shift": 0.0, "cal_spread": 1.0, "cal_floor": 0.0}
 #: Smallest gap between neighbouring quantiles a prior sets (scaled units); keeps softplus⁻¹ finite.
 MIN_SPREAD = 1e-4
 
@@ -207,7 +209,9 @@ class StackedLSTM(nn.Module):
     Buffers (they travel with the user's row): ``b_prior`` ``[U, O]``, the head bias of the
     prior (see :meth:`reset_head`); per resource in ``DEMAND_RESOURCES`` order, ``[U, 4]``:
     ``log_mean`` and ``log_std`` standardise ``log1p(demand)`` inputs, ``scale`` (real units)
-    divides demand into the model's target units.
+    divides demand into the model's target units; ``cal_shift``, ``cal_floor`` ``[U, 6, 4]`` and
+    ``cal_spread`` ``[U, 6, 4, 7]``, the post-hoc recalibration applied at inference (:mod:`models.calibration`;
+    identity until fitted, and never applied by :meth:`forward` or the training loss).
 
     The head predicts *corrections to the last-value forecast*: every quantile is the last
     observed value plus a learnt offset, so an untrained model is the last-value forecast
@@ -240,6 +244,10 @@ class StackedLSTM(nn.Module):
         self.register_buffer("log_mean", torch.zeros(n_users, N_RESOURCES))
         self.register_buffer("log_std", torch.ones(n_users, N_RESOURCES))
         self.register_buffer("scale", torch.ones(n_users, N_RESOURCES))
+        # post-hoc recalibration of the quantiles (models/calibration.py); identity until fitted
+        self.register_buffer("cal_shift", torch.zeros(n_users, N_HORIZONS, N_RESOURCES))
+        self.register_buffer("cal_spread", torch.ones(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES))
+        self.register_buffer("cal_floor", torch.zeros(n_users, N_HORIZONS, N_RESOURCES))
 
     @torch.no_grad()
     def set_prior(self, prior: Tensor, users: Tensor | None = None) -> None:
@@ -311,10 +319,18 @@ class StackedLSTM(nn.Module):
         """A model holding ``weights`` (as :meth:`get_all` returns them, e.g. a model-store shard);
         the sizes are read from the shapes."""
         n_users, n_inputs, gates = weights["w_in"].shape
-        model = cls(n_users, n_inputs, gates // 4)
+        with torch.device("meta"):  # no random initialisation of weights that are replaced at once
+            model = cls(n_users, n_inputs, gates // 4)
+        state = {}
         for name, t in model.get_all().items():
-            with torch.no_grad():
-                t.copy_(torch.as_tensor(weights[name], dtype=t.dtype))
+            if name in CALIBRATION and name not in weights:  # saved before recalibration existed: identity
+                state[name] = torch.full(t.shape, CALIBRATION[name])
+                continue
+            value = torch.as_tensor(weights[name], dtype=t.dtype, device="cpu")
+            if value.shape != t.shape:
+                raise ValueError(f"{name}: expected shape {tuple(t.shape)}, got {tuple(value.shape)}")
+            state[name] = value.clone()
+        model.load_state_dict(state, assign=True)
         return model
 
     def get_all(self) -> dict[str, Tensor]:

@@ -174,3 +174,12 @@ def test_early_stopping_masks_freeze_users_at_their_best():
     assert not task.active.any()
     task.on_train_end()
     assert task.best_loss.tolist() == pytest.approx([0.5, 1.0, 0.9])
+
+
+def test_predict_results_do_not_depend_on_user_blocks_or_threads(trained):
+    demand, cut, models = trained
+    ref = predict(models, demand, at=cut, users=["late", "pulse", "nobody", "noisy"])
+    for block_users, threads in ((1, 1), (3, 2), (256, None)):
+        fc = predict(models, demand, at=cut, users=["late", "pulse", "nobody", "noisy"], block_users=block_users, threads=threads)
+        np.testing.assert_array_equal(fc.quantiles, ref.quantiles)
+    assert ref.uses_global.tolist() == [True, False, True, False]

@@ -1,0 +1,218 @@
+"""Post-hoc quantile recalibration, fitted on training's held-out tail (never on a test window).
+
+The trained LSTM's quantiles can be too wide or too narrow for a level (on ServeGen the 90 %
+interval covered 95 %, the 80 % one at 5 minutes only 72 %). Per user, horizon and resource,
+a recalibration moves them, in the model's scaled units (demand / ``scale``)::
+
+    q'_k = q_k + shift · (q75 − q25) + (spread_k − 1) · (q_k − q50)
+
+i.e. the median moves by ``shift`` inter-quartile ranges and each other level's distance from
+the median is multiplied by ``spread_k``; the result is sorted (rearranging crossing quantiles
+never increases their pinball loss), and every quantile below ``floor`` is set to 0 (demand is
+often exactly 0: an idle user's small positive lower quantiles cost little pinball loss but put
+every idle bucket below its interval). Identity: ``shift = 0``, ``spread = 1``, ``floor = 0``,
+which leaves the quantiles bit for bit as they were (up to the clipping at 0 done anyway).
+
+Fitting (:func:`fit_calibration`), on the held-out tail of :func:`models.train.train` (the last
+``val_days`` of the *training* window): ``shift`` is chosen from :data:`SHIFT_GRID` by the
+median's pinball loss, then every ``spread_k`` from :data:`SPREAD_GRID` by level k's pinball loss
+(minimising level k's pinball loss is what brings its empirical level to its nominal one), then
+``floor`` from :data:`FLOOR_GRID` by the pinball loss of all levels. Each
+user's choice minimises ``n_u · r_u(g) + n0 · p(g)``: ``r_u(g)`` its mean loss with grid value
+``g`` relative to its uncalibrated loss, ``p(g)`` the same averaged over users (the pooled
+estimate), ``n_u`` its number of tail points and ``n0`` the ``prior_points`` it is shrunk with,
+so a user with few tail points takes the pooled choice.
+
+The parameters live in the :class:`~models.module.StackedLSTM` buffers ``cal_shift``,
+``cal_floor`` ``[U, 6, 4]`` and ``cal_spread`` ``[U, 6, 4, 7]``, so they travel with each user's weights
+(model store, shards, ``predict``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from models.features import ChunkBatches
+from models.module import CALIBRATION, MID, N_HORIZONS, N_QUANTILES, N_RESOURCES, StackedLSTM, quantiles_from_head
+from pipeline.schemas import QUANTILES
+
+#: Median shifts, in inter-quartile ranges.
+SHIFT_GRID = (-0.5, -0.3, -0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+#: Multipliers of a level's distance from the median.
+SPREAD_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5,
+               1.75, 2.0, 2.5, 3.0, 4.0)
+#: Thresholds (scaled units: demand / the user's RMS demand) below which a quantile becomes 0; only
+#: fitted with ``fit_calibration(..., floor=True)`` (``TrainConfig.calibration_floor``, off by default).
+FLOOR_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+Q25, Q75 = QUANTILES.index(0.25), QUANTILES.index(0.75)
+CALIBRATION_BUFFERS = tuple(CALIBRATION)
+
+
+@dataclass
+class CalibrationFit:
+    """What :func:`fit_calibration` found: per-user parameters and the tail's mean pinball loss
+    (scaled units, mean over users with tail points) before and after (in-sample: fitted there)."""
+
+    shift: Tensor  # [U, 6, 4]
+    spread: Tensor  # [U, 6, 4, 7]
+    floor: Tensor  # [U, 6, 4]
+    loss_before: float
+    loss_after: float
+
+
+def apply_calibration(q: Tensor, shift: Tensor, spread: Tensor, floor: Tensor | None = None) -> Tensor:
+    """Recalibrated quantiles: ``q`` ``[U, ..., 6, 4, 7]`` (scaled units), ``shift`` and ``floor``
+    ``[U, 6, 4]``, ``spread`` ``[U, 6, 4, 7]``. Returns the same shape, non-decreasing along the
+    last axis; ``q`` itself where every parameter is the identity."""
+    extra = q.dim() - 4
+    out = q
+    if bool((shift != 0).any() or (spread != 1).any()):
+        shift = shift.reshape(shift.shape[0], *[1] * extra, N_HORIZONS, N_RESOURCES, 1).to(q.dtype)
+        spread = spread.reshape(spread.shape[0], *[1] * extra, N_HORIZONS, N_RESOURCES, N_QUANTILES).to(q.dtype)
+        mid = q[..., MID : MID + 1]
+        out = (q + shift * (q[..., Q75 : Q75 + 1] - q[..., Q25 : Q25 + 1]) + (spread - 1) * (q - mid)).sort(dim=-1).values
+    if floor is not None and bool((floor != 0).any()):  # the lowest values go to 0: the order is kept
+        floor = floor.reshape(floor.shape[0], *[1] * extra, N_HORIZONS, N_RESOURCES, 1).to(q.dtype)
+        out = torch.where(out < floor, torch.zeros_like(out), out)
+    return out
+
+
+def calibrated(model: StackedLSTM, q: Tensor) -> Tensor:
+    """:func:`apply_calibration` with ``model``'s recalibration buffers."""
+    return apply_calibration(q, model.cal_shift, model.cal_spread, model.cal_floor)
+
+
+@torch.no_grad()
+def head_quantiles(model: StackedLSTM, batches: ChunkBatches) -> Iterator[tuple[dict, Tensor]]:
+    """Each item of ``batches`` (in order, the LSTM state carried through) with the model's
+    uncalibrated quantiles at its origins, ``[U, K, C, 6, 4, 7]`` scaled units."""
+    state = None
+    for j in range(len(batches)):
+        b = batches[j]
+        state = None if b["reset"] else state
+        h, state = model.hidden_states(b["x"], b["burn_in"], state)
+        raw = torch.baddbmm(model.b_out.unsqueeze(1), h, model.w_out)
+        steps, chunks = b["last"].shape[1:3]
+        yield b, quantiles_from_head(raw.view(model.n_users, steps, chunks, N_HORIZONS, N_RESOURCES, N_QUANTILES), b["last"])
+
+
+def _tail(model: StackedLSTM, batches: ChunkBatches) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantiles ``[U, N, 6, 4, 7]``, targets ``[U, N, 6, 4]`` and weights ``[U, N, 6]`` of every
+    origin of ``batches`` (scaled units)."""
+    qs, ys, ws = [], [], []
+    for b, q in head_quantiles(model, batches):
+        n = model.n_users
+        qs.append(q.reshape(n, -1, N_HORIZONS, N_RESOURCES, N_QUANTILES))
+        ys.append(b["target"].reshape(n, -1, N_HORIZONS, N_RESOURCES))
+        ws.append(b["weight"].reshape(n, -1, N_HORIZONS))
+    return torch.cat(qs, 1), torch.cat(ys, 1), torch.cat(ws, 1)
+
+
+def _pinball_sums(pred: Tensor, y: Tensor, w: Tensor, tau: Tensor) -> Tensor:
+    """Σ over origins of ``w · pinball_tau(y, max(pred, 0))``: ``pred`` ``[U, N, 6, 4, L]``,
+    ``y`` ``[U, N, 6, 4]``, ``w`` ``[U, N, 6]``, ``tau`` ``[L]`` -> ``[U, 6, 4, L]`` (float64)."""
+    u = y[..., None] - pred.clamp_min(0)  # forecasts are clipped at 0 when used
+    loss = torch.maximum(tau * u, (tau - 1) * u)
+    return (loss * w[..., None, None]).sum(1, dtype=torch.float64)
+
+
+def _choose(sums: Tensor, count: Tensor, identity: int, prior_points: float) -> Tensor:
+    """Per user the grid index minimising ``n_u · r_u(g) + n0 · p(g)`` (see the module docstring).
+
+    ``sums``: ``[G, U, ...]`` loss sums per grid value; ``count``: ``[U, ...]`` (broadcastable)
+    points. Ties, and users and cells without a better choice, keep ``identity``."""
+    count = count.expand_as(sums[0]).to(torch.float64)
+    mean = sums / count.clamp_min(1)
+    base = mean[identity]
+    has = (count > 0) & (base > 1e-12)
+    rel = torch.where(has, mean / base.clamp_min(1e-12), torch.ones_like(mean))
+    pooled = torch.where(has, rel, torch.zeros_like(rel)).sum(1) / has.sum(0).clamp_min(1)  # [G, ...]
+    pooled = torch.where(has.any(0), pooled, torch.ones_like(pooled))
+    crit = count * rel + prior_points * pooled[:, None]
+    best = crit.argmin(0)
+    better = crit.min(0).values < crit[identity] - 1e-9 * crit[identity].abs()
+    return torch.where(better, best, torch.full_like(best, identity))
+
+
+@torch.no_grad()
+def fit_calibration(model: StackedLSTM, batches: ChunkBatches, prior_points: float = 288.0, block_users: int = 64,
+                    device: torch.device | str | None = None, floor: bool = False) -> CalibrationFit:
+    """Fit the recalibration of ``model`` on the origins of ``batches`` (training's held-out tail)
+    and store it in the model's ``cal_shift`` / ``cal_spread`` / ``cal_floor``. ``prior_points``: tail points a
+    user's own choice is weighed against the pooled one with. Runs on ``device`` (default:
+    where the model is), leaving the model there. ``floor``: also fit the zero floor (off by
+    default, see :data:`FLOOR_GRID`); without it the floor stays 0."""
+    home = next(model.parameters()).device
+    device = home if device is None else torch.device(device)
+    model.to(device)
+    q, y, w = _tail(model, _on(batches, device))
+    model.to(home)
+    q, y, w = q.cpu(), y.cpu(), w.cpu()
+    n_users = model.n_users
+    tau = torch.tensor(QUANTILES, dtype=q.dtype)
+    count = w.sum(1, dtype=torch.float64)[..., None]  # [U, 6, 1] points per user and horizon
+    shifts = torch.tensor(SHIFT_GRID, dtype=q.dtype)
+    spreads = torch.tensor(SPREAD_GRID, dtype=q.dtype)
+    levels = [k for k in range(N_QUANTILES) if k != MID]
+    # loss sums per grid value: [G, U, 6, 4] (median shift, floor) and [G, U, 6, 4, 6] (spread of each other level)
+    shift_sums = torch.empty(len(shifts), n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
+    spread_sums = torch.empty(len(spreads), n_users, N_HORIZONS, N_RESOURCES, len(levels), dtype=torch.float64)
+    before = torch.zeros(n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
+    for a in range(0, n_users, block_users):
+        sl = slice(a, a + block_users)
+        qb, yb, wb = q[sl], y[sl], w[sl]
+        iqr, mid = qb[..., Q75] - qb[..., Q25], qb[..., MID]
+        for g, c in enumerate(shifts):
+            shift_sums[g, sl] = _pinball_sums((mid + c * iqr)[..., None], yb, wb, tau[MID : MID + 1])[..., 0]
+        before[sl] = _pinball_sums(qb, yb, wb, tau).sum(-1)
+    shift_idx = _choose(shift_sums, count, SHIFT_GRID.index(0.0), prior_points)
+    shift = shifts[shift_idx]
+    for a in range(0, n_users, block_users):
+        sl = slice(a, a + block_users)
+        qb, yb, wb = q[sl], y[sl], w[sl]
+        mid = qb[..., MID : MID + 1]
+        new_mid = mid + shift[sl][:, None, ..., None] * (qb[..., Q75 : Q75 + 1] - qb[..., Q25 : Q25 + 1])
+        dist = qb[..., levels] - mid
+        for g, s in enumerate(spreads):
+            spread_sums[g, sl] = _pinball_sums(new_mid + s * dist, yb, wb, tau[levels])
+    spread_idx = _choose(spread_sums, count[..., None], SPREAD_GRID.index(1.0), prior_points)
+    spread = torch.ones(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES)
+    spread[..., levels] = spreads[spread_idx]
+    floors = torch.tensor(FLOOR_GRID if floor else (0.0,), dtype=q.dtype)
+    floor_sums = torch.empty(len(floors), n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
+    for a in range(0, n_users, block_users):
+        sl = slice(a, a + block_users)
+        qc = apply_calibration(q[sl], shift[sl], spread[sl])
+        for g, f in enumerate(floors):
+            floor_sums[g, sl] = _pinball_sums(torch.where(qc < f, torch.zeros_like(qc), qc), y[sl], w[sl], tau).sum(-1)
+    floor = floors[_choose(floor_sums, count, 0, prior_points)]
+    model.cal_shift.copy_(shift)
+    model.cal_spread.copy_(spread)
+    model.cal_floor.copy_(floor)
+    after = _pinball_sums(apply_calibration(q, shift, spread, floor), y, w, tau).sum(-1)
+    points = count[..., 0].sum(-1)  # [U]
+    per_user = lambda s: s.sum((1, 2)) / (N_QUANTILES * N_RESOURCES * points.clamp_min(1))  # noqa: E731
+    ok = points > 0
+    return CalibrationFit(shift, spread, floor, float(per_user(before)[ok].mean()) if ok.any() else float("nan"),
+                          float(per_user(after)[ok].mean()) if ok.any() else float("nan"))
+
+
+class _OnDevice:
+    """``batches`` with every item's tensors moved to ``device``."""
+
+    def __init__(self, batches: ChunkBatches, device: torch.device) -> None:
+        self.batches, self.device = batches, device
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, j: int) -> dict:
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in self.batches[j].items()}
+
+
+def _on(batches: ChunkBatches, device: torch.device) -> ChunkBatches:
+    return batches if device.type == "cpu" else _OnDevice(batches, device)  # type: ignore[return-value]

@@ -1,0 +1,172 @@
+"""Post-hoc quantile recalibration (models/calibration.py): fitted on training's held-out tail only."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from models.calibration import SHIFT_GRID, SPREAD_GRID, _choose, apply_calibration, calibrated, fit_calibration, head_quantiles
+from models.features import BUCKET, N_INPUTS, ChunkBatches, dense_demand
+from models.module import StackedLSTM
+from models.persist import load_trained, save_trained
+from models.train import TrainConfig, predict, prepare_data, train, training_batches
+from pipeline.schemas import DEMAND
+from pipeline.storage import open_location
+
+T0 = datetime(2026, 3, 2, tzinfo=timezone.utc)
+CFG = TrainConfig(hidden=8, epochs=0, global_epochs=0, chunk_steps=96, eval_chunk_steps=48, eval_burn_in=12, val_days=1.0,
+                  min_history_days=1.0, checkpoint=False, accelerator="cpu")
+
+
+def noise_demand(days: float = 3.0, users: int = 4, seed: int = 0) -> pa.Table:
+    """``users`` users whose demand is i.i.d. around a per-user level (so every window is alike)."""
+    rng = np.random.default_rng(seed)
+    steps = int(days * 288)
+    ts = T0 + np.arange(steps) * BUCKET
+    cols: dict[str, list] = {k: [] for k in DEMAND.names}
+    for u in range(users):
+        level = 5.0 * (u + 1)
+        cpu = np.maximum(level + rng.normal(0, level / 5, steps), 0)
+        cols["user_id"] += [f"u{u}"] * steps
+        cols["ts"] += list(ts)
+        cols["requests"] += list(rng.poisson(level, steps))
+        cols["cpu_cores"] += list(cpu)
+        cols["memory_gb"] += list(2 * cpu)
+        cols["gpus"] += list(np.where(rng.random(steps) < 0.5, 1.0, 0.0))
+    return pa.table(cols, schema=DEMAND)
+
+
+def _coverage_and_loss(model: StackedLSTM, batches: ChunkBatches, recalibrate: bool) -> tuple[float, float, float]:
+    """(share in [q05, q95], share in [q10, q90]: of the continuous resources cpu_cores and memory_gb,
+    mean pinball: of all four) over the scored points of ``batches``."""
+    inside90 = inside80 = loss = count = 0.0
+    tau = torch.tensor([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95])
+    for b, q in head_quantiles(model, batches):
+        if recalibrate:
+            q = calibrated(model, q)
+        assert (q.diff(dim=-1) >= 0).all()  # never crossing
+        q = q.clamp_min(0)
+        y, w = b["target"], b["weight"][..., None]
+        c = slice(1, 3)
+        inside90 += (((q[..., c, 0] <= y[..., c]) & (y[..., c] <= q[..., c, 6])) * w).sum().item()
+        inside80 += (((q[..., c, 1] <= y[..., c]) & (y[..., c] <= q[..., c, 5])) * w).sum().item()
+        u = y[..., None] - q
+        loss += (torch.maximum(tau * u, (tau - 1) * u).mean(-1) * w).sum().item()
+        count += w.expand_as(y).sum().item()
+    return 4 * inside90 / (2 * count), 4 * inside80 / (2 * count), loss / count
+
+
+@pytest.mark.parametrize("widen", [3.0, 0.3])
+def test_calibration_moves_coverage_towards_nominal_out_of_sample(widen):
+    """A model whose quantiles are 3x too wide (or 0.3x too narrow) is recalibrated on the tail;
+    on other (i.i.d., unseen by the fit) origins its coverage and pinball loss improve."""
+    dense = dense_demand(noise_demand(), T0, T0 + timedelta(days=3))
+    data = prepare_data(dense, CFG)
+    mid = data.prior[..., 3:4]
+    model = StackedLSTM(dense.n_users, N_INPUTS, 8, prior=mid + widen * (data.prior - mid), seed=0)
+    train_b, val_b = training_batches(data, CFG, pooled=False)
+    other = ChunkBatches(data.features, data.scaled, data.first_active, origin_lo=288, origin_hi=data.train_end - 7,
+                         target_end=data.train_end, chunk_steps=96, segment_steps=48, burn_in=12)
+    cov90_0, cov80_0, loss_0 = _coverage_and_loss(model, other, recalibrate=False)
+    fit = fit_calibration(model, val_b, prior_points=50.0)
+    cov90_1, cov80_1, loss_1 = _coverage_and_loss(model, other, recalibrate=True)
+    assert abs(cov90_0 - 0.9) > 0.05 and abs(cov80_0 - 0.8) > 0.05  # miscalibrated to begin with
+    assert abs(cov90_1 - 0.9) < 0.04 and abs(cov80_1 - 0.8) < 0.05
+    assert loss_1 < 0.97 * loss_0 and fit.loss_after < fit.loss_before
+    assert torch.equal(model.cal_shift, fit.shift) and torch.equal(model.cal_spread, fit.spread) and torch.equal(model.cal_floor, fit.floor)
+    assert (model.cal_spread[..., 3] == 1).all()
+
+
+def test_apply_keeps_quantiles_sorted_and_the_identity_exact():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 3, 2, 6, 4, 7, generator=gen).sort(dim=-1).values
+    assert apply_calibration(q, torch.zeros(5, 6, 4), torch.ones(5, 6, 4, 7)) is q
+    spreads = torch.tensor(SPREAD_GRID)[torch.randint(len(SPREAD_GRID), (5, 6, 4, 7), generator=gen)]
+    shifts = torch.tensor(SHIFT_GRID)[torch.randint(len(SHIFT_GRID), (5, 6, 4), generator=gen)]
+    out = apply_calibration(q, shifts, spreads)
+    assert out.shape == q.shape and (out.diff(dim=-1) >= 0).all() and not torch.equal(out, q)
+    # one user's parameters move only that user's forecasts; the median moves by shift · IQR
+    spreads[1], shifts[1] = 1.0, 0.25
+    out = apply_calibration(q, shifts, spreads)
+    torch.testing.assert_close(out[1], q[1] + 0.25 * (q[1, ..., 4:5] - q[1, ..., 2:3]))
+
+
+def test_users_with_few_tail_points_take_the_pooled_choice():
+    # 3 grid values, identity at 1; users 0-2 have many points and prefer value 2, user 3 prefers 0 on 2 points
+    sums = torch.tensor([[3.0, 3.0, 3.0, 0.5], [2.0, 2.0, 2.0, 1.0], [1.0, 1.0, 1.0, 2.0]], dtype=torch.float64)
+    count = torch.tensor([100.0, 100.0, 100.0, 2.0])
+    assert _choose(sums * count, count, 1, prior_points=50.0).tolist() == [2, 2, 2, 2]
+    assert _choose(sums * count, count, 1, prior_points=0.0).tolist() == [2, 2, 2, 0]
+    # no tail points at all: the pooled choice; a flat loss keeps the identity
+    assert _choose(sums * torch.tensor([100.0, 100, 100, 0]), torch.tensor([100.0, 100, 100, 0]), 1, 50.0)[3] == 2
+    assert _choose(torch.ones(3, 2, dtype=torch.float64), torch.ones(2), 1, 10.0).tolist() == [1, 1]
+
+
+def test_train_fits_the_calibration_on_its_window_only_and_it_survives_the_store(tmp_path):
+    demand = noise_demand(days=3.5)
+    cut = T0 + timedelta(days=3)
+    ts_type = demand.schema.field("ts").type
+    after = pc.greater_equal(demand["ts"], pa.scalar(cut, ts_type)).to_numpy(zero_copy_only=False)
+    in_tail = (pc.greater_equal(demand["ts"], pa.scalar(cut - timedelta(hours=6), ts_type)).to_numpy(zero_copy_only=False)) & ~after
+
+    def spoil(mask: np.ndarray) -> pa.Table:
+        cpu = demand["cpu_cores"].to_numpy()
+        return demand.set_column(demand.schema.get_field_index("cpu_cores"), "cpu_cores", pa.array(np.where(mask, cpu * 4 + 20, cpu)))
+
+    trained = train(demand, until=cut, config=CFG)
+    assert trained.config.calibrate and trained.calibration_loss[1] < trained.calibration_loss[0]
+    assert (trained.model.cal_spread != 1).any()  # the prior's spread is not optimal for every user
+    again = train(spoil(after), until=cut, config=CFG)  # data after the training window: no effect
+    torch.testing.assert_close(again.model.cal_spread, trained.model.cal_spread, rtol=0, atol=0)
+    torch.testing.assert_close(again.model.cal_shift, trained.model.cal_shift, rtol=0, atol=0)
+    changed = train(spoil(in_tail), until=cut, config=CFG)  # data in the held-out tail: it is fitted there
+    assert not torch.equal(changed.model.cal_spread, trained.model.cal_spread)
+    off = train(demand, until=cut, config=dataclasses.replace(CFG, calibrate=False))
+    assert (off.model.cal_spread == 1).all() and (off.model.cal_shift == 0).all() and (off.model.cal_floor == 0).all()
+    assert off.calibration_loss is None
+    assert not np.array_equal(predict(off, demand, cut).quantiles, predict(trained, demand, cut).quantiles)
+
+    lake = open_location(str(tmp_path / "lake"))
+    _, loaded = load_trained(lake, save_trained(lake, trained))
+    for name in ("cal_shift", "cal_spread", "cal_floor"):
+        assert torch.equal(getattr(loaded.model, name), getattr(trained.model, name))
+    np.testing.assert_array_equal(predict(loaded, demand, cut).quantiles, predict(trained, demand, cut).quantiles)
+    # a version saved before recalibration existed (no such weights) loads as the identity
+    weights = {k: v for k, v in trained.model.get_all().items() if not k.startswith("cal_")}
+    old = StackedLSTM.from_weights(weights)
+    assert (old.cal_spread == 1).all() and (old.cal_shift == 0).all() and (old.cal_floor == 0).all()
+
+
+def test_an_idle_users_small_positive_quantiles_snap_to_zero():
+    """Demand exactly 0 with quantiles a little above 0: every bucket falls below the interval at
+    a tiny pinball cost. The fitted floor sends them to 0 (and leaves the busy users alone)."""
+    demand = noise_demand(users=2)
+    idle = pa.table({"user_id": ["idle"] * 864, "ts": pa.array(T0 + np.arange(864) * BUCKET, DEMAND.field("ts").type),
+                     "requests": [0] * 864, "cpu_cores": [0.0] * 864, "memory_gb": [0.0] * 864, "gpus": [0.0] * 864}, schema=DEMAND)
+    dense = dense_demand(pa.concat_tables([demand, idle]), T0, T0 + timedelta(days=3))
+    data = prepare_data(dense, CFG)
+    k = dense.user_ids.index("idle")
+    prior = data.prior.clone()
+    prior[k] += 0.03  # scaled units: 3 % of the idle user's (floored) scale
+    model = StackedLSTM(dense.n_users, N_INPUTS, 8, prior=prior, seed=0)
+    _, val_b = training_batches(data, CFG, pooled=False)
+    fit_calibration(model, val_b, prior_points=1.0)  # the floor is off by default
+    assert (model.cal_floor == 0).all()
+    fit_calibration(model, val_b, prior_points=1.0, floor=True)  # each user on its own evidence
+    assert (model.cal_floor[k] > 0.03).all()
+    _, q = next(head_quantiles(model, val_b))
+    busy = [i for i in range(dense.n_users) if i != k]
+    no_floor = apply_calibration(q, model.cal_shift, model.cal_spread)
+    assert (q[k] > 0).all() and (calibrated(model, q)[k] == 0).all()
+    moved = calibrated(model, q)[busy] != no_floor[busy].clamp_min(0)
+    assert moved.float().mean() < 0.01  # a busy user's forecasts are (almost) never below the floor
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 10, 6, 4, 7, generator=gen).sort(dim=-1).values
+    out = apply_calibration(q, torch.zeros(3, 6, 4), torch.ones(3, 6, 4, 7), torch.rand(3, 6, 4, generator=gen))
+    assert (out.diff(dim=-1) >= 0).all() and (out == 0).any() and ((out == 0) | (out == q)).all()
