@@ -48,7 +48,7 @@ from pipeline.generate import generate_requests  # noqa: E402
 from pipeline.schemas import HORIZONS_MIN  # noqa: E402
 from scaler.policy import InstanceShape, PlanOptions, Pool, PoolPolicy, PoolState, plan_pools  # noqa: E402
 from scaler.sim_policies import (  # noqa: E402
-    AwsPredictive, KnativeAutoscaler, NaivePredictive, Oracle, ReactiveTargetTracking, Warmcast)
+    POINT_WINDOWS_S, AwsPredictive, KnativeAutoscaler, NaivePredictive, Oracle, ReactiveTargetTracking, Warmcast)
 from scaler.simulate import FleetModel, SystemTrace, cold_at_cost, simulate, sweep, trace_from_requests  # noqa: E402
 
 START = datetime(2026, 3, 2, tzinfo=timezone.utc)  # a Monday
@@ -67,7 +67,9 @@ POLICIES = {  # name: (factory of the knob, default knob, sweep grid)
 
 
 def straightforward_warmcast(trace: SystemTrace, fleet: FleetModel, level: float, window_s: float) -> dict:
-    """Warmcast written plainly: per step, instance lists; per decision, the forecast from scratch."""
+    """Warmcast written plainly: per step, instance lists; per decision, the forecast from scratch
+    (each candidate point of ``POINT_WINDOWS_S``, its error quantile and pinball loss; the lowest
+    loss per horizon and resource wins)."""
     x = np.stack([trace.cores, trace.memory_gb], axis=1)
     n, dt, s = trace.steps, trace.step_s, fleet.shape
     boot, resume = fleet.delay_steps(dt)
@@ -86,17 +88,27 @@ def straightforward_warmcast(trace: SystemTrace, fleet: FleetModel, level: float
         ready = sum(1 for r in active if r <= t)
         act, wt = desired, wdesired
         if t % k == 0 and t > 0:
-            os_ = np.arange(1, n, k)
+            os_ = np.arange(k, n, k)  # origins on the plan grid
             os_ = os_[(os_ + hz * k <= t) & (os_ + hz * k > t - window)]
-            last = x[t - 1]
-            if len(os_):
-                peaks = np.stack([x[os_[:, None] + h * k + np.arange(k)].max(axis=1) for h in range(hz)], axis=1)
-                err = peaks - x[os_ - 1][:, None, :]
-                q, m = np.quantile(err, level, axis=0), err.mean(axis=0)
-            else:
-                q = m = np.zeros((hz, 2))
-            up = np.maximum(last + q, 0)
-            mean = np.clip(last + m, 0, up)
+            peaks = np.stack([x[os_[:, None] + h * k + np.arange(k)].max(axis=1) for h in range(hz)], axis=1)
+            best = None  # per (horizon, resource): the candidate point with the lowest pinball loss
+            for w in sorted({max(1, round(p / dt)) for p in POINT_WINDOWS_S}):
+                pt = x[max(0, t - w):t].max(axis=0)  # peak of the last w steps (w = 1: last value)
+                if len(os_):
+                    err = peaks - np.stack([x[max(0, o - w):o].max(axis=0) for o in os_])[:, None, :]
+                    q, m = np.quantile(err, level, axis=0), err.mean(axis=0)
+                    r = err - q
+                    loss = np.maximum(level * r, (level - 1) * r).mean(axis=0)
+                else:
+                    q = m = loss = np.zeros((hz, 2))
+                up_w, mean_w = pt + q, pt + m
+                if best is None:
+                    best = [loss, up_w, mean_w]
+                else:
+                    win = loss < best[0]
+                    best = [np.where(win, a, b) for a, b in zip((loss, up_w, mean_w), best)]
+            up = np.maximum(best[1], 0)
+            mean = np.clip(best[2], 0, up)
             now = trace.start + timedelta(seconds=t * dt)
             rows = [{"issued_at": now, "horizon_min": h, "resource": res, "mean": float(mean[j, r]),
                      "upper": float(up[j, r])} for j, h in enumerate(HORIZONS_MIN)

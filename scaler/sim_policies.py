@@ -24,7 +24,8 @@ demand (:meth:`FleetModel.need`); without ``u``, the fleet's serving capacity.
   at serving capacity, every step, scale-in at once.
 * :class:`Warmcast` (knob ``level``): ``scaler.policy.plan_pools`` every ``decide_every_s``
   (the forecast-and-scale cadence), from a system forecast issued with past data only — by default
-  :func:`empirical_forecast` (last value + empirical error quantiles of the system series), or an
+  :func:`empirical_forecast` (a point + empirical error quantiles of the system series; the point
+  is the last value or a recent peak, whichever past errors score better at ``level``), or an
   injected :class:`ForecastArrays` (e.g. :meth:`SampledForecast.at`, the per-user LSTM forecasts
   aggregated, built by :func:`scaler.evaluate.lstm_system_forecast`) — plus an optional reactive safety net that pulls warm instances
   as soon as the last step did not fit. The plan's ``decision_interval_s`` is ``decide_every_s``, so its active horizon
@@ -53,6 +54,9 @@ from scaler.policy import InstanceShape, PlanOptions, Pool, PoolPolicy, PoolStat
 from scaler.simulate import Decision, FleetModel, FleetState, ScalingPolicy, SystemTrace
 
 WEEK_S = 7 * 86_400.0
+#: Warmcast's candidate forecast points: the last value (0: one step) and the peak of the last
+#: 5 .. 30 minutes (the forecast's horizons); see :func:`empirical_forecast`.
+POINT_WINDOWS_S = (0.0,) + tuple(60.0 * h for h in HORIZONS_MIN)
 _HOLD = np.iinfo(np.int64).max
 _SIM_RESOURCES = ("cpu_cores", "memory_gb")
 
@@ -85,23 +89,31 @@ def _mean_behind(a: np.ndarray, w: int) -> np.ndarray:
 
 
 def trailing_stats(samples: np.ndarray, known_at: np.ndarray, n_steps: int, refit: int, window: int,
-                   level: float) -> tuple[np.ndarray, np.ndarray]:
+                   level: float, *, with_loss: bool = False):
     """Per step, the ``level`` quantile and the mean of the samples known by the last refit.
 
     ``samples``: ``[S, ...]``; ``known_at``: ``[S]`` ascending, the step from which each sample is
     known. Step ``t`` uses refit point ``c = t − t % refit`` and the samples with
-    ``c − window < known_at <= c``; none: 0. Returns two ``[n_steps, ...]`` arrays.
+    ``c − window < known_at <= c``; none: 0. Returns two ``[n_steps, ...]`` arrays; with
+    ``with_loss`` a third: the mean pinball loss at ``level`` of those samples about their own
+    quantile (``mean(max(level·r, (level − 1)·r))``, ``r`` = sample − quantile; none: 0).
     """
     refits = np.arange(0, n_steps, refit)
     q = np.zeros((len(refits),) + samples.shape[1:])
     m = np.zeros_like(q)
+    loss = np.zeros_like(q)
     his = np.searchsorted(known_at, refits, side="right")
     los = np.searchsorted(known_at, refits - window, side="right")
     for j, (lo, hi) in enumerate(zip(los, his)):
         if hi > lo:
             q[j] = np.quantile(samples[lo:hi], level, axis=0)
             m[j] = samples[lo:hi].mean(axis=0)
+            if with_loss:
+                r = samples[lo:hi] - q[j]
+                loss[j] = np.maximum(level * r, (level - 1) * r).mean(axis=0)
     idx = np.arange(n_steps) // refit
+    if with_loss:
+        return q[idx], m[idx], loss[idx]
     return q[idx], m[idx]
 
 
@@ -288,13 +300,14 @@ class SampledForecast:
 
 
 def empirical_forecast(trace: SystemTrace, level: float, *, window_s: float = WEEK_S, refit_s: float = 3600.0,
-                       bucket_s: float = 300.0, error_scale: str = "none", daily_drift: bool = False) -> ForecastArrays:
+                       bucket_s: float = 300.0, error_scale: str = "none", daily_drift: bool = False,
+                       point_windows_s: tuple[float, ...] = ()) -> ForecastArrays:
     """Last value + empirical error quantiles of the system series, issued at every step.
 
     Target of horizon ``h`` issued at ``o``: the highest step of bucket ``h`` (steps
     ``o + (h−1)K .. o + hK − 1``, ``K = bucket_s / step_s``) — what capacity must cover; on a
     5-minute grid it is the bucket's average, as in the forecast contract. ``upper`` = point
-    + the ``level`` quantile of errors (target − point) of origins on the bucket grid, trailing
+    + the ``level`` quantile of errors (target − point) of origins on the bucket grid (``o = K, 2K, ..``: where a 5-minute plan reads them), trailing
     ``window_s``, refit every ``refit_s``, each error used only once all six buckets are past;
     ``mean`` likewise with the mean error. Before any error is known, both are the point.
 
@@ -304,6 +317,15 @@ def empirical_forecast(trace: SystemTrace, level: float, *, window_s: float = WE
     ``sqrt(x[o−1] + c)`` (``c`` = 1 % of the mean demand so far, at least 1e-3) and scaled back
     by the current level, so the margin follows the level (the noise of a sum of many users grows
     like the square root of their total); ``"none"``: absolute errors.
+
+    ``point_windows_s``: candidate points, each the peak of the last ``w`` seconds
+    (``max(x[o − W .. o − 1])``, ``W = max(1, round(w / step_s))`` steps: 0 is the last value);
+    empty: the last value only. Each candidate gets its own error quantiles; at every refit, per
+    horizon and resource, the candidate whose trailing errors have the lowest mean pinball loss
+    at ``level`` about their own quantile (the proper score of a ``level`` quantile, from the
+    same past errors as the quantile; ties: the shorter window) supplies point, ``upper`` and
+    ``mean``. A series that falls back and returns (windows of alternating rate) then keeps
+    its recent peak; a smooth one keeps the last value. Daily drift is added to every candidate.
     """
     n, x = trace.steps, _demand(trace)
     k = max(1, round(bucket_s / trace.step_s))
@@ -314,25 +336,36 @@ def empirical_forecast(trace: SystemTrace, level: float, *, window_s: float = WE
     hz = len(HORIZONS_MIN)
     peak = _max_ahead(x, k)
     last = _lag(x)  # [T, 2] x[t-1]
-    point = np.repeat(last[:, None, :], hz, axis=1)  # [T, 6, 2] for origin t
-    if daily_drift:
-        d = round(86_400 / trace.step_s)
-        t = np.arange(n)
-        for j in range(hz):
-            ok = t - 1 - d >= 0
-            tgt = np.clip(t - d + j * k, 0, n - 1)
-            prev = np.clip(t - 1 - d, 0, n - 1)
-            point[:, j, :] += np.where(ok[:, None], peak[tgt] - x[prev], 0.0)
     if error_scale == "sqrt":
         floor = np.maximum(0.01 * np.cumsum(last, axis=0) / np.arange(1, n + 1)[:, None], 1e-3)
         scale = np.sqrt(last + floor)[:, None, :]  # [T, 1, 2], known at t
     else:
         scale = np.ones((n, 1, 2))
-    o = np.arange(1, n - hz * k + 1, k)
+    o = np.arange(k, n - hz * k + 1, k)  # origins on the plan grid (t % K == 0), as plans read them
     target = np.stack([peak[o + j * k] for j in range(hz)], axis=1)  # [S, 6, 2]
-    err = (target - point[o]) / scale[o]
-    q, m = trailing_stats(err, o + hz * k, n, max(1, round(refit_s / trace.step_s)),
-                          max(1, round(window_s / trace.step_s)), level)
+    refit, window = max(1, round(refit_s / trace.step_s)), max(1, round(window_s / trace.step_s))
+    widths = sorted({max(1, round(w / trace.step_s)) for w in point_windows_s} or {1})
+    best = None  # (loss, point, q, m) of the candidate with the lowest trailing loss so far, per cell
+    for w in widths:
+        base = last if w == 1 else _lag(_max_ahead(x[::-1], w)[::-1])  # max(x[t-w .. t-1])
+        point = np.repeat(base[:, None, :], hz, axis=1)  # [T, 6, 2] for origin t
+        if daily_drift:
+            d = round(86_400 / trace.step_s)
+            t = np.arange(n)
+            for j in range(hz):
+                ok = t - 1 - d >= 0
+                tgt = np.clip(t - d + j * k, 0, n - 1)
+                prev = np.clip(t - 1 - d, 0, n - 1)
+                point[:, j, :] += np.where(ok[:, None], peak[tgt] - x[prev], 0.0)
+        err = (target - point[o]) / scale[o]
+        q, m, loss = trailing_stats(err, o + hz * k, n, refit, window, level, with_loss=True)
+        if best is None:
+            best = [loss, point, q, m]
+        else:  # strictly lower loss wins: ties keep the shorter window
+            win = loss < best[0]
+            for i, a in enumerate((loss, point, q, m)):
+                best[i] = np.where(win, a, best[i])
+    _, point, q, m = best
     upper = np.maximum(point + q * scale, 0.0)
     return ForecastArrays(np.arange(n), upper, np.clip(point + m * scale, 0.0, upper))
 
@@ -363,7 +396,9 @@ class Warmcast(ScalingPolicy):
     ``level``: quantile of the default forecast's upper bound. ``error_scale``, ``daily_drift``:
     see :func:`empirical_forecast` (default: errors scaled by the square root of the level, which
     at equal cost cut cold demand by 20-60 % on the synthetic, demo and ServeGen traces; the daily
-    drift helped the demo trace and hurt ServeGen, so it is off). ``pool_policy``: the plan's pool
+    drift helped the demo trace and hurt ServeGen, so it is off). ``point_windows_s``: candidate
+    points of :func:`empirical_forecast` (default :data:`POINT_WINDOWS_S`; ``()``: the last value
+    only, the forecast before the selection). ``pool_policy``: the plan's pool
     policy (mode is forced to ``scale``); None: no step limit, target utilisation = the fleet's
     serving capacity, fleet bounds, a warm pool up to the fleet's max, and ``hysteresis`` /
     ``scale_in_grace_s`` (default 0: scale in as soon as the forecast allows, like the naive
@@ -383,6 +418,7 @@ class Warmcast(ScalingPolicy):
     refit_s: float = 3600.0
     error_scale: str = "sqrt"
     daily_drift: bool = False
+    point_windows_s: tuple[float, ...] = POINT_WINDOWS_S
     hysteresis: float = 0.0
     scale_in_grace_s: float = 0.0
     name = "warmcast"
@@ -393,7 +429,8 @@ class Warmcast(ScalingPolicy):
         fc = self.forecast
         if fc is None:
             fc = empirical_forecast(trace, self.level, window_s=self.window_s, refit_s=self.refit_s,
-                                    error_scale=self.error_scale, daily_drift=self.daily_drift)
+                                    error_scale=self.error_scale, daily_drift=self.daily_drift,
+                                    point_windows_s=self.point_windows_s)
         self.issued = fc
         self._which = np.searchsorted(fc.issued_step, np.arange(trace.steps), side="right") - 1
         self._every = max(1, round(self.decide_every_s / dt))

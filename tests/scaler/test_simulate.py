@@ -229,6 +229,44 @@ def test_empirical_forecast_is_the_last_value_plus_past_error_quantiles():
     assert (fc.upper[:, :, 0] >= 0).all() and (fc.mean <= fc.upper).all()
 
 
+def test_empirical_forecast_keeps_the_recent_peak_when_its_past_errors_score_better():
+    x = np.tile([10.0, 0.0], 30)  # alternating on 5-min steps: x[even] = 10, x[odd] = 0
+    tr = trace(x, 300.0)
+    last = empirical_forecast(tr, 0.9, refit_s=300)
+    sel = empirical_forecast(tr, 0.9, refit_s=300, point_windows_s=(0.0, 600.0))
+    # at step 40, origins 1..34 are scored (17 odd, 17 even). Odd horizons (5, 15, 25 min): the
+    # last value's errors are +10 / −10, the 0.9 quantile 10, pinball loss about it ½·0.1·20 = 1.0;
+    # the peak of the last 2 steps (always 10) errs 0 / −10, quantile 0, loss ½·0.1·10 = 0.5: the
+    # peak wins. Even horizons: the last value never errs (loss 0) and stays the point
+    for t in (40, 41):
+        p = x[t - 1]  # 0 at t = 40, 10 at t = 41
+        assert last.upper[t, :, 0].tolist() == [p + 10, p, p + 10, p, p + 10, p]
+        assert sel.upper[t, :, 0].tolist() == [10.0, p, 10.0, p, 10.0, p]
+        # mean error of the peak: −10 × (odd origins) / (origins) = −10·17/34 at 40, −10·18/35 at 41
+        m = 10.0 - 10.0 * (17 / 34 if t == 40 else 18 / 35)
+        assert sel.mean[t, :, 0] == pytest.approx([m, p, m, p, m, p], abs=1e-12)
+        assert sel.upper[t, :, 1].tolist() == [5.0, p / 2, 5.0, p / 2, 5.0, p / 2]  # memory = cores / 2
+    # no error known yet: every loss is 0 and the tie keeps the last value
+    assert sel.upper[5, 0, 0] == x[4] == last.upper[5, 0, 0]
+    # a candidate list of one is that point alone; () is the last value
+    one = empirical_forecast(tr, 0.9, refit_s=300, point_windows_s=(600.0,))
+    assert one.upper[40, 0, 0] == 10.0 and one.upper[5, 0, 0] == 10.0
+    assert np.array_equal(empirical_forecast(tr, 0.9, refit_s=300, point_windows_s=(0.0,)).upper, last.upper)
+
+
+def test_warmcast_on_alternating_windows_holds_the_peak_at_half_the_cost():
+    x = np.tile(np.repeat([40.0, 8.0], 10), 60)  # 10-min windows alternating 10 and 2 instances' worth
+    tr = trace(x)
+    eval_start = 600
+    old = simulate(tr, Warmcast(level=0.9, point_windows_s=()), FLEET, eval_start=eval_start).metrics
+    new = simulate(tr, Warmcast(level=0.9), FLEET, eval_start=eval_start).metrics
+    # the last value scales in during every low window and needs its +32-core error quantile on top
+    # of every level (it churns instances); the recent peak holds exactly the 10 instances
+    assert new.cold_core_seconds == 0.0 and old.cold_core_seconds == 0.0
+    assert old.instance_hours > 1.5 * new.instance_hours and new.launches < old.launches
+    assert new.instance_hours == pytest.approx(10 * (len(x) - eval_start) / 60)
+
+
 def test_trace_from_requests_matches_the_demand_series_on_5_minute_buckets():
     since = START
     requests = pa.concat_tables(list(generate_requests(20, 0.25, since, seed=1)))
