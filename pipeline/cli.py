@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -482,8 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # Lightning logs its device banner at INFO through its own handlers
-        for name in ("pytorch_lightning", "lightning", "lightning.pytorch"):
+        # (its package logger is reset to INFO when Lightning is first imported, later, so the
+        # module loggers that print the banner get their own level too)
+        for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "pytorch_lightning.utilities.rank_zero",
+                     "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # a third-party deprecation inside Lightning, printed once per fit: nothing a user can act on
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     try:
         return args.func(args)
     except (ConfigError, IntervalError, ValueError, OSError) as exc:

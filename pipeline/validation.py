@@ -41,7 +41,8 @@ class GateResult:
 def _context():
     import great_expectations as gx
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # it chats at INFO
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):  # they chat at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     try:
         from great_expectations.data_context.types.base import ProgressBarsConfig
