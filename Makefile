@@ -35,6 +35,8 @@ test-slow: $(STAMP)
 ## bench: the headline benchmarks, one JSON line each
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/forecast.py
 	$(PY) benchmarks/aggregate.py
 	$(PY) benchmarks/scaler.py
 	$(PY) benchmarks/simulate.py
