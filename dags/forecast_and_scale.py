@@ -19,7 +19,10 @@ Scaling: a run whose issue time is more than ``scaler.max_forecast_age_s`` (600 
 clock — every back-filled run, and a live run that started too late or retried too long — records
 its decisions as dry-run and never calls a mutating AWS API (logged as ``DRY RUN``); so does a run
 without a system forecast of its own (no users). Live runs use the Airflow connection
-``scaler.aws_conn_id`` (``aws_default``). ``max_active_runs=1``: two cycles never resize at once.
+``scaler.aws_conn_id`` (``aws_default``). ``max_active_runs=1``: two cycles never resize at once;
+and a live run holds the scaler lease in the store (:mod:`scaler.lease`), so a back-fill batch or a
+``warmcast scale`` by hand cannot apply at the same time (the loser's ``scale`` returns ``skipped``).
+With a ``[subpools]`` table in the fleet file, user sub-pools are sized from this issue's user forecasts.
 
 No model yet: users get the ``forecast.fallback`` baseline (default ``last_value``), flagged
 ``model_version = "fallback:baseline:last_value"``, so the fleet is sized from the strong
