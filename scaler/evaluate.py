@@ -21,6 +21,21 @@ Pure computation on a :class:`~scaler.simulate.SystemTrace`; rendering lives in
    naive heuristic's interpolated value instead.
 4. **At the reference cost** each policy is replayed once more at the knob interpolated (linearly
    in cost) to ``H``, for the pool-size plots.
+5. **Where the cold demand is** (:func:`where_cold`, ``summary.json`` key ``episodes``). Each
+   reference-cost replay's cold demand (scored steps) is split into *episodes*: maximal runs of
+   steps with cold core-seconds > 0, where runs separated by fewer than :data:`EPISODE_GAP_S`
+   seconds of steps without cold demand are merged (one burst whose capacity arrives in pieces is
+   one episode). Per policy: the number of episodes, the largest one's share of the policy's cold
+   core-seconds, the top episodes (start, duration from the first to the last cold step, cold
+   core-hours, demand level before → peak: the mean demand over the :data:`EPISODE_LOOKBACK_S`
+   seconds before the first cold step, the peak inside the episode, and their ratio), and, as a
+   *robustness figure only*, the cold core-seconds outside reactive's largest episode (the same
+   step window removed for every policy) as a ratio to reactive's outside it. It also splits the
+   cold demand by the capacity that would have served it: *booting* (the share that instances
+   already asked for, booting or resuming into service in that step, would have held) vs *never
+   asked for* (the rest: the active target itself was below demand). These replays sit at the
+   interpolated knob, so their plain ratio to reactive differs slightly from the interpolated
+   ``ratio_to_reactive_at_equal_cost``, which this section does not change.
 
 Forecasts are issued with past data only: every simulated policy reads at step ``t`` only demand
 before ``t`` (the oracle excepted, by design). ``warmcast`` plans from a baseline forecast of the
@@ -33,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Callable, Sequence
 
 import numpy as np
@@ -40,7 +56,7 @@ import numpy as np
 from scaler.policy import InstanceShape
 from scaler.sim_policies import (AwsPredictive, KnativeAutoscaler, NaivePredictive, Oracle, ReactiveTargetTracking,
                                  SampledForecast, Warmcast)
-from scaler.simulate import FleetModel, ScalingPolicy, SimMetrics, SimResult, SystemTrace, simulate
+from scaler.simulate import FleetModel, ScalingPolicy, SimMetrics, SimResult, SystemTrace, shortfall_share, simulate
 
 UTILS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
@@ -74,6 +90,9 @@ POLICY_SPECS: dict[str, PolicySpec] = {s.name: s for s in (
 POLICY_NAMES = tuple(POLICY_SPECS)
 REFERENCE_POLICY, NAIVE_POLICY = "reactive", "naive_predictive"
 LSTM_POLICY = "warmcast_lstm"  # only with forecaster="lstm": see lstm_policy_spec
+EPISODE_GAP_S = 900.0  # cold runs separated by less than this (without cold demand) are one episode
+EPISODE_LOOKBACK_S = 900.0  # an episode's "level before": mean demand over this long before its first cold step
+EPISODE_TOP = 3  # episodes listed per policy
 FORECASTERS = ("baseline", "lstm")
 
 
@@ -182,6 +201,7 @@ class Evaluation:
     also: dict[str, dict] = field(default_factory=dict)
     forecast_note: str = ""
     forecasters: dict[str, str] = field(default_factory=dict)  # policy -> which forecast drove it (report text)
+    episodes: dict = field(default_factory=dict)  # where_cold() of the reference-cost replays
 
     def summary(self) -> dict:
         """The ``summary.json`` content (plain JSON types; None for undefined ratios)."""
@@ -201,6 +221,7 @@ class Evaluation:
             "forecasters": dict(self.forecasters),
             "policies": {},
             "also_at": self.also,
+            "episodes": self.episodes,
         }
         for name, pe in self.policies.items():
             near = pe.nearest(self.reference.equivalent_instance_hours)
@@ -284,8 +305,103 @@ def evaluate(trace: SystemTrace, fleet: FleetModel, *, policies: Sequence[str] =
             "cold_core_seconds": round(m.cold_core_seconds, 3),
             "policies": {k: {kk: (None if vv is None else round(vv, 4)) for kk, vv in v.items()}
                          for k, v in _ratios(evals, m).items()}}
+    episodes = where_cold(trace, fleet, eval_start, {n: pe.at_cost for n, pe in evals.items()})
     return Evaluation(trace, fleet, eval_start, reference_utilisation, ref, evals, also, forecast_note,
-                      {k: v for k, v in (forecasters or {}).items() if k in evals})
+                      {k: v for k, v in (forecasters or {}).items() if k in evals}, episodes)
+
+
+def cold_runs(cold: np.ndarray, gap_steps: int = 1) -> list[tuple[int, int]]:
+    """``[lo, hi)`` step ranges of the episodes of ``cold`` (per-step cold amounts): maximal runs of
+    steps with ``cold > 0``, runs separated by fewer than ``gap_steps`` steps without cold demand
+    merged (``gap_steps=1``: only consecutive cold steps form one episode)."""
+    idx = np.flatnonzero(np.asarray(cold) > 0)
+    if not len(idx):
+        return []
+    cut = np.flatnonzero(np.diff(idx) - 1 >= max(1, gap_steps))  # steps without cold demand between two cold ones
+    lo = np.r_[idx[0], idx[cut + 1]]
+    hi = np.r_[idx[cut], idx[-1]] + 1
+    return list(zip(lo.tolist(), hi.tolist()))
+
+
+def where_cold(trace: SystemTrace, fleet: FleetModel, eval_start: int, results: dict[str, SimResult | None], *,
+               reference: str = REFERENCE_POLICY, gap_s: float = EPISODE_GAP_S, lookback_s: float = EPISODE_LOOKBACK_S,
+               top: int = EPISODE_TOP) -> dict:
+    """Where each replay's cold demand falls (module doc, point 5): its episodes, the largest one's
+    share, the top ``top`` episodes, the cold demand outside ``reference``'s largest episode as a
+    ratio to ``reference``'s (a robustness figure), and the booting / never-asked-for split.
+    Plain JSON types; None where a ratio's denominator is 0 or no episode exists."""
+    dt = trace.step_s
+    gap_steps = max(1, math.ceil(gap_s / dt - 1e-9))
+    look = max(1, math.ceil(lookback_s / dt - 1e-9))
+
+    def r(x: float | None, nd: int = 4) -> float | None:
+        return None if x is None or not math.isfinite(x) else round(float(x), nd)
+
+    def when(step: int) -> str:
+        return (trace.start + timedelta(seconds=step * dt)).isoformat()
+
+    per: dict[str, dict] = {}
+    for name, res in results.items():
+        if res is None:
+            continue
+        cold = res.cold_share * trace.cores * dt
+        cold[:eval_start] = 0.0
+        total = float(cold.sum())
+        eps = []
+        for lo, hi in cold_runs(cold, gap_steps):
+            before = trace.cores[max(0, lo - look):lo]
+            level = float(before.mean()) if len(before) else float(trace.cores[lo])
+            peak = float(trace.cores[lo:hi].max())
+            eps.append({"lo": lo, "hi": hi, "cold": float(cold[lo:hi].sum()), "level": level, "peak": peak})
+        eps.sort(key=lambda e: -e["cold"])
+        # cold that the instances already booting or resuming into service would have held, and the rest
+        unasked = shortfall_share(trace, fleet, res.ready + res.pending) * trace.cores * dt
+        unasked[:eval_start] = 0.0
+        unasked = np.minimum(unasked, cold)
+        per[name] = {"res": res, "cold": cold, "total": total, "eps": eps, "unasked": float(unasked.sum())}
+    ref = per.get(reference)
+    window = (ref["eps"][0]["lo"], ref["eps"][0]["hi"]) if ref and ref["eps"] else None
+
+    def outside(p: dict) -> float:
+        return p["total"] if window is None else p["total"] - float(p["cold"][window[0]:window[1]].sum())
+
+    ref_out = outside(ref) if ref else None
+    out: dict = {
+        "definition": (f"episodes of each policy's reference-cost replay (scored steps): maximal runs of steps with cold "
+                       f"core-seconds > 0, runs less than {gap_steps * dt:g} s apart merged; level before = mean demand "
+                       f"over the {look * dt:g} s before an episode's first cold step, peak = the largest step demand "
+                       f"in it, jump = peak / level before; duration = first to last cold step"),
+        "robustness_note": (f"robustness figure only, not the result: cold core-seconds outside {reference}'s largest "
+                            f"episode (the same step window removed for every policy) / {reference}'s outside it, on "
+                            f"the same reference-cost replays; ratio_to_reactive_at_equal_cost is unchanged"),
+        "booting_note": ("cold_while_booting_share: share of the cold core-seconds that the instances already asked "
+                         "for (booting or resuming into service in that step) would have held; "
+                         "cold_never_requested_share: the rest (the active target itself was below demand)"),
+        "gap_s": gap_steps * dt, "lookback_s": look * dt, "reference": reference,
+        "excluded_window": None if window is None else {
+            "policy": reference, "start": when(window[0]), "end": when(window[1]), "start_step": window[0],
+            "end_step": window[1], "duration_s": (window[1] - window[0]) * dt},
+        "policies": {},
+    }
+    for name, p in per.items():
+        m, total, eps = p["res"].metrics, p["total"], p["eps"]
+        out["policies"][name] = {
+            "knob": m.knob, "knob_value": r(m.knob_value), "equivalent_instance_hours": r(m.equivalent_instance_hours, 3),
+            "cold_core_seconds": r(total, 3),
+            "episodes": len(eps),
+            "largest_episode_share": r(eps[0]["cold"] / total) if eps and total > 0 else None,
+            "top_episodes": [{"start": when(e["lo"]), "end": when(e["hi"]), "start_step": e["lo"],
+                              "duration_s": (e["hi"] - e["lo"]) * dt, "cold_core_hours": r(e["cold"] / 3600, 4),
+                              "share": r(e["cold"] / total) if total > 0 else None,
+                              "level_before_cores": r(e["level"], 3), "peak_cores": r(e["peak"], 3),
+                              "jump": r(e["peak"] / e["level"], 3) if e["level"] > 0 else None} for e in eps[:top]],
+            "ratio_to_reactive_replay": r(_ratio(total, ref["total"] if ref else None)),
+            "cold_core_seconds_outside_excluded_window": r(outside(p), 3),
+            "robustness_ratio_to_reactive_excluding_its_largest_episode": r(_ratio(outside(p), ref_out)),
+            "cold_while_booting_share": r((total - p["unasked"]) / total) if total > 0 else None,
+            "cold_never_requested_share": r(p["unasked"] / total) if total > 0 else None,
+        }
+    return out
 
 
 FORECAST_NOTE = ("baseline, not the LSTM: the last value of the system demand (all users summed) plus the chosen "

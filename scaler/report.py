@@ -288,6 +288,71 @@ HOW = ("Each policy's main knob is swept; every setting replays the whole trace 
        "has no value ('–'). Ratios below 1 beat reactive / the naive heuristic at equal cost.")
 
 
+EPISODE_COLS = ["policy", "knob at reference cost", "cold core-h (this replay)", "episodes", "largest episode's share",
+                 "cold while booting", "cold never asked for", "ratio to reactive (this replay)",
+                 "robustness: ratio to reactive excluding reactive's largest episode"]
+TOP_COLS = ["policy", "#", "start (UTC)", "duration (min)", "cold core-h", "share of the policy's cold",
+            "demand before → peak (cores)", "jump"]
+
+
+def _pct(x: float | None) -> str:
+    return _fmt(x, "{:.1%}")
+
+
+def _minute(iso: str) -> str:
+    return iso[:16].replace("T", " ")
+
+
+def episode_tables(ev: Evaluation) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """The "Where the cold demand is" section from ``ev.episodes``: lead sentences (computed),
+    the per-policy table and the top-episodes table (header + rows each); empty without episodes."""
+    ep = ev.episodes
+    if not ep or not ep.get("policies"):
+        return [], [], []
+    pols, ref_name = ep["policies"], ep["reference"]
+    lead = [f"Each policy's cold demand at its reference-cost replay (the pool-plot replay), scored period only, "
+            f"split into episodes: maximal runs of cold steps, runs less than {ep['gap_s'] / 60:g} min apart merged. "
+            f"Level before = mean demand over the {ep['lookback_s'] / 60:g} min before an episode's first cold step; "
+            f"jump = peak / level before. 'Cold while booting': the share that capacity the policy had already asked "
+            f"for (booting or resuming into service) would have held; 'never asked for': the rest."]
+    ref, win = pols.get(ref_name), ep.get("excluded_window")
+    if ref and win and ref["top_episodes"]:
+        e = ref["top_episodes"][0]
+        lead.append(f"{ref_name}'s largest episode starts {_minute(e['start'])} UTC and lasts {e['duration_s'] / 60:,.0f} "
+                    f"min: {_pct(e['share'])} of its cold core-seconds ({e['cold_core_hours']:,.2f} of "
+                    f"{ref['cold_core_seconds'] / 3600:,.2f} core-h) in one of {ref['episodes']} episodes; demand went "
+                    f"{e['level_before_cores']:,.1f} → {e['peak_cores']:,.1f} cores (×{_fmt(e['jump'], '{:.2f}')}).")
+        lead.append(f"Robustness figure only (not the result; the headline ratio to reactive above is unchanged): the last "
+                    f"column removes that window ({_minute(win['start'])} – {_minute(win['end'])} UTC) for every policy "
+                    f"and divides each policy's remaining cold core-seconds by {ref_name}'s remaining. 'Ratio to reactive "
+                    f"(this replay)' is the same quotient without the removal, on these replays (at the knob interpolated "
+                    f"to the reference cost), so it can differ slightly from the interpolated headline.")
+    elif ref:
+        lead.append(f"{ref_name} has no cold demand at the reference cost: there is no episode to exclude.")
+    table = [EPISODE_COLS]
+    tops = [TOP_COLS]
+    for name, p in pols.items():
+        table.append([name, f"{p['knob']} = {_fmt(p['knob_value'], '{:.3g}')}", _fmt(
+            None if p["cold_core_seconds"] is None else p["cold_core_seconds"] / 3600, "{:,.2f}"), str(p["episodes"]),
+            _pct(p["largest_episode_share"]), _pct(p["cold_while_booting_share"]), _pct(p["cold_never_requested_share"]),
+            _fmt(p["ratio_to_reactive_replay"]), _fmt(p["robustness_ratio_to_reactive_excluding_its_largest_episode"])])
+        for i, e in enumerate(p["top_episodes"], 1):
+            tops.append([name, str(i), _minute(e["start"]), f"{e['duration_s'] / 60:,.0f}", _fmt(e["cold_core_hours"], "{:,.2f}"),
+                         _pct(e["share"]), f"{e['level_before_cores']:,.1f} → {e['peak_cores']:,.1f}",
+                         _fmt(e["jump"], "×{:.2f}")])
+    return lead, table, tops
+
+
+def _md_table(rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])] + ["| " + " | ".join(r) + " |" for r in rows[1:]]
+
+
+def _html_table(rows: list[list[str]]) -> list[str]:
+    e = html.escape
+    return (["<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in rows[0]) + "</tr>"]
+            + ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows[1:]] + ["</table>"])
+
+
 def write_report(ev: Evaluation, out: Path, meta: dict | None = None) -> dict[str, Path]:
     """Write summary.json, report.md, report.html and the PNGs into ``out``; returns their paths."""
     meta = meta or {}
@@ -311,6 +376,11 @@ def write_report(ev: Evaluation, out: Path, meta: dict | None = None) -> dict[st
         "| " + " | ".join(h for _, h in _COLS) + " |", "|" + "---|" * len(_COLS)]
     md += ["| " + " | ".join(_cell(k, r[k]) for k, _ in _COLS) + " |" for r in rows]
     md += ["", HOW, ""]
+    lead, ep_table, ep_top = episode_tables(ev)
+    if ep_table:
+        md += ["## Where the cold demand is", ""] + [x for line in lead for x in (line, "")]
+        md += _md_table(ep_table) + ["", "Top episodes per policy (by cold core-hours):", ""]
+        md += (_md_table(ep_top) if len(ep_top) > 1 else ["No policy has cold demand at the reference cost."]) + [""]
     also = also_rows(ev)
     if also:
         md += ["## Ratios at other reference costs", "", "| " + " | ".join(also[0]) + " |", "|" + "---|" * len(also[0])]
@@ -326,6 +396,10 @@ def write_report(ev: Evaluation, out: Path, meta: dict | None = None) -> dict[st
                                                  "<tr>" + "".join(f"<th>{e(h)}</th>" for _, h in _COLS) + "</tr>"]
     body += ["<tr>" + "".join(f"<td>{e(_cell(k, r[k]))}</td>" for k, _ in _COLS) + "</tr>" for r in rows]
     body += ["</table>", f"<p>{e(HOW)}</p>"]
+    if ep_table:
+        body += ["<h2>Where the cold demand is</h2>"] + [f"<p>{e(line)}</p>" for line in lead] + _html_table(ep_table)
+        body += ["<p>Top episodes per policy (by cold core-hours):</p>"]
+        body += _html_table(ep_top) if len(ep_top) > 1 else ["<p>No policy has cold demand at the reference cost.</p>"]
     if also:
         body += ["<h2>Ratios at other reference costs</h2>", "<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in also[0]) + "</tr>"]
         body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in also[1:]] + ["</table>"]

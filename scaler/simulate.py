@@ -374,6 +374,22 @@ def _result(trace: SystemTrace, policy: ScalingPolicy, fleet: FleetModel, out: n
     return SimResult(metrics, ready, pending, warm, wpend, running.astype(bool), desired, arrivals, f, wait)
 
 
+def shortfall_share(trace: SystemTrace, fleet: FleetModel, instances: np.ndarray) -> np.ndarray:
+    """Per step, the share of demand that ``instances`` (``[T]``, e.g. in-service counts) cannot
+    hold: ``max(0, 1 − cap_cores/cores, 1 − cap_gb/memory)`` clipped to 1, with the float-noise
+    tolerance of :func:`simulate` (given ``SimResult.ready`` it equals ``SimResult.cold_share``).
+    Used to split cold demand by what capacity would have served it (e.g. ready + booting)."""
+    n, shape, u = trace.steps, fleet.shape, fleet.capacity_utilisation
+    inst = np.asarray(instances, dtype=np.float64)
+    f = np.zeros(n)
+    for demand, per in ((trace.cores, shape.vcpu * u), (trace.memory_gb, shape.memory_gb * u)):
+        gap = demand - inst * per
+        gap[gap <= 1e-9 * per] = 0.0
+        short = np.divide(gap, demand, out=np.zeros(n), where=demand > 0)
+        np.maximum(f, short, out=f)
+    return np.minimum(f, 1.0)
+
+
 def sweep(make_policy: Callable[[float], ScalingPolicy], knob_values: Sequence[float], trace: SystemTrace,
           fleet: FleetModel, *, eval_start: int = 0) -> list[SimMetrics]:
     """Metrics of ``make_policy(v)`` for each knob value: one policy's cost/cold-start curve."""

@@ -13,9 +13,9 @@ from pipeline.config import load_settings
 from pipeline.generate import generate_landing
 from pipeline.ingest import ingest_interval
 from pipeline.storage import open_location
-from scaler.evaluate import POLICY_SPECS, evaluate, knob_at_cost, value_at_cost
+from scaler.evaluate import POLICY_SPECS, cold_runs, evaluate, knob_at_cost, value_at_cost, where_cold
 from scaler.policy import InstanceShape
-from scaler.simulate import FleetModel, SimMetrics, SystemTrace
+from scaler.simulate import FleetModel, SimMetrics, SimResult, SystemTrace, shortfall_share, simulate
 
 START = datetime(2026, 3, 2, tzinfo=timezone.utc)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,6 +76,99 @@ def test_evaluate_summary_schema_and_ratios():
     # the pool-size replay sits at (about) the reference cost
     assert ev.policies["warmcast"].at_cost.metrics.equivalent_instance_hours == pytest.approx(
         ev.reference.equivalent_instance_hours, rel=0.15)
+    # where the cold demand is: the same reference-cost replays, episodes adding up to their cold demand
+    ep = s["episodes"]
+    assert set(ep["policies"]) == set(s["policies"])
+    for name, p in ep["policies"].items():
+        m = ev.policies[name].at_cost.metrics
+        assert p["cold_core_seconds"] == pytest.approx(m.cold_core_seconds, rel=1e-9, abs=1e-3)
+        assert sum(e["cold_core_hours"] for e in p["top_episodes"]) * 3600 <= p["cold_core_seconds"] + 1
+        if p["episodes"]:
+            assert p["cold_while_booting_share"] + p["cold_never_requested_share"] == pytest.approx(1, abs=2e-4)
+            assert p["largest_episode_share"] == p["top_episodes"][0]["share"]
+    react = ep["policies"]["reactive"]
+    assert react["episodes"] > 1 and react["ratio_to_reactive_replay"] == 1.0
+    assert react["robustness_ratio_to_reactive_excluding_its_largest_episode"] == 1.0
+    assert react["cold_core_seconds"] == pytest.approx(ev.reference.cold_core_seconds, abs=1e-3)  # knob 0.7 exactly
+    assert ep["excluded_window"]["start"] == react["top_episodes"][0]["start"]
+    # the headline is still the interpolated ratio, not the replay's
+    assert s["policies"]["warmcast"]["ratio_to_reactive_at_equal_cost"] == pytest.approx(
+        value_at_cost(ev.policies["warmcast"].curve, ev.reference.equivalent_instance_hours, "cold_core_seconds")
+        / ev.reference.cold_core_seconds, abs=1e-4)
+
+
+def test_cold_runs_are_maximal_runs_merged_across_short_gaps():
+    cold = np.array([0, 1, 0, 0, 2, 3, 0, 1, 0])
+    assert cold_runs(cold, 1) == [(1, 2), (4, 6), (7, 8)]  # consecutive cold steps only
+    assert cold_runs(cold, 2) == [(1, 2), (4, 8)]  # one cold-free step apart: merged
+    assert cold_runs(cold, 3) == [(1, 8)]
+    assert cold_runs(np.zeros(5), 3) == []
+
+
+def _replay(name: str, trace: SystemTrace, fleet: FleetModel, ready, pending) -> SimResult:
+    ready, pending = np.asarray(ready, dtype=np.int64), np.asarray(pending, dtype=np.int64)
+    f = shortfall_share(trace, fleet, ready)
+    z = np.zeros(trace.steps, dtype=np.int64)
+    m = SimMetrics(policy=name, knob="k", knob_value=0.5, steps=trace.steps, step_s=trace.step_s, demand_core_seconds=1.0,
+                   cold_core_seconds=float((f * trace.cores * trace.step_s).sum()), cold_requests=None, cold_share=0.0,
+                   wait_p50_s=0.0, wait_p99_s=0.0, instance_hours=1.0, warm_stopped_hours=0.0,
+                   equivalent_instance_hours=1.0, cost_usd=1.0, utilisation=0.5, memory_utilisation=0.5, launches=0)
+    return SimResult(m, ready, pending, z, z, z.astype(bool), ready + pending, z, f, np.zeros(trace.steps))
+
+
+def test_where_cold_on_a_hand_computed_trace():
+    # 1-vCPU instances, 1-minute steps, 10 cores of base demand; scored from step 10
+    cores = np.full(100, 10.0)
+    cores[2] = 30.0  # warm-up: not scored
+    cores[[20, 22]] = 30.0  # burst A: two cold minutes one minute apart, 20 cores short each
+    cores[50] = 20.0  # burst B: one cold minute, 10 cores short
+    cores[70] = 15.0
+    trace = SystemTrace(cores, cores.copy(), 60.0, None, START)
+    fleet = FleetModel(InstanceShape(1, 4))
+    r_ready, r_pend = np.full(100, 10), np.zeros(100)
+    r_ready[70] = 15  # reactive holds step 70
+    r_pend[22] = 20  # at step 22 reactive's 20 instances are still booting: that minute is "while booting"
+    o_ready = np.full(100, 10)
+    o_ready[20:23] = 30  # the other policy holds burst A but is cold at B (600 core-s) and at step 70 (300 core-s)
+    res = {"reactive": _replay("reactive", trace, fleet, r_ready, r_pend),
+           "other": _replay("other", trace, fleet, o_ready, np.zeros(100))}
+    ep = where_cold(trace, fleet, 10, res)  # 15-minute merge gap: A is one episode
+    r, o = ep["policies"]["reactive"], ep["policies"]["other"]
+    assert r["cold_core_seconds"] == 3000.0 and o["cold_core_seconds"] == 900.0  # step 2 is not scored
+    assert r["episodes"] == 2 and o["episodes"] == 2
+    assert r["largest_episode_share"] == 0.8 and o["largest_episode_share"] == pytest.approx(2 / 3, abs=1e-4)
+    a = r["top_episodes"][0]
+    assert a["start"] == (START + timedelta(minutes=20)).isoformat() and a["duration_s"] == 180.0
+    assert a["cold_core_hours"] == pytest.approx(2400 / 3600, abs=1e-4)
+    assert (a["level_before_cores"], a["peak_cores"], a["jump"]) == (10.0, 30.0, 3.0)
+    b = r["top_episodes"][1]
+    assert (b["start_step"], b["duration_s"], b["share"], b["jump"]) == (50, 60.0, 0.2, 2.0)
+    assert ep["excluded_window"]["start_step"] == 20 and ep["excluded_window"]["end_step"] == 23
+    assert o["ratio_to_reactive_replay"] == 0.3  # 900 / 3000
+    assert o["robustness_ratio_to_reactive_excluding_its_largest_episode"] == 1.5  # 900 / 600 once A is removed
+    assert r["robustness_ratio_to_reactive_excluding_its_largest_episode"] == 1.0
+    assert r["cold_while_booting_share"] == 0.4 and r["cold_never_requested_share"] == 0.6  # step 22: 1200 of 3000
+    assert o["cold_while_booting_share"] == 0.0 and o["cold_never_requested_share"] == 1.0
+    # without merging, A is two episodes; reactive's largest is then step 20 alone (the first of two equal ones)
+    ep1 = where_cold(trace, fleet, 10, res, gap_s=60.0)
+    r1, o1 = ep1["policies"]["reactive"], ep1["policies"]["other"]
+    assert r1["episodes"] == 3 and r1["largest_episode_share"] == 0.4
+    assert (ep1["excluded_window"]["start_step"], ep1["excluded_window"]["end_step"]) == (20, 21)
+    assert o1["robustness_ratio_to_reactive_excluding_its_largest_episode"] == 0.5  # 900 / 1800
+    # no cold demand at all for the reference: nothing to exclude, ratios undefined
+    calm = where_cold(trace, fleet, 10, {"reactive": _replay("reactive", trace, fleet, np.full(100, 30), np.zeros(100))})
+    assert calm["excluded_window"] is None and calm["policies"]["reactive"]["episodes"] == 0
+    assert calm["policies"]["reactive"]["largest_episode_share"] is None
+
+
+def test_shortfall_share_of_the_in_service_count_is_the_replays_cold_share():
+    trace = daily(1, step_s=60.0)
+    fleet = FleetModel(InstanceShape(4, 16, boot_s=300))
+    res = simulate(trace, POLICY_SPECS["reactive"].make(0.9), fleet)
+    assert (res.cold_share > 0).any()
+    np.testing.assert_array_equal(shortfall_share(trace, fleet, res.ready), res.cold_share)
+    with_booting = shortfall_share(trace, fleet, res.ready + res.pending)
+    assert (with_booting <= res.cold_share).all() and (with_booting < res.cold_share).any()
 
 
 def test_evaluate_rejects_a_run_without_the_reference_or_with_unknown_policies():
@@ -110,6 +203,9 @@ def _check_report(out, policies):
     md = (out / "report.md").read_text()
     assert "![" in md and "tradeoff.png" in md and "| warmcast |" in md
     assert '<img src="pools.png"' in (out / "report.html").read_text()
+    assert "## Where the cold demand is" in md and "Robustness figure only" in md and "| reactive | 1 |" in md
+    assert "<h2>Where the cold demand is</h2>" in (out / "report.html").read_text()
+    assert set(summary["episodes"]["policies"]) == set(policies)
     return summary
 
 
