@@ -133,6 +133,12 @@ class BacktestResult:
             "definitions": {"pinball": "mean over the 7 levels of the pinball loss, demand units (requests per bucket; "
                                        "mean concurrent cores, GB, GPUs), mean over users x origins",
                             "coverage80": "share of actuals in [q10, q90]", "coverage90": "share of actuals in [q05, q95]",
+                            "coverage80_pit": "tie-aware coverage of [q10, q90]: mean of P(0.10 <= PIT <= 0.90), the PIT uniform on "
+                                              "[F(y-), F(y)] of the forecast's quantile function (knots linearly interpolated, "
+                                              "constant beyond q05 and q95); equals coverage80 where no actual ties a quantile",
+                            "coverage90_pit": "as coverage80_pit, for [q05, q95]",
+                            "calibration": "per quantile level: below = share of y < q, at_or_below = share of y <= q, "
+                                           "pit = mean P(PIT <= level); calibrated: below <= level <= at_or_below, pit ~ level",
                             "n": "points scored (user x origin), the same for every model"},
             "metrics": metrics_json(self.table),
             "lstm_vs_best_baseline": [

@@ -11,7 +11,15 @@ Definitions, for an actual ``y`` and a quantile forecast ``q_τ`` at levels ``τ
   the absolute error);
 * coverage of the central 80 % interval: share of actuals with ``q10 <= y <= q90``; the 90 %
   interval uses ``q05`` and ``q95``. Bounds are inclusive, so an actual of 0 with ``q05 = 0`` is
-  covered (demand is often exactly zero).
+  covered (demand is often exactly zero);
+* *tie-aware* coverage (``coverage80_pit``, ``coverage90_pit``): the expected coverage under the
+  randomised PIT, see :func:`pit_interval`. It equals the inclusive coverage when no actual ties
+  a quantile, and stops counting every 0 under ``q05 = 0`` as covered: on data that is mostly
+  exactly 0 the inclusive coverage of any forecast with ``q05 = 0`` is at least the share of zeros,
+  whatever the forecast's calibration;
+* per-level calibration: for each level ``τ`` the shares of actuals with ``y < q_τ``
+  (``below``), ``y <= q_τ`` (``at_or_below``) and the randomised-PIT share ``P(PIT <= τ)``
+  (``pit``). For a calibrated forecast ``below <= τ <= at_or_below`` and ``pit ≈ τ``.
 
 Shapes follow ``models/baselines.py``: actuals ``[n_users, n_origins, 6, 4]`` and quantiles
 ``[n_users, n_origins, 6, 4, 7]``; :func:`forecast_targets` builds the actuals from a dense
@@ -21,15 +29,21 @@ demand array. For many users, score user chunks with :func:`score_forecast` and 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from pipeline.schemas import DEMAND_RESOURCES, HORIZONS_MIN, QUANTILES
+from pipeline.schemas import DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, QUANTILES
 
-TABLE_COLUMNS = ("model", "horizon_min", "resource", "pinball", "coverage80", "coverage90", "n")
+#: Per-level calibration columns of the backtest table, for each quantile column ``qNN``:
+#: ``below_qNN`` (share of ``y < qNN``), ``at_or_below_qNN`` (``y <= qNN``), ``pit_qNN`` (``P(PIT <= τ)``).
+CALIBRATION_STATS = ("below", "at_or_below", "pit")
+CALIBRATION_COLUMNS = tuple(f"{stat}_{col}" for col in QUANTILE_COLUMNS for stat in CALIBRATION_STATS)
+TABLE_COLUMNS = ("model", "horizon_min", "resource", "pinball", "coverage80", "coverage90", "coverage80_pit", "coverage90_pit", "n",
+                 *CALIBRATION_COLUMNS)
 _LEVELS = np.asarray(QUANTILES, dtype=np.float64)
 _I05, _I10, _I90, _I95 = (QUANTILES.index(q) for q in (0.05, 0.10, 0.90, 0.95))
 
@@ -73,9 +87,114 @@ def interval_coverage(y: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> fl
     return float(((lower[ok] <= y[ok]) & (y[ok] <= upper[ok])).mean())
 
 
+def _tie_ends(y: np.ndarray, qs: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(lo, hi, mass)`` for actuals ``y [...]`` and *sorted* quantiles ``qs [..., K]``.
+
+    ``mass`` is true where ``y`` equals a quantile knot and the forecast puts probability on it
+    (``hi > lo``): then ``[lo, hi]`` are the levels where the quantile function equals ``y``
+    (knot levels, or 0 / 1 when the tie includes the lowest / highest knot). Elsewhere the
+    randomised PIT is a single level and ``lo``, ``hi`` are not meaningful.
+    """
+    k = len(levels)
+    n_lt = (qs < y[..., None]).sum(axis=-1)
+    n_le = (qs <= y[..., None]).sum(axis=-1)
+    first = np.concatenate([[0.0], levels[1:], [1.0]])  # level of the first tied knot (0 when it is the lowest)
+    last = np.concatenate([[0.0], levels[:-1], [1.0]])  # level of the last tied knot (1 when it is the highest)
+    lo, hi = first[np.minimum(n_lt, k)], last[n_le]
+    return lo, hi, (n_le > n_lt) & (hi > lo)
+
+
+def pit_interval(y: np.ndarray, quantiles: np.ndarray, levels: Sequence[float] = QUANTILES) -> tuple[np.ndarray, np.ndarray]:
+    """The randomised PIT of each actual: uniform on ``[F(y-), F(y)]``; returns ``(F(y-), F(y))``.
+
+    ``y [...]``, ``quantiles [..., K]`` at ``levels`` (sorted first, so slightly crossing
+    quantiles are rearranged). The forecast's quantile function ``Q(τ)`` is the linear
+    interpolation of the knots ``(τ_k, q_k)``, constant ``q_1`` below the lowest level and ``q_K``
+    above the highest (the tails beyond the knots collapse onto them; for demand, which is never
+    negative, ``q05 = 0`` then means ``P(Y = 0) >= 0.05`` exactly as it should). Its CDF is
+    ``F(y) = sup{τ : Q(τ) <= y}`` and ``F(y-) = inf{τ : Q(τ) >= y}``:
+
+    * ``y`` equal to knots ``k1 … k2`` (a *tie*): ``[τ_k1, τ_k2]``, with ``τ_k1`` replaced by 0 when
+      ``k1`` is the lowest knot and ``τ_k2`` by 1 when ``k2`` is the highest (all knots 0 and
+      ``y = 0``: ``[0, 1]``; only ``q05 = 0``: ``[0, 0.05]``);
+    * ``y`` strictly between knots: the single level ``F(y)`` interpolated linearly between them;
+      below the lowest knot 0, above the highest 1.
+
+    NaN where ``y`` or a quantile is not finite.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    qs = np.sort(np.asarray(quantiles, dtype=np.float64), axis=-1)
+    tau = np.asarray(levels, dtype=np.float64)
+    if qs.shape[-1] != len(tau) or qs.shape[:-1] != y.shape:
+        raise ValueError(f"quantiles {qs.shape} do not match actuals {y.shape} and {len(tau)} levels")
+    lo, hi, mass = _tie_ends(y, qs, tau)
+    m = (qs < y[..., None]).sum(axis=-1)  # no tie: y lies between knots m-1 and m
+    j = np.clip(m, 1, len(tau) - 1)
+    q0, q1 = np.take_along_axis(qs, (j - 1)[..., None], -1)[..., 0], np.take_along_axis(qs, j[..., None], -1)[..., 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inner = tau[j - 1] + (tau[j] - tau[j - 1]) * (y - q0) / (q1 - q0)
+    point = np.where(m == 0, 0.0, np.where(m == len(tau), 1.0, inner))
+    tie = (qs == y[..., None]).any(axis=-1)
+    single = np.where(tie, lo, point)  # a tie on one interior knot: lo == hi == its level
+    lo, hi = np.where(mass, lo, single), np.where(mass, hi, single)
+    bad = ~(np.isfinite(y) & np.isfinite(qs).all(axis=-1))
+    return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
+
+
+def _pit_coverage(y: np.ndarray, qs: np.ndarray, lo: np.ndarray, hi: np.ndarray, mass: np.ndarray, i: int, j: int,
+                  levels: np.ndarray) -> np.ndarray:
+    """``P(τ_i <= PIT <= τ_j)`` per point (see :func:`interval_coverage_pit`); ``qs`` sorted."""
+    inclusive = (qs[..., i] <= y) & (y <= qs[..., j])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.clip(np.minimum(hi, levels[j]) - np.maximum(lo, levels[i]), 0.0, None) / (hi - lo)
+    return np.where(mass, share, inclusive)
+
+
+def _pit_below(y: np.ndarray, qs: np.ndarray, lo: np.ndarray, hi: np.ndarray, mass: np.ndarray, k: int, levels: np.ndarray) -> np.ndarray:
+    """``P(PIT <= τ_k)`` per point; ``qs`` sorted."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.clip((levels[k] - lo) / (hi - lo), 0.0, 1.0)
+    return np.where(mass, share, qs[..., k] >= y)
+
+
+def interval_coverage_pit(y: np.ndarray, quantiles: np.ndarray, lower: float, upper: float,
+                          levels: Sequence[float] = QUANTILES) -> float:
+    """Tie-aware coverage of the central interval ``[q_lower, q_upper]`` (levels, e.g. 0.05 and 0.95).
+
+    The mean over finite points of ``P(lower <= PIT <= upper)``, ``PIT`` uniform on
+    :func:`pit_interval`'s ``[F(y-), F(y)]``: where the forecast puts mass on the actual (a tie),
+    the share of ``[F(y-), F(y)]`` inside ``[lower, upper]``; elsewhere 1 when
+    ``q_lower <= y <= q_upper``, else 0 — so without ties it *is* the inclusive
+    :func:`interval_coverage`. All knots 0 and ``y = 0``: the PIT is uniform on ``[0, 1]``, the
+    90 % interval covers 0.9 of it (inclusive coverage: 1). Only ``q05 = q10 = q25 = 0``: PIT
+    on ``[0, 0.25]``, covered ``(0.25 - 0.05) / 0.25 = 0.8`` by the 90 % interval and
+    ``(0.25 - 0.10) / 0.25 = 0.6`` by the 80 %. For a forecast that is the true distribution, with
+    its point masses on knot levels, the PIT is uniform on ``[0, 1]`` and the tie-aware coverage is
+    the nominal 0.8 / 0.9, whatever the share of zeros.
+
+    Limitation: a mass is only resolved on the knots. A true ``P(Y = 0) = 0.7`` is best told by
+    ``q05 … q50 = 0 < q75``, which the linear interpolation reads as ``P(Y = 0) = 0.5``: the
+    exact quantiles of such data then score 0.88 / 0.76 tie-aware (a little under nominal), where
+    the inclusive coverage gives 0.95 / 0.90.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    qs = np.sort(np.asarray(quantiles, dtype=np.float64), axis=-1)
+    tau = np.asarray(levels, dtype=np.float64)
+    if qs.shape[-1] != len(tau) or qs.shape[:-1] != y.shape:
+        raise ValueError(f"quantiles {qs.shape} do not match actuals {y.shape} and {len(tau)} levels")
+    i, j = (int(np.flatnonzero(np.isclose(tau, v))[0]) for v in (lower, upper))
+    ok = np.isfinite(y) & np.isfinite(qs).all(axis=-1)
+    if not ok.any():
+        return float("nan")
+    y, qs = y[ok], qs[ok]
+    lo, hi, mass = _tie_ends(y, qs, tau)
+    return float(_pit_coverage(y, qs, lo, hi, mass, i, j, tau).mean())
+
+
 @dataclass
 class ForecastScores:
-    """Additive accuracy sums of one model, per (horizon, resource): arrays ``[6, R]``.
+    """Additive accuracy sums of one model, per (horizon, resource): arrays ``[6, R]`` (``[6, R, 7]``
+    per level).
 
     Sums over users x origins, so scores of user chunks add up (``a + b``) to the scores of the
     whole population: a 10k-user backtest never needs every model's quantiles in memory at once.
@@ -85,9 +204,14 @@ class ForecastScores:
     hits80: np.ndarray  #: actuals inside [q10, q90]
     hits90: np.ndarray  #: actuals inside [q05, q95]
     n: np.ndarray  #: points scored
+    hits80_pit: np.ndarray  #: Σ P(0.10 <= PIT <= 0.90), :func:`interval_coverage_pit`
+    hits90_pit: np.ndarray  #: Σ P(0.05 <= PIT <= 0.95)
+    below: np.ndarray  #: ``[6, R, 7]`` actuals with y < q_τ
+    at_or_below: np.ndarray  #: ``[6, R, 7]`` actuals with y <= q_τ
+    pit_below: np.ndarray  #: ``[6, R, 7]`` Σ P(PIT <= τ)
 
     def __add__(self, other: "ForecastScores") -> "ForecastScores":
-        return ForecastScores(*(getattr(self, f) + getattr(other, f) for f in ("pinball_sum", "hits80", "hits90", "n")))
+        return ForecastScores(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)})
 
 
 def common_mask(targets: np.ndarray, forecasts: Iterable[np.ndarray]) -> np.ndarray:
@@ -104,30 +228,44 @@ def score_forecast(quantiles: np.ndarray, targets: np.ndarray, mask: np.ndarray 
     """Score ``quantiles [n_users, n_origins, 6, R, 7]`` against ``targets [n_users, n_origins, 6, R]``.
 
     Only points where ``mask`` (default :func:`common_mask` of this model alone) is true count.
-    Works on ``chunk_users`` users at a time in float32 (sums in float64).
+    Works on ``chunk_users`` users at a time in float32 (sums in float64). The inclusive
+    coverages use the quantiles as given; the tie-aware ones and the per-level shares use them
+    sorted along the levels (:func:`pit_interval`).
     """
     y = np.asarray(targets)
     n_u, _, n_h, n_r = y.shape
     cells = n_h * n_r
-    if quantiles.shape != (*y.shape, len(QUANTILES)):
-        raise ValueError(f"quantiles {quantiles.shape} do not match targets {y.shape} x {len(QUANTILES)} levels")
-    pin, c80, c90, n = (np.zeros(cells) for _ in range(4))
+    n_q = len(QUANTILES)
+    if quantiles.shape != (*y.shape, n_q):
+        raise ValueError(f"quantiles {quantiles.shape} do not match targets {y.shape} x {n_q} levels")
+    pin, c80, c90, n, p80, p90 = (np.zeros(cells) for _ in range(6))
+    below, at_or_below, pit_below = (np.zeros((cells, n_q)) for _ in range(3))
     tau = _LEVELS.astype(np.float32)
     for u0 in range(0, n_u, chunk_users):
         sl = slice(u0, u0 + chunk_users)
         yc = y[sl].reshape(-1, cells).astype(np.float32)
-        qc = quantiles[sl].reshape(-1, cells, len(QUANTILES))
+        qc = quantiles[sl].reshape(-1, cells, n_q)
         mc = (common_mask(y[sl], [quantiles[sl]]) if mask is None else mask[sl]).reshape(-1, cells)
         yc = np.where(mc, yc, np.float32(0.0))
         loss = np.zeros_like(yc)
-        for k in range(len(QUANTILES)):  # a loop over levels: long inner loops, no [.., 7] temporaries
+        for k in range(n_q):  # a loop over levels: long inner loops, no [.., 7] temporaries
             d = yc - qc[..., k]
             loss += np.maximum(tau[k] * d, (tau[k] - 1) * d)
-        pin += np.where(mc, loss, 0.0).sum(axis=0, dtype=np.float64) / len(QUANTILES)
+        pin += np.where(mc, loss, 0.0).sum(axis=0, dtype=np.float64) / n_q
         c80 += (mc & (qc[..., _I10] <= yc) & (yc <= qc[..., _I90])).sum(axis=0)
         c90 += (mc & (qc[..., _I05] <= yc) & (yc <= qc[..., _I95])).sum(axis=0)
         n += mc.sum(axis=0)
-    return ForecastScores(*(a.reshape(n_h, n_r) for a in (pin, c80, c90, n)))
+        qs = np.sort(np.where(mc[..., None], qc, np.float32(0.0)), axis=-1)
+        lo, hi, mass = _tie_ends(yc, qs, _LEVELS)
+        p80 += np.where(mc, _pit_coverage(yc, qs, lo, hi, mass, _I10, _I90, _LEVELS), 0.0).sum(axis=0)
+        p90 += np.where(mc, _pit_coverage(yc, qs, lo, hi, mass, _I05, _I95, _LEVELS), 0.0).sum(axis=0)
+        for k in range(n_q):
+            below[:, k] += (mc & (yc < qs[..., k])).sum(axis=0)
+            at_or_below[:, k] += (mc & (yc <= qs[..., k])).sum(axis=0)
+            pit_below[:, k] += np.where(mc, _pit_below(yc, qs, lo, hi, mass, k, _LEVELS), 0.0).sum(axis=0)
+    flat = lambda a: a.reshape(n_h, n_r, *a.shape[1:])  # noqa: E731
+    return ForecastScores(pinball_sum=flat(pin), hits80=flat(c80), hits90=flat(c90), n=flat(n), hits80_pit=flat(p80),
+                          hits90_pit=flat(p90), below=flat(below), at_or_below=flat(at_or_below), pit_below=flat(pit_below))
 
 
 def backtest_table(
@@ -143,8 +281,10 @@ def backtest_table(
     accumulated :class:`ForecastScores`. Arrays are all scored on the *same* points, those of
     :func:`common_mask`, so models are compared like for like. Columns :data:`TABLE_COLUMNS`:
     ``pinball`` is the mean pinball loss (demand units), ``coverage80`` / ``coverage90`` the
-    interval coverages, ``n`` the number of points scored. Rows only for ``horizons_min``
-    (e.g. ``(5, 15, 30)``).
+    inclusive interval coverages, ``coverage80_pit`` / ``coverage90_pit`` the tie-aware ones
+    (:func:`interval_coverage_pit`), ``n`` the number of points scored, then per level the
+    :data:`CALIBRATION_COLUMNS` (shares of ``y < q``, ``y <= q`` and ``P(PIT <= τ)``). Rows only
+    for ``horizons_min`` (e.g. ``(5, 15, 30)``).
     """
     arrays = {k: v for k, v in forecasts.items() if not isinstance(v, ForecastScores)}
     scores = {k: v for k, v in forecasts.items() if isinstance(v, ForecastScores)}
@@ -158,11 +298,12 @@ def backtest_table(
     for name in forecasts:
         sc = scores[name]
         with np.errstate(invalid="ignore", divide="ignore"):
-            pin, c80, c90 = sc.pinball_sum / sc.n, sc.hits80 / sc.n, sc.hits90 / sc.n
+            shares = [getattr(sc, f) / sc.n for f in ("pinball_sum", "hits80", "hits90", "hits80_pit", "hits90_pit")]
+            per_level = np.stack([sc.below, sc.at_or_below, sc.pit_below], axis=-1) / sc.n[..., None, None]  # [6, R, 7, 3]
         for minutes in horizons_min:
             h = HORIZONS_MIN.index(minutes)
             for r, resource in enumerate(resources):
-                rows.append((name, int(minutes), resource, pin[h, r], c80[h, r], c90[h, r], int(sc.n[h, r])))
+                rows.append((name, int(minutes), resource, *(a[h, r] for a in shares), int(sc.n[h, r]), *per_level[h, r].reshape(-1)))
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
@@ -182,15 +323,20 @@ def compare_to_best(table: pd.DataFrame, model: str, references: Sequence[str]) 
 
 
 def metrics_json(table: pd.DataFrame) -> dict:
-    """The table as nested JSON-ready dicts: ``{model: {horizon_min: {resource: {metric: value}}}}``."""
+    """The table as nested JSON-ready dicts: ``{model: {horizon_min: {resource: {metric: value}}}}``.
+
+    ``calibration`` holds, per quantile column, its ``level`` and the shares ``below`` (``y < q``),
+    ``at_or_below`` (``y <= q``) and ``pit`` (``P(PIT <= level)``).
+    """
+    num = lambda x: None if np.isnan(x) else float(x)  # noqa: E731
     out: dict = {}
-    for row in table.itertuples(index=False):
-        cell = out.setdefault(row.model, {}).setdefault(str(row.horizon_min), {})
-        cell[row.resource] = {
-            "pinball": None if np.isnan(row.pinball) else float(row.pinball),
-            "coverage80": None if np.isnan(row.coverage80) else float(row.coverage80),
-            "coverage90": None if np.isnan(row.coverage90) else float(row.coverage90),
-            "n": int(row.n),
+    for row in table.to_dict("records"):
+        cell = out.setdefault(row["model"], {}).setdefault(str(row["horizon_min"]), {})
+        cell[row["resource"]] = {
+            **{k: num(row[k]) for k in ("pinball", "coverage80", "coverage90", "coverage80_pit", "coverage90_pit")},
+            "n": int(row["n"]),
+            "calibration": {col: {"level": level, **{stat: num(row[f"{stat}_{col}"]) for stat in CALIBRATION_STATS}}
+                            for col, level in zip(QUANTILE_COLUMNS, QUANTILES)},
         }
     return out
 
@@ -198,9 +344,11 @@ def metrics_json(table: pd.DataFrame) -> dict:
 def format_backtest_table(table: pd.DataFrame) -> str:
     """A readable rendering: per resource and horizon, models by pinball loss, best marked ``*``.
 
-    ``vs best`` is each model's pinball relative to the best in its group (1.00 = the best).
+    ``vs best`` is each model's pinball relative to the best in its group (1.00 = the best);
+    ``cov80`` / ``cov90`` the inclusive coverages, ``pit80`` / ``pit90`` the tie-aware ones.
     """
-    lines = [f"{'resource':<10} {'horizon':>7}  {'model':<28} {'pinball':>11} {'vs best':>7} {'cov80':>6} {'cov90':>6} {'n':>9}"]
+    lines = [f"{'resource':<10} {'horizon':>7}  {'model':<28} {'pinball':>11} {'vs best':>7} {'cov80':>6} {'cov90':>6} "
+             f"{'pit80':>6} {'pit90':>6} {'n':>9}"]
     groups = [(r, m) for r in dict.fromkeys(table["resource"]) for m in sorted(set(table["horizon_min"]))]
     for resource, minutes in groups:
         group = table[(table["resource"] == resource) & (table["horizon_min"] == minutes)]
@@ -214,6 +362,7 @@ def format_backtest_table(table: pd.DataFrame) -> str:
             mark = "*" if i == 0 and np.isfinite(row.pinball) else " "
             lines.append(
                 f"{resource if i == 0 else '':<10} {str(minutes) + ' min' if i == 0 else '':>7} {mark}{row.model:<28} "
-                f"{row.pinball:>11.4g} {rel:>7.2f} {row.coverage80:>6.3f} {row.coverage90:>6.3f} {row.n:>9,}"
+                f"{row.pinball:>11.4g} {rel:>7.2f} {row.coverage80:>6.3f} {row.coverage90:>6.3f} "
+                f"{row.coverage80_pit:>6.3f} {row.coverage90_pit:>6.3f} {row.n:>9,}"
             )
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import pytest
 
 from models.backtest import MODELS, REPORT_HORIZONS, BacktestConfig, backtest, evaluate_backtest, forecast_sample, lstm_forecasts
 from models.features import BUCKET
-from models.metrics import pinball_loss
+from models.metrics import interval_coverage_pit, pinball_loss
 from models.train import TrainConfig, predict
 from pipeline.cli import main
 from pipeline.schemas import DEMAND, DEMAND_RESOURCES, QUANTILE_COLUMNS
@@ -69,6 +69,11 @@ def test_trains_before_the_holdout_and_scores_every_origin_of_it(result):
         n = table[table["horizon_min"] == minutes]["n"]
         assert (n == 3 * (n_origins - (minutes // 5 - 1))).all()
     assert table["pinball"].notna().all() and table["coverage90"].between(0, 1).all()
+    # gpus are always 0 and the last value forecasts 0 at every level: inclusively always covered,
+    # tie-aware the PIT is uniform on [0, 1] and the intervals hold their nominal 0.8 / 0.9.
+    gpus = table[(table["model"] == "last_value") & (table["resource"] == "gpus")]
+    assert (gpus["coverage90"] == 1.0).all() and (gpus["coverage80"] == 1.0).all()
+    np.testing.assert_allclose(gpus[["coverage80_pit", "coverage90_pit"]], np.tile([0.8, 0.9], (3, 1)))
 
 
 def test_forecasts_file_rows_reproduce_the_table(result):
@@ -87,6 +92,11 @@ def test_forecasts_file_rows_reproduce_the_table(result):
         assert loss.mean() == pytest.approx(row["pinball"], rel=1e-4, abs=1e-6)
         inside = (g["q05"] <= g["actual"]) & (g["actual"] <= g["q95"])
         assert inside.mean() == pytest.approx(row["coverage90"])
+        q = g[list(QUANTILE_COLUMNS)].to_numpy()
+        assert interval_coverage_pit(g["actual"].to_numpy(), q, 0.05, 0.95) == pytest.approx(row["coverage90_pit"], abs=1e-6)
+        assert interval_coverage_pit(g["actual"].to_numpy(), q, 0.10, 0.90) == pytest.approx(row["coverage80_pit"], abs=1e-6)
+        assert (g["actual"] < g["q25"]).mean() == pytest.approx(row["below_q25"])
+        assert (g["actual"] <= g["q25"]).mean() == pytest.approx(row["at_or_below_q25"])
 
 
 def test_actuals_and_last_value_line_up_with_the_demand(result):
@@ -190,6 +200,10 @@ def test_cli_backtest_writes_metrics_and_forecasts(tmp_path, capsys, monkeypatch
     assert set(metrics["metrics"]["lstm"]) == {"5", "15", "30"}
     cell = metrics["metrics"]["lstm"]["30"]["cpu_cores"]
     assert cell["n"] > 0 and cell["pinball"] >= 0 and 0 <= cell["coverage90"] <= 1
+    assert 0 <= cell["coverage90_pit"] <= 1 and 0 <= cell["coverage80_pit"] <= 1
+    level = cell["calibration"]["q90"]
+    assert level["level"] == 0.9 and 0 <= level["below"] <= level["pit"] <= level["at_or_below"] <= 1
+    assert "coverage90_pit" in metrics["definitions"] and "calibration" in metrics["definitions"]
     assert metrics["holdout"]["origins"] == 72 and metrics["holdout"]["end"] == "2026-11-03T12:00:00+00:00"
     assert len(metrics["lstm_vs_best_baseline"]) == 12
     forecasts = pq.read_table(out / "forecasts.parquet")

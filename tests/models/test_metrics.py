@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 
 from models.metrics import (
+    CALIBRATION_COLUMNS,
     TABLE_COLUMNS,
     backtest_table,
     compare_to_best,
     forecast_targets,
     format_backtest_table,
     interval_coverage,
+    interval_coverage_pit,
     metrics_json,
     pinball_loss,
+    pit_interval,
     score_forecast,
 )
 from pipeline.schemas import DEMAND_RESOURCES
@@ -42,6 +45,89 @@ def test_interval_coverage_is_inclusive_and_skips_missing():
     upper = np.array([1.0, 3.0, 2.0, 4.0, 9.0])
     assert interval_coverage(y, lower, upper) == pytest.approx(2 / 4)  # 0 in [0,1], 2 in [0,2]
     assert np.isnan(interval_coverage(np.array([np.nan]), np.zeros(1), np.ones(1)))
+
+
+def test_pit_interval_by_hand():
+    # Q = 8, 9, 9.5, 10, 11, 12, 13 at 0.05 … 0.95: linear between knots, flat beyond them.
+    for y, expected in [(7.0, (0.0, 0.0)), (8.5, (0.075, 0.075)), (9.75, (0.375, 0.375)), (10.0, (0.5, 0.5)),
+                        (12.5, (0.925, 0.925)), (14.0, (1.0, 1.0)),
+                        (8.0, (0.0, 0.05)), (13.0, (0.95, 1.0))]:  # a tie with an outer knot: its tail's mass
+        np.testing.assert_allclose(pit_interval(np.array(y), Q), expected, err_msg=str(y))
+    np.testing.assert_allclose(pit_interval(np.array(0.0), np.zeros(7)), (0.0, 1.0))  # all mass at 0
+    np.testing.assert_allclose(pit_interval(np.array(0.0), np.array([0, 0, 0, 1, 2, 3, 4.0])), (0.0, 0.25))
+    np.testing.assert_allclose(pit_interval(np.array(5.0), np.array([1, 2, 3, 4, 5, 5, 5.0])), (0.75, 1.0))
+    np.testing.assert_allclose(pit_interval(np.array(3.0), np.array([1, 2, 3, 3, 4, 5, 6.0])), (0.25, 0.5))
+    np.testing.assert_allclose(pit_interval(np.array(10.0), Q[::-1]), (0.5, 0.5))  # crossing quantiles are sorted
+    assert np.isnan(pit_interval(np.array(np.nan), Q)).all()
+
+
+def test_tie_aware_coverage_equals_the_inclusive_one_without_ties():
+    rng = np.random.default_rng(3)
+    y = rng.gamma(2.0, 3.0, (6, 5, 6, 4))
+    q = np.sort(rng.gamma(2.0, 3.0, (*y.shape, 7)), axis=-1)
+    assert not (q == y[..., None]).any()
+    for lo, hi, i, j in ((0.05, 0.95, 0, 6), (0.10, 0.90, 1, 5)):
+        inclusive = interval_coverage(y, q[..., i], q[..., j])
+        assert 0.2 < inclusive < 0.8
+        assert interval_coverage_pit(y, q, lo, hi) == pytest.approx(inclusive, abs=1e-12)
+    table = backtest_table({"m": q.astype(np.float32)}, y.astype(np.float32))
+    np.testing.assert_array_equal(table["coverage80_pit"], table["coverage80"])
+    np.testing.assert_array_equal(table["coverage90_pit"], table["coverage90"])
+    for col in ("q05", "q50", "q95"):  # no ties: y < q and y <= q agree, and so does the PIT share
+        np.testing.assert_array_equal(table[f"below_{col}"], table[f"at_or_below_{col}"])
+        np.testing.assert_allclose(table[f"pit_{col}"], table[f"below_{col}"])
+
+
+def test_all_zero_actuals_under_all_zero_quantiles():
+    y = np.zeros((3, 2, 6, 4))
+    q = np.zeros((*y.shape, 7))
+    # PIT uniform on [0, 1]: the 90 % interval [0.05, 0.95] holds 0.9 of it, the 80 % one 0.8.
+    assert interval_coverage(y, q[..., 0], q[..., 6]) == 1.0
+    assert interval_coverage_pit(y, q, 0.05, 0.95) == pytest.approx(0.9)
+    assert interval_coverage_pit(y, q, 0.10, 0.90) == pytest.approx(0.8)
+    table = backtest_table({"zero": q}, y)
+    assert (table["coverage80"] == 1.0).all() and (table["coverage90"] == 1.0).all()
+    np.testing.assert_allclose(table["coverage80_pit"], 0.8)
+    np.testing.assert_allclose(table["coverage90_pit"], 0.9)
+    for col, tau in zip(("q05", "q10", "q25", "q50", "q75", "q90", "q95"), (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)):
+        assert (table[f"below_{col}"] == 0.0).all() and (table[f"at_or_below_{col}"] == 1.0).all()
+        np.testing.assert_allclose(table[f"pit_{col}"], tau)
+
+
+# The mixed case: five forecasts and actuals, by hand.
+#   y    quantiles (q05 … q95)    PIT         90 %: incl / tie-aware     80 %: incl / tie-aware
+#   0    0 0 0 1 2 3 4            [0, 0.25]   1 / (0.25-0.05)/0.25 = .8  1 / (0.25-0.10)/0.25 = .6
+#   0    0 1 2 3 4 5 6            [0, 0.05]   1 / 0                      0 / 0
+#   2.5  0 1 2 3 4 5 6            0.375       1 / 1                      1 / 1
+#   5    1 2 3 4 5 5 5            [0.75, 1]   1 / (0.95-0.75)/0.25 = .8  1 / (0.90-0.75)/0.25 = .6
+#   7    0 1 2 3 4 5 6            1           0 / 0                      0 / 0
+MIXED_Y = np.array([0.0, 0.0, 2.5, 5.0, 7.0])
+MIXED_Q = np.array([[0, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 5, 5], [0, 1, 2, 3, 4, 5, 6.0]])
+
+
+def test_mixed_ties_by_hand():
+    assert interval_coverage(MIXED_Y, MIXED_Q[:, 0], MIXED_Q[:, 6]) == pytest.approx(4 / 5)
+    assert interval_coverage(MIXED_Y, MIXED_Q[:, 1], MIXED_Q[:, 5]) == pytest.approx(3 / 5)
+    assert interval_coverage_pit(MIXED_Y, MIXED_Q, 0.05, 0.95) == pytest.approx((0.8 + 0 + 1 + 0.8 + 0) / 5)
+    assert interval_coverage_pit(MIXED_Y, MIXED_Q, 0.10, 0.90) == pytest.approx((0.6 + 0 + 1 + 0.6 + 0) / 5)
+    assert interval_coverage_pit(np.append(MIXED_Y, np.nan), np.vstack([MIXED_Q, MIXED_Q[:1]]), 0.05, 0.95) == pytest.approx(2.6 / 5)
+    # The same through the backtest table (five users, float32); per-level shares at q25 and q50:
+    #   q25 = 0, 2, 2, 3, 2:  y < q: -, x, -, -, -  (1/5)   y <= q: x, x, -, -, -  (2/5)
+    #                         P(PIT <= 0.25): 0.25/0.25 = 1, 1, 0 (0.375), 0 (>= 0.75), 0  (2/5)
+    #   q50 = 1, 3, 3, 4, 3:  y < q: x, x, x, -, -  (3/5) = y <= q = P(PIT <= 0.5)
+    y = np.broadcast_to(MIXED_Y[:, None, None, None], (5, 1, 6, 4)).copy()
+    q = np.broadcast_to(MIXED_Q[:, None, None, None, :], (5, 1, 6, 4, 7)).copy()
+    table = backtest_table({"m": q}, y)
+    np.testing.assert_allclose(table["coverage90"], 0.8)
+    np.testing.assert_allclose(table["coverage80"], 0.6)
+    np.testing.assert_allclose(table["coverage90_pit"], 2.6 / 5)
+    np.testing.assert_allclose(table["coverage80_pit"], 2.2 / 5)
+    np.testing.assert_allclose(table[["below_q25", "at_or_below_q25", "pit_q25"]], np.tile([0.2, 0.4, 0.4], (24, 1)))
+    np.testing.assert_allclose(table[["below_q50", "at_or_below_q50", "pit_q50"]], np.tile([0.6, 0.6, 0.6], (24, 1)))
+    blob = json.loads(json.dumps(metrics_json(table)))["m"]["15"]["memory_gb"]
+    assert blob["coverage90_pit"] == pytest.approx(0.52) and blob["coverage90"] == pytest.approx(0.8)
+    assert blob["calibration"]["q25"] == pytest.approx({"level": 0.25, "below": 0.2, "at_or_below": 0.4, "pit": 0.4})
+    assert list(blob["calibration"]) == ["q05", "q10", "q25", "q50", "q75", "q90", "q95"]
 
 
 def test_forecast_targets_index_the_right_buckets():
@@ -93,7 +179,9 @@ def test_scores_of_user_chunks_add_up_to_the_whole():
     whole = backtest_table({"m": q}, y)
     parts = score_forecast(q[:4], y[:4]) + score_forecast(q[4:], y[4:])
     chunked = backtest_table({"m": parts})
-    np.testing.assert_allclose(chunked[["pinball", "coverage80", "coverage90"]], whole[["pinball", "coverage80", "coverage90"]])
+    cols = ["pinball", "coverage80", "coverage90", "coverage80_pit", "coverage90_pit", *CALIBRATION_COLUMNS]
+    np.testing.assert_allclose(chunked[cols], whole[cols])
+    np.testing.assert_allclose(backtest_table({"m": score_forecast(q, y, chunk_users=3)})[cols], whole[cols])
     assert (chunked["n"] == 50).all()
     with pytest.raises(ValueError, match="targets are needed"):
         backtest_table({"m": q})
@@ -112,7 +200,10 @@ def test_compare_json_and_printer():
     blob = json.loads(json.dumps(metrics_json(table)))
     assert blob["last_value"]["5"]["cpu_cores"]["pinball"] == pytest.approx(0.925 / 7)
     assert set(blob["lstm"]["30"]) == set(DEMAND_RESOURCES)
+    assert blob["last_value"]["5"]["cpu_cores"]["coverage90_pit"] == 1.0
+    assert blob["last_value"]["5"]["cpu_cores"]["calibration"]["q50"] == {"level": 0.5, "below": 0.0, "at_or_below": 1.0, "pit": 1.0}
     text = format_backtest_table(table)
+    assert "pit80" in text and "pit90" in text and max(map(len, text.splitlines())) <= 110
     assert "*lstm" in text and "last_value" in text and "30 min" in text
     assert text.count("*lstm") == 24  # best in each of the 6 x 4 groups
     assert text.index("requests") < text.index("cpu_cores") < text.index("gpus")
