@@ -259,7 +259,8 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     settings = _settings(args)
     lake = location_from_settings(settings.lake, settings)
     train = TrainConfig(epochs=args.epochs, global_epochs=args.global_epochs, hidden=args.hidden, val_days=args.val_days,
-                        min_history_days=args.min_history_days, seed=args.seed, progress_bar=args.progress)
+                        min_history_days=args.min_history_days, seed=args.seed, progress_bar=args.progress,
+                        calibration_floor=args.calibration_floor)
     config = BacktestConfig(holdout_days=args.holdout_days, train_days=args.train_days, train=train,
                             max_forecast_rows=args.max_forecast_rows)
     result = backtest_lake(lake, config, until=args.until)
@@ -442,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-history-days", type=float, default=2.0, help="users with less history before the validation tail use the global model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-forecast-rows", type=int, default=1_000_000, help="bound on the forecast rows written (a sample of users)")
+    p.add_argument("--calibration-floor", action="store_true",
+                   help="also fit the recalibration's zero floor (idle users' low quantiles to 0; off by default)")
     p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
 
     p = add("evaluate", cmd_evaluate, "replay demand through reactive, predictive and warmcast scaling; write a report")
