@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.schemas import check_id
-from pipeline.storage import Location, open_location
+from pipeline.storage import Location, open_location, parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,6 @@ def _json_bytes(obj: object) -> bytes:
     return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
 def _describe(weights: Weights) -> dict[str, dict]:
     return {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in sorted(weights.items())}
 
@@ -208,7 +202,7 @@ class ModelStore:
             if not isinstance(v, torch.Tensor) or v.ndim < 1 or v.shape[0] != len(users):
                 raise ValueError(f"tensor {k!r}: expected a tensor with leading dimension {len(users)} (one row per user)")
         data = _tensor_bytes(weights)
-        users_bytes = _parquet_bytes(pa.table({"user_id": pa.array(users, pa.string())}))
+        users_bytes = parquet_bytes(pa.table({"user_id": pa.array(users, pa.string())}), "snappy")
         file, users_file = f"shard-{int(shard):05d}.pt", f"shard-{int(shard):05d}.users.parquet"
         self.loc.write_bytes(self._vpath(version, users_file), users_bytes)
         self.loc.write_bytes(self._vpath(version, file), data)
@@ -237,7 +231,7 @@ class ModelStore:
         if any(s.tensors != infos[0].tensors for s in infos):
             raise ValueError("shards disagree on tensor names, per-user shapes or dtypes")
         index = {"user_id": pa.array(users, pa.string()), "shard": pa.array(shard_no, pa.int32()), "row": pa.array(rows, pa.int32())}
-        index_bytes = _parquet_bytes(pa.table(index))
+        index_bytes = parquet_bytes(pa.table(index), "snappy")
         created = _now().isoformat()
         window = None if training_window is None else {"start": training_window[0].isoformat(), "end": training_window[1].isoformat()}
         meta = {"name": self.name, "version": version, "created_at": created, "training_window": window, "metrics": dict(metrics or {}),

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from pipeline.config import Settings
 from pipeline.intervals import run_interval
 from pipeline.schemas import BUCKET_SECONDS, SYSTEM_FORECAST, USER_FORECAST
-from pipeline.storage import Location, location_from_settings
+from pipeline.storage import Location, location_from_settings, parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,7 @@ def _lake(settings: Settings) -> Location:
 
 
 def _write_parquet(lake: Location, path: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    lake.write_bytes(path, buf.getvalue())
+    lake.write_bytes(path, parquet_bytes(table))
 
 
 def _read_parquet(lake: Location, path: str, schema: pa.Schema) -> pa.Table:

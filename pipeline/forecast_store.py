@@ -43,14 +43,13 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from pipeline.config import mask_url_password
 from pipeline.schemas import QUANTILE_COLUMNS, SCALING_DECISION, SYSTEM_FORECAST, USER_FORECAST, check_id
-from pipeline.storage import Location, open_location
+from pipeline.storage import Location, open_location, parquet_bytes
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _BATCH_ROWS = 20_000
@@ -158,12 +157,6 @@ def _sqlite_column(col: pa.ChunkedArray) -> list[Any]:
     enc = pc.dictionary_encode(col.cast(pa.timestamp("us", tz="UTC"))).combine_chunks()  # few distinct times
     text = [None if t is None else f"{t:%Y-%m-%d %H:%M:%S.%f}" for t in enc.dictionary.to_pylist()]
     return pa.array(text, pa.string()).take(enc.indices).to_pylist()
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
 
 
 def _conform(table: pa.Table, schema: pa.Schema, key: Sequence[str], what: str) -> pa.Table:
@@ -300,7 +293,7 @@ class ForecastStore:
             rows = table.filter(pc.equal(table[time_col], pa.scalar(t, table.schema.field(time_col).type)))
             name = _stamp(t) + (f"-{check_id(part, 'part')}" if part else "") + ".parquet"
             path = self.lake.path(folder, f"date={t.astimezone(timezone.utc):%Y-%m-%d}", name)
-            self.lake.write_bytes(path, _parquet_bytes(rows))
+            self.lake.write_bytes(path, parquet_bytes(rows))
             paths.append(path)
         return paths
 

@@ -13,6 +13,7 @@ datasets ignore.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import posixpath
 import uuid
@@ -21,11 +22,19 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 
 class StorageError(OSError):
     """A storage location is missing, unreadable or not writable."""
 
+
+
+def parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
+    """``table`` as the bytes of one Parquet file (for :meth:`Location.write_bytes`)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=compression)
+    return buf.getvalue()
 
 @dataclass(frozen=True)
 class Location:
