@@ -29,6 +29,7 @@ from scaler.sim_policies import (
     ReactiveTargetTracking,
     Scheduled,
     Warmcast,
+    _seasonal_drift,
     empirical_forecast,
     forecast_from_table,
 )
@@ -355,3 +356,32 @@ def test_daily_sine_trace_from_one_minute_requests_is_exact():
     assert tr.cores == pytest.approx(cores + np.append(0, cores[:-1]) / 2)
     assert tr.memory_gb == pytest.approx(np.append(1, np.full(n - 1, 1.5)))
     assert tr.requests.tolist() == [1.0] * n
+
+
+def test_empirical_forecast_seasonal_candidate_foresees_a_spike_at_the_top_of_every_hour():
+    x = np.full(60 * 12, 10.0)  # 1-min steps, 12 hours: 10 cores, and 40 at minute 1 of every hour
+    x[1::60] = 40.0
+    tr = trace(x)
+    t = 60 * 8 - 5  # origin 5 minutes before 08:00; horizon 2 (15 min bucket 2: steps t+5 .. t+9) holds the spike
+    plain = empirical_forecast(tr, 0.95, refit_s=3600)
+    seas = empirical_forecast(tr, 0.95, refit_s=3600, seasonal_periods_s=(3600.0,), seasonal_count=3)
+    # the last value errs +30 at one origin in 12 per horizon: its 0.95 quantile is +30 at every origin
+    assert plain.upper[t, :, 0].tolist() == [40.0] * 6
+    # the seasonal point: last value + mean change over the same span one, two and three hours ago
+    # (spike 40 - level 10 in the second bucket, 0 elsewhere); it never errs, so it wins everywhere
+    assert seas.upper[t, :, 0].tolist() == [10.0, 40.0, 10.0, 10.0, 10.0, 10.0]
+    assert seas.upper[t + 5, :, 0].tolist() == [40.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    assert seas.mean[t, :, 0].tolist() == [10.0, 40.0, 10.0, 10.0, 10.0, 10.0]
+    with pytest.raises(ValueError, match="longest horizon"):
+        empirical_forecast(tr, 0.95, seasonal_periods_s=(600.0,))
+    with pytest.raises(ValueError, match="seasonal_count"):
+        empirical_forecast(tr, 0.95, seasonal_periods_s=(3600.0,), seasonal_count=0)
+
+
+def test_seasonal_drift_averages_the_periods_already_seen():
+    x = np.arange(200, dtype=float)[:, None]  # a ramp: every change over j steps is j
+    peak = x  # buckets of one step (k = 1)
+    d = _seasonal_drift(x, peak, period=50, count=3, k=1, hz=6)
+    # origin 120: periods 1 and 2 seen (120-1-150 < 0): peak[120-50i+j] - x[119-50i] = j + 1
+    assert d[120, :, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert d[40, :, 0].tolist() == [0.0] * 6  # no period past yet: the last value
