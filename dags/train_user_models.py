@@ -39,7 +39,8 @@ def _train_config(settings):
     from models.train import TrainConfig
 
     t = settings.train
-    return TrainConfig(epochs=t.epochs, global_epochs=t.global_epochs, threads=t.threads)
+    return TrainConfig(epochs=t.epochs, global_epochs=t.global_epochs, threads=t.threads,
+                       global_max_users=t.global_max_users)
 
 
 with DAG(

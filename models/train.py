@@ -22,6 +22,7 @@ before ``at`` only: quantiles ``[n_users, 6, 4, 7]`` in real units, non-negative
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import sys
 import tempfile
 import warnings
@@ -79,6 +80,9 @@ class TrainConfig:
     #: ServeGen hold-out diagnostics, and zeroing an idle user's whole range lets the system forecast
     #: miss the bursts of many idle users at once.
     calibration_floor: bool = False
+    #: users the global model trains on: a seeded sample of this many (of those with enough
+    #: history) when there are more, so its cost stops growing with the population; None: all
+    global_max_users: int | None = 1024
 
 
 @dataclass
@@ -253,8 +257,27 @@ def _params(model: StackedLSTM) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in model.named_parameters()}
 
 
+def global_sample(n_users: int, config: TrainConfig) -> np.ndarray:
+    """Rows (sorted) the global model trains on: every user, or a seeded sample of
+    ``config.global_max_users`` of them when there are more."""
+    cap = config.global_max_users
+    if cap is not None and cap < 1:
+        raise ValueError(f"global_max_users must be >= 1 or None, got {cap}")
+    if cap is None or n_users <= cap:
+        return np.arange(n_users)
+    return np.sort(np.random.default_rng(config.seed).choice(n_users, cap, replace=False))
+
+
 def _train_global(data: TrainingData, config: TrainConfig, enough: torch.Tensor, previous: TrainedModels | None, root: str) -> tuple[StackedLSTM, int]:
-    """One LSTM on every user's chunks pooled; its prior is the median user's prior."""
+    """One LSTM on the chunks of :func:`global_sample`'s users pooled; its prior is the median
+    prior of those of them with enough history (of all of them when none has)."""
+    rows = global_sample(len(enough), config)
+    if len(rows) < len(enough):
+        idx = torch.from_numpy(rows)
+        data = dataclasses.replace(data, features=data.features[idx], scaled=data.scaled[idx],
+                                   first_active=data.first_active[idx], prior=data.prior[idx],
+                                   history_days=data.history_days[rows])
+        enough = enough[idx]
     users_prior = data.prior[enough] if enough.any() else data.prior
     glob = StackedLSTM(1, N_INPUTS, config.hidden, prior=users_prior.median(dim=0).values[None], seed=config.seed)
     if previous is not None:

@@ -142,8 +142,12 @@ class TrainSettings:
     max_shards: int = MAX_MAPPED_TASKS
     #: CPU threads per training task (None: torch's default); 1 when many shards share a machine.
     threads: int | None = None
+    #: The global model trains on a seeded sample of this many users (None: all of them).
+    global_max_users: int | None = 1024
 
     def __post_init__(self) -> None:
+        if self.global_max_users is not None and self.global_max_users < 1:
+            raise ConfigError(f"train.global_max_users={self.global_max_users} must be at least 1 (or unset: all users)")
         if not 1.5 <= self.days <= 366:
             raise ConfigError(f"train.days={self.days} must lie in [1.5, 366] (a held-out day plus history)")
         if self.epochs < 0 or self.global_epochs < 0:

@@ -13,7 +13,7 @@ import torch
 from models.features import BUCKET, N_INPUTS
 from models.lightning_module import StackedForecaster
 from models.module import StackedLSTM
-from models.train import TrainConfig, holdout_pinball, predict, prior_model, train
+from models.train import TrainConfig, global_sample, holdout_pinball, predict, prior_model, train
 from pipeline.schemas import DEMAND
 
 T0 = datetime(2026, 3, 2, tzinfo=timezone.utc)
@@ -183,3 +183,33 @@ def test_predict_results_do_not_depend_on_user_blocks_or_threads(trained):
         fc = predict(models, demand, at=cut, users=["late", "pulse", "nobody", "noisy"], block_users=block_users, threads=threads)
         np.testing.assert_array_equal(fc.quantiles, ref.quantiles)
     assert ref.uses_global.tolist() == [True, False, True, False]
+
+
+def test_global_sample_caps_the_users_the_global_model_trains_on():
+    assert global_sample(5, TrainConfig(global_max_users=None)).tolist() == [0, 1, 2, 3, 4]
+    assert global_sample(5, TrainConfig(global_max_users=5)).tolist() == [0, 1, 2, 3, 4]
+    rows = global_sample(5000, TrainConfig(global_max_users=100, seed=3))
+    assert len(rows) == len(set(rows.tolist())) == 100 and (np.diff(rows) > 0).all() and rows.max() < 5000
+    assert rows.max() - rows.min() > 2500  # spread over the population, not its first rows
+    assert global_sample(5000, TrainConfig(global_max_users=100, seed=3)).tolist() == rows.tolist()  # seeded
+    with pytest.raises(ValueError, match="global_max_users"):
+        global_sample(5, TrainConfig(global_max_users=0))
+
+
+def test_global_model_trains_on_the_sample_only(monkeypatch):
+    import models.train as mt
+
+    seen = []
+    real = mt.training_batches
+
+    def spy(data, config, pooled):
+        if pooled:
+            seen.append(data.features.shape[0])
+        return real(data, config, pooled)
+
+    monkeypatch.setattr(mt, "training_batches", spy)
+    demand = seasonal_demand(days=2)
+    cfg = FAST.__class__(**{**FAST.__dict__, "epochs": 1, "global_epochs": 1, "global_max_users": 2})
+    models = train(demand, config=cfg)
+    assert seen == [2] and len(models.user_ids) == 3  # the global model saw 2 users; every user still has a row
+    assert np.isfinite(models.metrics.global_pinball).any()
