@@ -288,7 +288,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     paths = run_evaluation(loc, args.source, args.out, since=args.since, until=args.until,
                            step_s=60.0 if args.step == "1min" else 300.0, policies=policies, vcpu=args.vcpu,
                            boot_s=args.boot_s, warmup_s=None if args.warmup_hours is None else args.warmup_hours * 3600,
-                           forecaster=args.forecaster, lstm=lstm, progress=lambda msg: print(msg, flush=True))
+                           forecaster=args.forecaster, lstm=lstm, warm_headroom=args.warm_headroom,
+                           progress=lambda msg: print(msg, flush=True))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -471,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-history-days", type=float, help="with --forecaster lstm: history a user needs for its own "
                                                           "model (default 2, or half of what the window leaves before the tail)")
     p.add_argument("--n-paths", type=int, default=1000, help="with --forecaster lstm: sample paths per origin (default 1000)")
+    p.add_argument("--warm-headroom", type=float, default=0.0,
+                   help="warmcast keeps a stopped warm pool of at least this share of its active target (default 0: "
+                        "the forecast alone); adds 'reactive_warm', reactive tracking with the same warm pool")
 
     p = add("demo", cmd_demo, "the main job on embedded defaults: generate, ingest, build and summarise demand")
     p.add_argument("--landing", help="landing location (default var/landing)")

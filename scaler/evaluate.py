@@ -47,7 +47,7 @@ the sum: :func:`train_lstm_models`, :func:`lstm_system_forecast`). torch is impo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Callable, Sequence
 
@@ -94,6 +94,40 @@ EPISODE_GAP_S = 900.0  # cold runs separated by less than this (without cold dem
 EPISODE_LOOKBACK_S = 900.0  # an episode's "level before": mean demand over this long before its first cold step
 EPISODE_TOP = 3  # episodes listed per policy
 FORECASTERS = ("baseline", "lstm")
+
+
+WARM_POLICY = "reactive_warm"  # only with warm_headroom > 0: see with_warm_headroom
+
+
+def with_warm_headroom(specs: dict[str, PolicySpec], headroom: float) -> dict[str, PolicySpec]:
+    """``specs`` with every warmcast policy keeping a stopped warm pool of at least ``headroom`` ×
+    its active target (:class:`~scaler.policy.PoolPolicy` ``warm_headroom``), plus
+    :data:`WARM_POLICY`: reactive target tracking with the same warm pool, so a report separates
+    what the warm pool buys from what the forecast buys. ``headroom = 0``: ``specs`` unchanged."""
+    if not (np.isfinite(headroom) and headroom >= 0):
+        raise ValueError(f"warm headroom must be finite and >= 0, got {headroom}")
+    if headroom == 0:
+        return dict(specs)
+    out = {}
+    for name, spec in specs.items():
+        if name.startswith("warmcast"):
+            def make(v: float, _make=spec.make) -> ScalingPolicy:
+                pol = _make(v)
+                pol.warm_headroom = headroom
+                return pol
+            spec = replace(spec, label=f"{spec.label}, warm pool >= {headroom:g} x active", make=make)
+        out[name] = spec
+        if name == REFERENCE_POLICY:
+            out[WARM_POLICY] = PolicySpec(WARM_POLICY, f"reactive target tracking, warm pool >= {headroom:g} x active",
+                                          "target_utilisation",
+                                          lambda v: _named(ReactiveTargetTracking(target_utilisation=v, warm_headroom=headroom),
+                                                           WARM_POLICY), UTILS)
+    return out
+
+
+def _named(policy: ScalingPolicy, name: str) -> ScalingPolicy:
+    policy.name = name
+    return policy
 
 
 def lstm_policy_spec(forecast: SampledForecast) -> PolicySpec:
@@ -588,7 +622,7 @@ def data_hours(loc, prefix: str = "") -> tuple["datetime", "datetime"]:
 def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: float = 60.0,
                    policies: Sequence[str] | None = None, vcpu: float | None = None, boot_s: float = 300.0,
                    warmup_s: float | None = None, forecaster: str = "baseline",
-                   lstm: LstmForecastConfig = LstmForecastConfig(),
+                   lstm: LstmForecastConfig = LstmForecastConfig(), warm_headroom: float = 0.0,
                    progress: Callable[[str], None] | None = None) -> dict:
     """``warmcast evaluate``: system demand of a lake (``source="lake"``) or of the Parquet files
     of a landing folder written by ``warmcast import`` (``"trace"``, no ingest) over
@@ -598,7 +632,8 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
     ``forecaster="lstm"`` (lake only) adds :data:`LSTM_POLICY`: warmcast's plan driven by per-user
     LSTMs trained on the lake's demand before the scored period (:func:`train_lstm_models`) and
     their forecasts issued at every 5-minute origin of it, aggregated (:func:`lstm_system_forecast`).
-    The scored period then starts on the 5-minute grid (the warm-up is rounded up to it)."""
+    The scored period then starts on the 5-minute grid (the warm-up is rounded up to it).
+    ``warm_headroom`` > 0: see :func:`with_warm_headroom` (adds :data:`WARM_POLICY`)."""
     from pathlib import Path
 
     from pipeline.demand import system_demand_from_landing, system_demand_from_lake
@@ -617,8 +652,13 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
         if forecaster == "lstm":  # beside the other warmcast policies
             at = POLICY_NAMES.index("warmcast_1min") + 1
             policies = POLICY_NAMES[:at] + (LSTM_POLICY,) + POLICY_NAMES[at:]
+        if warm_headroom > 0:
+            at = policies.index(REFERENCE_POLICY) + 1
+            policies = policies[:at] + (WARM_POLICY,) + policies[at:]
     if LSTM_POLICY in policies and forecaster != "lstm":
         raise ValueError(f"the {LSTM_POLICY!r} policy needs --forecaster lstm")
+    if WARM_POLICY in policies and not warm_headroom > 0:
+        raise ValueError(f"the {WARM_POLICY!r} policy needs a warm headroom > 0 (--warm-headroom)")
     if since is None or until is None:
         first, last = data_hours(loc, "request_logs" if source == "lake" else "")
         since, until = since or first, until or last
@@ -678,6 +718,12 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
     elif source == "lake" and loc.is_dir(loc.path("models")):
         note += (" (The lake has a model store; `--forecaster lstm` replays warmcast's own per-user LSTMs as the "
                  f"{LSTM_POLICY!r} policy.)")
+    if warm_headroom:
+        specs = with_warm_headroom(specs, warm_headroom)
+        note += (f" Warm pool headroom {warm_headroom:g}: every warmcast policy keeps a stopped warm pool of at least "
+                 f"{warm_headroom:g} x its active target, and '{WARM_POLICY}' is reactive target tracking with the same "
+                 "warm pool (what the warm pool alone buys).")
+        meta["warm_headroom"] = warm_headroom
     ev = evaluate(trace, fleet, policies=policies, specs=specs, eval_start=eval_start, forecast_note=note,
                   forecasters=forecasters, progress=progress)
     return write_report(ev, Path(out), meta)

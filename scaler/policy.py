@@ -89,7 +89,11 @@ class PoolPolicy:
     ``target_utilisation`` in (0, 1]: the share of each instance's resources demand may fill.
     ``hysteresis`` in [0, 1): scale-in happens only when it removes at least
     ``max(1, ceil(hysteresis × current))`` instances. ``upper_shading`` in [0, 1]: 0 sizes for the
-    forecast's upper bound, 1 for its mean (a cost preference).
+    forecast's upper bound, 1 for its mean (a cost preference). ``warm_headroom`` >= 0: the warm
+    pool holds at least this share of the active proposal (``ceil(warm_headroom × active)``, within
+    ``warm_max_size``) beyond what the 30-minute forecast asks for: insurance against bursts no
+    forecast saw coming, resumed in ``resume_s`` instead of booting in ``boot_s``, at the price of
+    stopped instances (their volumes). 0 (default): the forecast alone sizes the warm pool.
     """
 
     min_size: int = 0
@@ -103,8 +107,11 @@ class PoolPolicy:
     warm_max_size: int = 0
     idle_warm_state: WarmPoolState = "Stopped"
     warm_reuse_on_scale_in: bool = True
+    warm_headroom: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.warm_headroom) and self.warm_headroom >= 0):
+            raise ValueError(f"policy warm_headroom={self.warm_headroom} must be finite and >= 0")
         if not 0 <= self.min_size <= self.max_size:
             raise ValueError(f"policy needs 0 <= min_size <= max_size, got min {self.min_size} > max {self.max_size}"
                              if self.min_size > self.max_size else f"policy min_size={self.min_size} must be >= 0")
@@ -330,6 +337,10 @@ def _plan_one(pool: Pool, state: PoolState, now: datetime, demand: ForecastDeman
         total = placements[HORIZONS_MIN[-1]].counts[name]
         warm_wanted = max(0, total - proposed)
         why = f"{HORIZONS_MIN[-1]}-min placement {total} − active {proposed} = {warm_wanted}"
+        headroom = math.ceil(pol.warm_headroom * proposed - 1e-9)
+        if headroom > warm_wanted:
+            warm_wanted = headroom
+            why += f"; headroom {pol.warm_headroom:g} × active {proposed} = {headroom}"
         need_soon = any(placements[h].counts[name] > proposed for h in HORIZONS_MIN if (h - 5) * 60 <= shape.resume_s)
         if pol.mode != "forecast_only":
             warm_state = "Running" if need_soon else pol.idle_warm_state

@@ -42,6 +42,7 @@ converted with :func:`forecast_from_table`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -119,12 +120,15 @@ def trailing_stats(samples: np.ndarray, known_at: np.ndarray, n_steps: int, refi
 
 @dataclass
 class ReactiveTargetTracking(ScalingPolicy):
-    """AWS-style target tracking; see the module doc. Times in seconds, ``warm_size`` instances."""
+    """AWS-style target tracking; see the module doc. Times in seconds, ``warm_size`` instances;
+    ``warm_headroom``: the stopped warm pool holds at least this share of the active target
+    (``ceil(warm_headroom × active)``), as :class:`~scaler.policy.PoolPolicy` does for warmcast."""
 
     target_utilisation: float = 0.7
     scale_in_window_s: float = 900.0
     scale_in_cooldown_s: float = 300.0
     warm_size: int = 0
+    warm_headroom: float = 0.0
     name = "reactive"
     knob = "target_utilisation"
 
@@ -140,12 +144,10 @@ class ReactiveTargetTracking(ScalingPolicy):
     def decide(self, t: int, state: FleetState) -> Decision:
         cur, floor = state.desired, int(self._floor[t])
         want = max(int(self._out[t]), floor)
-        if want > cur:
-            return Decision(want, self.warm_size)
-        want = max(int(self._in[t]), floor)
-        if want < cur and t - max(state.last_scale_out, state.last_scale_in) >= self._cool:
-            return Decision(want, self.warm_size)
-        return Decision(cur, self.warm_size)
+        if want <= cur:  # scale in only on a full window past the cooldown
+            down = max(int(self._in[t]), floor)
+            want = down if down < cur and t - max(state.last_scale_out, state.last_scale_in) >= self._cool else cur
+        return Decision(want, max(self.warm_size, math.ceil(self.warm_headroom * want - 1e-9)))
 
 
 @dataclass
@@ -457,6 +459,7 @@ class Warmcast(ScalingPolicy):
     point_windows_s: tuple[float, ...] = POINT_WINDOWS_S
     seasonal_periods_s: tuple[float, ...] = ()
     seasonal_count: int = 3
+    warm_headroom: float = 0.0
     hysteresis: float = 0.0
     scale_in_grace_s: float = 0.0
     name = "warmcast"
@@ -476,7 +479,7 @@ class Warmcast(ScalingPolicy):
         pol = self.pool_policy or PoolPolicy(
             min_size=fleet.min_size, max_size=fleet.max_size, max_step=max(1, fleet.max_size),
             target_utilisation=fleet.capacity_utilisation, warm_max_size=fleet.max_size,
-            hysteresis=self.hysteresis, scale_in_grace_s=self.scale_in_grace_s)
+            hysteresis=self.hysteresis, scale_in_grace_s=self.scale_in_grace_s, warm_headroom=self.warm_headroom)
         pol = replace(pol, mode="scale")
         shape = InstanceShape(s.vcpu, s.memory_gb, s.gpus, s.hourly_price_usd, s.boot_s, s.resume_s)
         self._pool = Pool("sim", shape, pol)

@@ -13,7 +13,8 @@ from pipeline.config import load_settings
 from pipeline.generate import generate_landing
 from pipeline.ingest import ingest_interval
 from pipeline.storage import open_location
-from scaler.evaluate import POLICY_SPECS, cold_runs, evaluate, knob_at_cost, value_at_cost, where_cold
+from scaler.evaluate import (POLICY_SPECS, WARM_POLICY, cold_runs, evaluate, knob_at_cost, value_at_cost, where_cold,
+                             with_warm_headroom)
 from scaler.policy import InstanceShape
 from scaler.simulate import FleetModel, SimMetrics, SimResult, SystemTrace, shortfall_share, simulate
 
@@ -224,6 +225,30 @@ def test_cli_evaluate_on_a_tiny_lake_writes_the_report(tiny_lake, capsys):
                "--until", "2026-03-03T00:00:00Z"])
     assert rc == 0, capsys.readouterr().err
     assert json.loads((out2 / "summary.json").read_text())["reference"] == summary["reference"]
+
+
+def test_warm_headroom_reaches_every_warmcast_policy_and_adds_reactive_with_the_same_pool(tiny_lake, capsys):
+    specs = with_warm_headroom(POLICY_SPECS, 0.5)
+    assert list(specs)[:2] == ["reactive", WARM_POLICY] and set(specs) == set(POLICY_SPECS) | {WARM_POLICY}
+    assert specs["warmcast"].make(0.9).warm_headroom == 0.5 and specs["warmcast_1min"].make(0.9).warm_headroom == 0.5
+    assert specs[WARM_POLICY].make(0.7).warm_headroom == 0.5 and specs[WARM_POLICY].make(0.7).name == WARM_POLICY
+    assert specs["reactive"].make(0.7).warm_headroom == 0.0 and POLICY_SPECS["warmcast"].make(0.9).warm_headroom == 0.0
+    assert with_warm_headroom(POLICY_SPECS, 0.0) == POLICY_SPECS
+    with pytest.raises(ValueError, match="warm headroom"):
+        with_warm_headroom(POLICY_SPECS, -1.0)
+    out = tiny_lake / "report-warm"
+    rc = main(["evaluate", "--lake", str(tiny_lake / "lake"), "--out", str(out), "--step", "5min",
+               "--policies", f"reactive,{WARM_POLICY},warmcast", "--warm-headroom", "1"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["policies"]) == {"reactive", WARM_POLICY, "warmcast"} and summary["meta"]["warm_headroom"] == 1.0
+    # the reactive reference is the same with and without the option
+    rc = main(["evaluate", "--lake", str(tiny_lake / "lake"), "--out", str(tiny_lake / "report-plain"), "--step", "5min",
+               "--policies", "reactive,warmcast"])
+    assert rc == 0 and json.loads((tiny_lake / "report-plain" / "summary.json").read_text())["reference"] == summary["reference"]
+    rc = main(["evaluate", "--lake", str(tiny_lake / "lake"), "--out", str(tiny_lake / "x"), "--step", "5min",
+               "--policies", f"reactive,{WARM_POLICY}"])
+    assert rc == 2 and "--warm-headroom" in capsys.readouterr().err
 
 
 def test_cli_evaluate_names_the_problem(tmp_path, capsys):

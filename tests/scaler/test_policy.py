@@ -246,3 +246,16 @@ def test_a_multi_method_system_forecast_is_read_at_the_tiered_target():
     read = demand_by_horizon(pa.Table.from_pylist(rows, schema=SYSTEM_FORECAST), now, max_age_s=600, shading=0.0)
     assert not isinstance(read, str), read
     assert read.by_horizon[5][0] == 25.0  # the tiered target's upper bound, not the naive sum's
+
+
+def test_warm_headroom_keeps_a_share_of_the_active_pool_stopped_beyond_the_forecast():
+    cpu = [2, 4, 6, 8, 10, 12]  # 2 usable cores per instance: active 2 (10-min bucket), 30-min total 6
+    assert plan_one(forecast_rows(cpu=cpu, memory=1)).warm.target == 4
+    p = plan_one(forecast_rows(cpu=cpu, memory=1), warm_headroom=2.5)  # ceil(2.5 × 2) = 5 > 4
+    assert (p.active.target, p.warm.target) == (2, 5) and "headroom 2.5 × active 2 = 5" in p.warm.reason
+    assert plan_one(forecast_rows(cpu=cpu, memory=1), warm_headroom=1.0).warm.target == 4  # the forecast asks for more
+    assert plan_one(forecast_rows(cpu=cpu, memory=1), warm_headroom=10.0, warm_max_size=7).warm.target == 7  # bounded
+    assert p.warm_state == "Stopped"
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="warm_headroom"):
+            PoolPolicy(warm_headroom=bad)

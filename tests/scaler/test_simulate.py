@@ -75,6 +75,20 @@ def test_step_through_a_stopped_warm_pool_waits_for_the_resume_not_the_boot():
     assert r.warm_pending[11] == 2 and r.warm[16] == 2  # refilled by a launch at 11
 
 
+def test_reactive_warm_headroom_follows_the_active_target():
+    x = np.zeros(60)
+    x[10:] = 8.0  # 2 instances from step 10, 4 from step 30
+    x[30:] = 16.0
+    r = simulate(trace(x), ReactiveTargetTracking(target_utilisation=1.0, warm_headroom=1.0), FLEET)
+    # no demand in the first boot window: no initial fleet and no warm pool. Target 2 at step 11:
+    # 2 boot (in service at 16) and 2 more into the warm pool (initialised at 16)
+    assert r.ready[15] == 0 and r.ready[16] == 2 and r.warm[16] == 2
+    # target 4 at step 31: the 2 warm instances resume (in service at 32), and the pool refills to 4
+    assert r.ready[31] == 2 and r.ready[32] == 4 and r.warm[31] == 0 and r.warm[36] == 4
+    cold = r.metrics.cold_core_seconds
+    assert cold == 8 * (60 + 300) + 8 * 60 * 2  # steps 10..15 (8 cores); steps 30, 31 (8 of 16 cores)
+
+
 def test_single_spike_reactive_and_oracle():
     x = np.full(60, 4.0)  # one instance
     x[20] = 12.0  # three instances for one minute
