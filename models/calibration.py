@@ -46,7 +46,7 @@ SHIFT_GRID = (-0.5, -0.3, -0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 SPREAD_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5,
                1.75, 2.0, 2.5, 3.0, 4.0)
 #: Thresholds (scaled units: demand / the user's RMS demand) below which a quantile becomes 0; only
-#: fitted with ``fit_calibration(..., floor=True)`` (``TrainConfig.calibration_floor``, off by default).
+#: fitted with ``fit_calibration(..., floor=True)`` (``TrainConfig.calibration_floor``, on by default).
 FLOOR_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 Q25, Q75 = QUANTILES.index(0.25), QUANTILES.index(0.75)
 CALIBRATION_BUFFERS = tuple(CALIBRATION)

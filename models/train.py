@@ -76,10 +76,11 @@ class TrainConfig:
     threads: int | None = None  # CPU threads while training (None: torch's default); 1 for many shards per machine
     calibrate: bool = True  # recalibrate the quantiles on the held-out tail (models/calibration.py)
     calibration_prior_points: float = 288.0  # tail points a user's own calibration is weighed against the pooled one
-    #: also fit the zero floor (idle users' low quantiles -> 0). Off: it was designed after looking at
-    #: ServeGen hold-out diagnostics, and zeroing an idle user's whole range lets the system forecast
-    #: miss the bursts of many idle users at once.
-    calibration_floor: bool = False
+    #: also fit the zero floor (idle users' low quantiles -> 0). Designed on one ServeGen hold-out
+    #: (the last 3 days) and confirmed on another (the 3 days before 2026-11-13): tie-aware 90 %
+    #: coverage 0.76-0.78 -> 0.84-0.86, pinball loss equal or lower, and the aggregated system
+    #: forecast and its scaling replay unchanged (within 1 %).
+    calibration_floor: bool = True
     #: users the global model trains on: a seeded sample of this many (of those with enough
     #: history) when there are more, so its cost stops growing with the population; None: all
     global_max_users: int | None = 1024

@@ -444,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-history-days", type=float, default=2.0, help="users with less history before the validation tail use the global model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-forecast-rows", type=int, default=1_000_000, help="bound on the forecast rows written (a sample of users)")
-    p.add_argument("--calibration-floor", action="store_true",
-                   help="also fit the recalibration's zero floor (idle users' low quantiles to 0; off by default)")
+    p.add_argument("--calibration-floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fit the recalibration's zero floor (idle users' low quantiles to 0; on by default)")
     p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
 
     p = add("evaluate", cmd_evaluate, "replay demand through reactive, predictive and warmcast scaling; write a report")

@@ -209,6 +209,6 @@ def test_cli_backtest_writes_metrics_and_forecasts(tmp_path, capsys, monkeypatch
     forecasts = pq.read_table(out / "forecasts.parquet")
     assert set(forecasts["model"].to_pylist()) == set(MODELS) and forecasts.num_rows == metrics["forecasts"]["rows"]
     assert (out / "table.txt").read_text().strip() in text
-    assert metrics["train"]["config"]["calibration_floor"] is False
-    assert main([*common, "--holdout-days", "0.25", "--calibration-floor"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["train"]["config"]["calibration_floor"] is True
+    assert metrics["train"]["config"]["calibration_floor"] is True
+    assert main([*common, "--holdout-days", "0.25", "--no-calibration-floor"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["config"]["calibration_floor"] is False
