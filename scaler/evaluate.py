@@ -90,8 +90,6 @@ POLICY_SPECS: dict[str, PolicySpec] = {s.name: s for s in (
 POLICY_NAMES = tuple(POLICY_SPECS)
 REFERENCE_POLICY, NAIVE_POLICY = "reactive", "naive_predictive"
 LSTM_POLICY = "warmcast_lstm"  # only with forecaster="lstm": see lstm_policy_spec
-LSTM_RECAL_POLICY = "warmcast_lstm_recal"  # likewise, with the level recalibrated on past issues
-LSTM_POLICIES = (LSTM_POLICY, LSTM_RECAL_POLICY)
 EPISODE_GAP_S = 900.0  # cold runs separated by less than this (without cold demand) are one episode
 EPISODE_LOOKBACK_S = 900.0  # an episode's "level before": mean demand over this long before its first cold step
 EPISODE_TOP = 3  # episodes listed per policy
@@ -141,20 +139,6 @@ def lstm_policy_spec(forecast: SampledForecast) -> PolicySpec:
         return pol
 
     return PolicySpec(LSTM_POLICY, "warmcast, per-user LSTM forecasts aggregated", "level", make, LEVELS)
-
-
-def lstm_recal_policy_spec(forecast: SampledForecast, trace: SystemTrace) -> PolicySpec:
-    """:func:`lstm_policy_spec` with the level read from the sampled sums recalibrated on the
-    forecast's own past issues (:meth:`SampledForecast.recalibrated_at`: where past targets fell
-    among the paths, known only once their buckets are past). Replay only: the forecast_and_scale
-    DAG does not recalibrate its system forecast yet."""
-    def make(level: float) -> Warmcast:
-        pol = Warmcast(level=level, forecast=forecast.recalibrated_at(level, trace))
-        pol.name = LSTM_RECAL_POLICY
-        return pol
-
-    return PolicySpec(LSTM_RECAL_POLICY, "warmcast, per-user LSTM forecasts aggregated, level recalibrated on past issues",
-                      "level", make, LEVELS)
 
 
 def choose_shape(trace: SystemTrace, *, vcpu: float | None = None, boot_s: float = 300.0,
@@ -472,10 +456,6 @@ LSTM_NOTE = ("warmcast's own forecasts: one LSTM per user (models.train.train on
              "target is each 5-minute bucket's average demand (the forecast contract), not its peak minute as in "
              "the baseline. {users} Sized by the same plan every 5 minutes; no forecast before the scored period "
              "(only the safety net there).")
-LSTM_RECAL_NOTE = (" 'warmcast_lstm_recal' reads the same sampled sums at a recalibrated level: at every hourly refit, "
-                   "per horizon and resource, the `level` quantile of where the targets (each bucket's peak minute) "
-                   "of the past 7 days' issues fell among their paths (an issue counts once its six buckets are "
-                   "past). Replay only: the forecast_and_scale DAG does not recalibrate its system forecast yet.")
 
 
 @dataclass(frozen=True)
@@ -649,8 +629,7 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
     ``[since, until)`` (default: every partition hour present) on ``step_s`` steps; evaluate; write
     the report into ``out``. Returns the paths written (name → path).
 
-    ``forecaster="lstm"`` (lake only) adds :data:`LSTM_POLICY` (and :data:`LSTM_RECAL_POLICY`, the same
-    forecasts read at a level recalibrated on past issues): warmcast's plan driven by per-user
+    ``forecaster="lstm"`` (lake only) adds :data:`LSTM_POLICY`: warmcast's plan driven by per-user
     LSTMs trained on the lake's demand before the scored period (:func:`train_lstm_models`) and
     their forecasts issued at every 5-minute origin of it, aggregated (:func:`lstm_system_forecast`).
     The scored period then starts on the 5-minute grid (the warm-up is rounded up to it).
@@ -672,13 +651,12 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
         policies = POLICY_NAMES
         if forecaster == "lstm":  # beside the other warmcast policies
             at = POLICY_NAMES.index("warmcast_1min") + 1
-            policies = POLICY_NAMES[:at] + LSTM_POLICIES + POLICY_NAMES[at:]
+            policies = POLICY_NAMES[:at] + (LSTM_POLICY,) + POLICY_NAMES[at:]
         if warm_headroom > 0:
             at = policies.index(REFERENCE_POLICY) + 1
             policies = policies[:at] + (WARM_POLICY,) + policies[at:]
-    for name in LSTM_POLICIES:
-        if name in policies and forecaster != "lstm":
-            raise ValueError(f"the {name!r} policy needs --forecaster lstm")
+    if LSTM_POLICY in policies and forecaster != "lstm":
+        raise ValueError(f"the {LSTM_POLICY!r} policy needs --forecaster lstm")
     if WARM_POLICY in policies and not warm_headroom > 0:
         raise ValueError(f"the {WARM_POLICY!r} policy needs a warm headroom > 0 (--warm-headroom)")
     if since is None or until is None:
@@ -700,7 +678,7 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
     specs = dict(POLICY_SPECS)
     meta = {"source": f"{source} {loc.uri}", "since": since.isoformat(), "until": until.isoformat(), "step_s": step_s,
             "forecaster": forecaster}
-    if forecaster == "lstm" and any(p in policies for p in LSTM_POLICIES):
+    if forecaster == "lstm" and LSTM_POLICY in policies:
         from datetime import timedelta
 
         from models.backtest import demand_from_lake_chunked
@@ -731,11 +709,8 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
                       f"per-user models from {tc.min_history_days:g} d of history, epochs run global/per-user "
                       f"{trained.epochs_run[0]}/{trained.epochs_run[1]}")
         specs[LSTM_POLICY] = lstm_policy_spec(sampled)
-        specs[LSTM_RECAL_POLICY] = lstm_recal_policy_spec(sampled, trace)
-        for name in LSTM_POLICIES:
-            forecasters[name] = LSTM_NOTE.format(train=train_text, n_paths=lstm.n_paths,
-                                                 history=lstm.history_buckets, users=users)
-        forecasters[LSTM_RECAL_POLICY] += LSTM_RECAL_NOTE
+        forecasters[LSTM_POLICY] = LSTM_NOTE.format(train=train_text, n_paths=lstm.n_paths,
+                                                    history=lstm.history_buckets, users=users)
         meta["lstm"] = {"train_start": since.isoformat(), "train_end": scored.isoformat(), "users": len(trained.user_ids),
                         "on_global_model": int(trained.uses_global.sum()), "new_users_not_forecast": len(new_users),
                         "epochs_run": list(trained.epochs_run), "val_days": tc.val_days,

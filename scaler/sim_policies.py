@@ -300,53 +300,6 @@ class SampledForecast:
         upper = np.quantile(self.totals, level, axis=1).astype(np.float64)
         return ForecastArrays(self.issued_step, upper, np.minimum(self.mean, upper))
 
-    def pit(self, trace: SystemTrace, bucket_s: float = 300.0) -> np.ndarray:
-        """``[N, 6, 2]``: the share of issue ``i``'s sampled sums at or below what capacity had to
-        cover, the highest step of each horizon's bucket (steps ``s + jK .. s + (j+1)K − 1``,
-        ``s = issued_step[i]``); NaN where the bucket runs past the trace. ``totals`` must be
-        sorted along the paths (as :func:`scaler.evaluate.lstm_system_forecast` leaves them)."""
-        k = max(1, round(bucket_s / trace.step_s))
-        x, n = _demand(trace), trace.steps
-        peak = _max_ahead(x, k)
-        hz, paths = self.totals.shape[2], self.totals.shape[1]
-        out = np.full((len(self.issued_step), hz, 2), np.nan)
-        for j in range(hz):
-            s = self.issued_step + j * k
-            ok = s + k <= n
-            target = peak[s[ok]]  # [M, 2]
-            for r in range(2):
-                col = self.totals[ok, :, j, r]  # [M, P], sorted
-                out[ok, j, r] = (col <= target[:, r : r + 1]).sum(axis=1) / paths
-        return out
-
-    def recalibrated_at(self, level: float, trace: SystemTrace, *, window_s: float = WEEK_S, refit_s: float = 3600.0,
-                        bucket_s: float = 300.0) -> ForecastArrays:
-        """:meth:`at` with the level recalibrated on the forecast's own past (quantile recalibration):
-        at every refit (each ``refit_s``), per horizon and resource, the level read from the sampled
-        sums is the ``level`` quantile of the :meth:`pit` values of the issues of the trailing
-        ``window_s`` whose six buckets are all past. A forecast too low (its targets high in or
-        above its paths) is then read higher up its paths, up to the largest path; before any
-        target is past, ``level`` itself. ``upper`` interpolates linearly between sorted paths."""
-        if not 0.0 <= level <= 1.0:
-            raise ValueError(f"level must lie in [0, 1], got {level}")
-        k = max(1, round(bucket_s / trace.step_s))
-        pit = self.pit(trace, bucket_s)
-        hz, paths = self.totals.shape[2], self.totals.shape[1]
-        known = self.issued_step + hz * k  # every bucket past from this step on
-        refit, window = max(1, round(refit_s / trace.step_s)), max(1, round(window_s / trace.step_s))
-        levels = np.full(pit.shape, float(level))
-        fit_at = (self.issued_step // refit) * refit  # the refit an issue reads
-        for t in np.unique(fit_at):
-            use = (known <= t) & (self.issued_step > t - window) & ~np.isnan(pit[:, 0, 0])
-            if use.any():
-                levels[fit_at == t] = np.quantile(pit[use], level, axis=0)
-        pos = levels * (paths - 1)  # [N, 6, 2]
-        lo = np.floor(pos).astype(np.int64)
-        hi = np.minimum(lo + 1, paths - 1)
-        take = lambda i: np.take_along_axis(self.totals, i[:, None], axis=1)[:, 0]  # noqa: E731
-        upper = (take(lo) * (1 - (pos - lo)) + take(hi) * (pos - lo)).astype(np.float64)
-        return ForecastArrays(self.issued_step, upper, np.minimum(self.mean, upper))
-
 
 def _seasonal_drift(x: np.ndarray, peak: np.ndarray, period: int, count: int, k: int, hz: int) -> np.ndarray:
     """``[T, hz, R]``: at origin ``t``, the mean over ``i = 1 .. count`` with ``t − 1 − i·period >= 0``

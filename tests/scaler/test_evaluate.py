@@ -414,7 +414,7 @@ def test_cli_evaluate_with_the_lstm_forecaster(tiny_lake, capsys, monkeypatch):
 
     monkeypatch.setattr(LstmForecastConfig, "train_config", small)
     out = tiny_lake / "report-lstm"
-    policies = ("reactive", "naive_predictive", "warmcast", "warmcast_lstm", "warmcast_lstm_recal")
+    policies = ("reactive", "naive_predictive", "warmcast", "warmcast_lstm")
     rc = main(["evaluate", "--lake", str(tiny_lake / "lake"), "--out", str(out), "--step", "5min", "--warmup-hours", "18",
                "--forecaster", "lstm", "--epochs", "1", "--global-epochs", "1", "--n-paths", "100",
                "--policies", ",".join(policies)])
@@ -429,13 +429,6 @@ def test_cli_evaluate_with_the_lstm_forecaster(tiny_lake, capsys, monkeypatch):
     assert len(summary["policies"]["warmcast_lstm"]["curve"]) == len(POLICY_SPECS["warmcast"].grid)
     md = (out / "report.md").read_text()
     assert "| warmcast_lstm | per-user LSTMs" in md and "warmcast_lstm forecast: warmcast's own forecasts" in md
-    assert "| warmcast_lstm_recal | per-user LSTMs, aggregated, level recalibrated" in md
-    assert "recalibrated level" in summary["forecasters"]["warmcast_lstm_recal"]
-    # the same sampled sums read at recalibrated levels: a different curve over the same knob grid
-    curves = {p: [(m["knob"], m["instance_hours"]) for m in summary["policies"][p]["curve"]]
-              for p in ("warmcast_lstm", "warmcast_lstm_recal")}
-    assert [k for k, _ in curves["warmcast_lstm"]] == [k for k, _ in curves["warmcast_lstm_recal"]]
-    assert curves["warmcast_lstm"] != curves["warmcast_lstm_recal"]
 
 
 def test_cli_evaluate_lstm_forecaster_errors(tiny_lake, tmp_path, capsys):

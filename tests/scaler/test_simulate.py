@@ -399,30 +399,3 @@ def test_seasonal_drift_averages_the_periods_already_seen():
     # origin 120: periods 1 and 2 seen (120-1-150 < 0): peak[120-50i+j] - x[119-50i] = j + 1
     assert d[120, :, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert d[40, :, 0].tolist() == [0.0] * 6  # no period past yet: the last value
-
-
-def test_sampled_forecast_recalibrated_on_its_own_past_pit():
-    from scaler.sim_policies import SampledForecast
-
-    n = 48  # 5-minute steps (one step per bucket), demand 10 everywhere
-    tr = trace(np.full(n, 10.0), 300.0)
-    paths = np.linspace(0.0, 20.0, 101)  # every issue: 101 sorted sums 0, 0.2, .., 20
-    totals = np.broadcast_to(paths[None, :, None, None], (n, 101, 6, 2)).copy()
-    totals[..., 1] /= 2  # memory = cores / 2 in trace()
-    sf = SampledForecast(np.arange(n), totals, np.full((n, 6, 2), 10.0))
-    pit = sf.pit(tr)
-    assert pit[0, 0, 0] == pytest.approx(51 / 101) and pit[0, 0, 1] == pytest.approx(51 / 101)
-    assert np.isnan(pit[n - 1, 1, 0]) and not np.isnan(pit[n - 1, 0, 0])  # bucket 2 runs past the trace
-    plain = sf.at(0.9)
-    assert plain.upper[30, 0, 0] == pytest.approx(18.0)
-    recal = sf.recalibrated_at(0.9, tr, refit_s=3600.0)
-    # issue 30 reads the refit at step 24, where issues 0..18 (all six buckets past) are known: every
-    # target sat at PIT 51/101, so the 0.9 level is read at 51/101 of the paths: 10.0990..
-    assert recal.upper[30, 0, 0] == pytest.approx(51 / 101 * 20.0) and recal.upper[30, 0, 1] == pytest.approx(51 / 101 * 10.0)
-    # before any issue's buckets are all past (refit at step 0): the level itself
-    assert recal.upper[5, 0, 0] == pytest.approx(18.0)
-    # a forecast always too low is read at its largest path
-    low = SampledForecast(np.arange(n), totals / 4, np.full((n, 6, 2), 2.0))
-    assert low.recalibrated_at(0.5, tr).upper[30, 2, 0] == pytest.approx(5.0)
-    with pytest.raises(ValueError, match="level"):
-        sf.recalibrated_at(1.5, tr)
