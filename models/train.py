@@ -81,8 +81,8 @@ class TrainConfig:
     #: coverage 0.76-0.78 -> 0.84-0.86, pinball loss equal or lower, and the aggregated system
     #: forecast and its scaling replay unchanged (within 1 %).
     calibration_floor: bool = True
-    #: users the global model trains on: a seeded sample of this many (of those with enough
-    #: history) when there are more, so its cost stops growing with the population; None: all
+    #: users the global model trains on: a seeded sample of this many when there are more, so its
+    #: cost stops growing with the population; None: all
     global_max_users: int | None = 1024
 
 

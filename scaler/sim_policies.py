@@ -436,7 +436,8 @@ class Warmcast(ScalingPolicy):
     candidates of :func:`empirical_forecast`, off by default: a daily one cut cold demand at equal
     cost to ~0 on the (daily-periodic) demo lake, but an hourly or daily one made ServeGen ~5 %
     worse and did not help the Azure sample (its hourly timer spike is learnt only after 4 hours
-    of warm-up). ``pool_policy``: the plan's pool
+    of warm-up). ``warm_headroom``: :class:`~scaler.policy.PoolPolicy`'s, for the default pool
+    policy (a given ``pool_policy`` carries its own). ``pool_policy``: the plan's pool
     policy (mode is forced to ``scale``); None: no step limit, target utilisation = the fleet's
     serving capacity, fleet bounds, a warm pool up to the fleet's max, and ``hysteresis`` /
     ``scale_in_grace_s`` (default 0: scale in as soon as the forecast allows, like the naive
