@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=10_000, help="users")
     parser.add_argument("--reps", type=int, default=2, help="timed repetitions (the best counts)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=TrainConfig.hidden, help="LSTM units (default: the trainer's)")
     args = parser.parse_args(argv)
-    config = TrainConfig(accelerator="cpu")
+    config = TrainConfig(accelerator="cpu", hidden=args.hidden)
     buckets = BUCKETS_PER_WEEK + config.eval_burn_in + 1 + 12
     t_setup = time.perf_counter()
     demand = synthetic_demand(args.size, buckets, ISSUED_AT, args.seed)

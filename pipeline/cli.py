@@ -26,6 +26,7 @@ DEMO_USERS = 60
 DEMO_DAYS = 4.0  # two days of history before the one-day held-out tail, plus a day to spare
 DEMO_START = "2026-11-02T00:00:00Z"  # a Monday
 TRAIN_EPOCHS = 8
+TRAIN_HIDDEN = 64  # models.train.TrainConfig.hidden (not imported here: it pulls in torch)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -439,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-days", type=float, help="training window before the test window (default: all history)")
     p.add_argument("--epochs", type=int, default=TRAIN_EPOCHS, help="per-user epochs (an upper bound: users stop early)")
     p.add_argument("--global-epochs", type=int, default=5)
-    p.add_argument("--hidden", type=int, default=32, help="LSTM hidden units")
+    p.add_argument("--hidden", type=int, default=TRAIN_HIDDEN, help=f"LSTM hidden units (default {TRAIN_HIDDEN})")
     p.add_argument("--val-days", type=float, default=1.0, help="validation tail inside the training window (early stopping)")
     p.add_argument("--min-history-days", type=float, default=2.0, help="users with less history before the validation tail use the global model")
     p.add_argument("--seed", type=int, default=0)

@@ -467,7 +467,7 @@ class LstmForecastConfig:
 
     epochs: int = 8
     global_epochs: int = 5
-    hidden: int = 32
+    hidden: int = 64  # as models.train.TrainConfig
     val_days: float | None = None
     min_history_days: float | None = None
     n_paths: int = 1000

@@ -108,6 +108,23 @@ def test_fine_tuning_from_a_previous_version(trained):
     assert again.metrics.pinball[k, :3].sum() < 0.6 * again.metrics.last_value_pinball[k, :3].sum()
 
 
+def test_a_previous_version_of_another_size_is_not_fine_tuned_from(trained, caplog):
+    demand, cut, models = trained
+    before = demand.filter(pc.less(demand["ts"], pa.scalar(cut, demand.schema.field("ts").type)))
+    other = FAST.__class__(**{**FAST.__dict__, "epochs": 1, "global_epochs": 1, "hidden": FAST.hidden // 2})
+    with caplog.at_level("WARNING", logger="models.train"):
+        again = train(before, until=cut, config=other, previous=models)
+    assert again.model.hidden == FAST.hidden // 2 and "training from the global model" in caplog.text
+
+
+def test_cli_and_replay_defaults_follow_the_trainer():
+    from pipeline.cli import TRAIN_EPOCHS, TRAIN_HIDDEN
+    from scaler.evaluate import LstmForecastConfig
+
+    assert (TRAIN_HIDDEN, TRAIN_EPOCHS) == (TrainConfig.hidden, TrainConfig.epochs)
+    assert (LstmForecastConfig.hidden, LstmForecastConfig.epochs) == (TrainConfig.hidden, TrainConfig.epochs)
+
+
 def test_edge_cases_all_zero_and_one_request_users_and_bad_values():
     zero = [{"user_id": "zero", "ts": T0 + i * BUCKET, "requests": 0, "cpu_cores": 0.0, "memory_gb": 0.0, "gpus": 0.0}
             for i in range(2 * 288)]
