@@ -40,7 +40,7 @@ def _train_config(settings):
 
     t = settings.train
     return TrainConfig(epochs=t.epochs, global_epochs=t.global_epochs, threads=t.threads,
-                       global_max_users=t.global_max_users)
+                       global_max_users=t.global_max_users, hidden=t.hidden)
 
 
 with DAG(

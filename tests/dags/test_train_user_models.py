@@ -36,6 +36,7 @@ def lake(tmp_path, monkeypatch, warmcast_env) -> Path:
     landing, lake = make_lake(tmp_path, users=USERS, start=START, days=3.0, seed=11)
     for key, value in {"WARMCAST_LAKE": lake, "WARMCAST_LANDING": landing, "WARMCAST_TRAIN__DAYS": "2",
                        "WARMCAST_TRAIN__EPOCHS": "1", "WARMCAST_TRAIN__GLOBAL_EPOCHS": "1", "WARMCAST_TRAIN__THREADS": "1",
+                       "WARMCAST_TRAIN__HIDDEN": "16",  # [train] hidden reaches every task (and keeps them quick)
                        # 5 users in shards of 2 would need 3 tasks; at most 2 are allowed: 2 shards of 3 and 2
                        "WARMCAST_TRAIN__SHARD_SIZE": "2", "WARMCAST_TRAIN__MAX_SHARDS": "2"}.items():
         monkeypatch.setenv(key, str(value))
@@ -98,6 +99,7 @@ def test_daily_runs_publish_whole_versions_and_fine_tune_from_the_day_before(dag
     assert model.metadata["fine_tuned_from"] is None
     assert users.training_window(v1) == (START, DAY1)
     _, trained = load_trained(open_location(str(lake)))  # the forecaster's view: every user, one global model
+    assert trained.model.hidden == trained.global_model.hidden == 16
     assert trained.user_ids == model.user_ids and trained.global_model.n_users == 1
     assert asset_events(dr) == 1
 
