@@ -376,6 +376,8 @@ def empirical_forecast(trace: SystemTrace, level: float, *, window_s: float = WE
         raise ValueError(f"seasonal periods must be at least the longest horizon ({hz * k} steps), got {seasonal_periods_s}")
     if seasonal_count < 1:
         raise ValueError(f"seasonal_count must be >= 1, got {seasonal_count}")
+    # yesterday's change over the same span: the seasonal drift of one period of a day
+    drift = _seasonal_drift(x, peak, round(86_400 / trace.step_s), 1, k, hz) if daily_drift else None
     best = None  # (loss, point, q, m) of the candidate with the lowest trailing loss so far, per cell
     for w in widths + [-p for p in periods]:
         if w < 0:
@@ -384,13 +386,7 @@ def empirical_forecast(trace: SystemTrace, level: float, *, window_s: float = WE
             base = last if w == 1 else _lag(_max_ahead(x[::-1], w)[::-1])  # max(x[t-w .. t-1])
             point = np.repeat(base[:, None, :], hz, axis=1)  # [T, 6, 2] for origin t
         if daily_drift:
-            d = round(86_400 / trace.step_s)
-            t = np.arange(n)
-            for j in range(hz):
-                ok = t - 1 - d >= 0
-                tgt = np.clip(t - d + j * k, 0, n - 1)
-                prev = np.clip(t - 1 - d, 0, n - 1)
-                point[:, j, :] += np.where(ok[:, None], peak[tgt] - x[prev], 0.0)
+            point = point + drift
         err = (target - point[o]) / scale[o]
         q, m, loss = trailing_stats(err, o + hz * k, n, refit, window, level, with_loss=True)
         if best is None:

@@ -399,3 +399,16 @@ def test_seasonal_drift_averages_the_periods_already_seen():
     # origin 120: periods 1 and 2 seen (120-1-150 < 0): peak[120-50i+j] - x[119-50i] = j + 1
     assert d[120, :, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert d[40, :, 0].tolist() == [0.0] * 6  # no period past yet: the last value
+
+
+def test_daily_drift_adds_yesterdays_change_over_the_same_span():
+    x = np.full(288 * 3, 10.0)  # 5-minute steps, 3 days: 10 cores and 30 at step 100 of every day
+    x[100::288] = 30.0
+    tr = trace(x, 300.0)
+    t = 288 * 2 + 100  # the origin whose first bucket is today's spike
+    drift = empirical_forecast(tr, 0.5, refit_s=3600, daily_drift=True)
+    plain = empirical_forecast(tr, 0.5, refit_s=3600)
+    # yesterday from the same origin: +20 into the next bucket, 0 into the ones after; median error 0
+    assert drift.upper[t, :, 0].tolist() == [30.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    assert plain.upper[t, :, 0].tolist() == [10.0] * 6
+    assert drift.upper[150, :, 0].tolist() == [10.0] * 6  # no yesterday yet: the last value
