@@ -323,7 +323,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from models.persist import forecast_from_lake, train_from_lake, user_metrics_summary
     from models.train import TrainConfig
-    from pipeline.aggregate import METHOD_TIERED, aggregate, residual_history
+    from pipeline.aggregate import METHOD_RECONCILED, METHOD_TIERED, aggregate, residual_history, system_history
 
     # Hold out the last hour: train on data before it, forecast from its start.
     issued_at = end - timedelta(hours=1)
@@ -335,7 +335,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[5/5] forecasting from {issued_at:%Y-%m-%d %H:%M} and aggregating to a system forecast (90% band)")
     user_fc = forecast_from_lake(lake, issued_at)
     profiles = pacsv.read_csv(pa.BufferReader(landing.read_bytes(landing.path(USERS_FILE))))
-    system = aggregate(user_fc, profiles=profiles, history=residual_history(demand, issued_at)).table()
+    result = aggregate(user_fc, profiles=profiles, history=residual_history(demand, issued_at),
+                       system=system_history(demand, issued_at))
+    system = result.table()
     store = _forecast_store(settings, lake)
     store.write_user_forecasts(user_fc)
     store.write_system_forecast(system)
@@ -351,7 +353,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             actual_v = actual_by_ts.get(ts)
             shown = f"{actual_v:9.1f}" if actual_v is not None else f"{'-':>9}"
             print(f"      {r['horizon_min']:>6}m  {r['method']:<20} {r['lower']:9.1f} {r['mean']:9.1f} {r['upper']:9.1f} {shown}")
-    print(f"      the scaler sizes pools for the {METHOD_TIERED!r} upper bound; try `warmcast scale --help`")
+    sized = METHOD_RECONCILED if result.reconciled is not None else METHOD_TIERED
+    print(f"      the scaler sizes pools for the {sized!r} upper bound; try `warmcast scale --help`")
     return rc
 
 

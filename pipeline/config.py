@@ -189,8 +189,13 @@ class AggregateSettings:
     n_paths: int = 1000
     #: ``copula_sample``: users' dependence from their recent residuals; ``independent_sample``: none.
     method: str = "copula_sample"
-    #: 5-minute buckets of residual history the copula reads (288: one day).
+    #: 5-minute buckets of residual history the copula reads (288: one day); the top-down band reads
+    #: the system's demand over the same buckets.
     history_buckets: int = 288
+    #: add the top-down band of the system's own recent errors and size from the reconciled target
+    #: (``max(tiered target, top-down upper)``, see :mod:`pipeline.aggregate`); false: the tiered
+    #: target alone (the per-user forecasts, summed).
+    topdown: bool = True
     seed: int = 0
     #: User profiles (USER_PROFILE CSV: user_id, tier, weight, ...) for the tier-weighted target;
     #: None: ``<landing>/_users.csv`` when it exists (the generator writes it), else every user at

@@ -149,7 +149,7 @@ def read_profiles(settings: Settings) -> pa.Table | None:
 def aggregate_issue(settings: Settings, at: datetime, shards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Step 3: the system forecast of every shard's users, written to the lake. Returns ``path``
     (None when there were no users: nothing is written), ``n_users``, ``rows`` and ``method``."""
-    from pipeline.aggregate import AggregateConfig, aggregate, residual_history
+    from pipeline.aggregate import AggregateConfig, aggregate, residual_history, system_history
     from pipeline.demand import demand_from_lake
 
     lake = _lake(settings)
@@ -158,13 +158,17 @@ def aggregate_issue(settings: Settings, at: datetime, shards: Sequence[Mapping[s
         log.warning("aggregate at %s: no user forecasts, so no system forecast (the scaler will hold)", at.isoformat())
         return {"path": None, "n_users": 0, "rows": 0, "method": None}
     agg = settings.aggregate
-    history = None
-    if agg.method == "copula_sample":
+    history = system = None
+    if agg.method == "copula_sample" or agg.topdown:
         step = timedelta(seconds=BUCKET_SECONDS)
         demand = demand_from_lake(lake, at - (agg.history_buckets + 1) * step, at)
-        history = residual_history(demand, at, window=agg.history_buckets)
+        if agg.method == "copula_sample":
+            history = residual_history(demand, at, window=agg.history_buckets)
+        if agg.topdown:
+            system = system_history(demand, at, window=agg.history_buckets)
     config = AggregateConfig(n_paths=agg.n_paths, level=agg.level, seed=agg.seed)
-    result = aggregate(users, profiles=read_profiles(settings), history=history, config=config, issued_at=at)
+    result = aggregate(users, profiles=read_profiles(settings), history=history, config=config, issued_at=at,
+                       system=system)
     system = result.table()
     path = system_forecast_path(lake, at)
     _write_parquet(lake, path, system)

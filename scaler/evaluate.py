@@ -41,7 +41,10 @@ Forecasts are issued with past data only: every simulated policy reads at step `
 before ``t`` (the oracle excepted, by design). ``warmcast`` plans from a baseline forecast of the
 system sum; with ``forecaster="lstm"``, ``warmcast_lstm`` plans from warmcast's own per-user LSTMs
 (trained before the scored period, issued at every 5-minute origin, aggregated to sample paths of
-the sum: :func:`train_lstm_models`, :func:`lstm_system_forecast`). torch is imported only there.
+the sum: :func:`train_lstm_models`, :func:`lstm_system_forecast`), never below the top-down forecast
+of the system's 5-minute demand (:func:`topdown_system_forecast`) - the pipeline's
+``reconciled_target`` - and ``warmcast_lstm_bottom_up`` from the sampled sum alone. torch is
+imported only there.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from pipeline.schemas import HORIZONS_MIN
 from scaler.policy import InstanceShape
 from scaler.sim_policies import (AwsPredictive, KnativeAutoscaler, NaivePredictive, Oracle, ReactiveTargetTracking,
                                  SampledForecast, Warmcast)
@@ -90,6 +94,8 @@ POLICY_SPECS: dict[str, PolicySpec] = {s.name: s for s in (
 POLICY_NAMES = tuple(POLICY_SPECS)
 REFERENCE_POLICY, NAIVE_POLICY = "reactive", "naive_predictive"
 LSTM_POLICY = "warmcast_lstm"  # only with forecaster="lstm": see lstm_policy_spec
+LSTM_BOTTOM_UP_POLICY = "warmcast_lstm_bottom_up"  # likewise: the per-user forecasts' sum alone
+LSTM_POLICIES = (LSTM_POLICY, LSTM_BOTTOM_UP_POLICY)
 EPISODE_GAP_S = 900.0  # cold runs separated by less than this (without cold demand) are one episode
 EPISODE_LOOKBACK_S = 900.0  # an episode's "level before": mean demand over this long before its first cold step
 EPISODE_TOP = 3  # episodes listed per policy
@@ -130,15 +136,65 @@ def _named(policy: ScalingPolicy, name: str) -> ScalingPolicy:
     return policy
 
 
-def lstm_policy_spec(forecast: SampledForecast) -> PolicySpec:
+def lstm_policy_spec(forecast: SampledForecast, topdown: "TopdownForecast | None" = None) -> PolicySpec:
     """warmcast's plan driven by its own per-user LSTM forecasts, aggregated (``forecast``); the
-    knob ``level`` is the quantile of the sampled system sum, rebuilt for every setting."""
+    knob ``level`` is the quantile of the sampled system sum, rebuilt for every setting. With
+    ``topdown`` (:data:`LSTM_POLICY`, as the pipeline's ``reconciled_target``): the upper bound is
+    never below the top-down forecast's at the same level; without (:data:`LSTM_BOTTOM_UP_POLICY`):
+    the sampled sum alone."""
+    name = LSTM_POLICY if topdown is not None else LSTM_BOTTOM_UP_POLICY
+
     def make(level: float) -> Warmcast:
-        pol = Warmcast(level=level, forecast=forecast.at(level))
-        pol.name = LSTM_POLICY
+        fc = forecast.at(level)
+        if topdown is not None:
+            fc = replace(fc, upper=np.maximum(fc.upper, topdown.upper(level)))
+        pol = Warmcast(level=level, forecast=fc)
+        pol.name = name
         return pol
 
-    return PolicySpec(LSTM_POLICY, "warmcast, per-user LSTM forecasts aggregated", "level", make, LEVELS)
+    label = ("warmcast, per-user LSTMs aggregated, reconciled with the top-down band" if topdown is not None
+             else "warmcast, per-user LSTM forecasts aggregated (bottom-up only)")
+    return PolicySpec(name, label, "level", make, LEVELS)
+
+
+@dataclass
+class TopdownForecast:
+    """The pipeline's top-down forecast (:func:`pipeline.topdown.topdown_forecast`, as
+    :func:`pipeline.aggregate.aggregate` computes it) issued at the buckets ``issues`` of
+    ``series`` from the ``history_buckets`` before each, one level at a time (cached). An issue
+    with too little history has none (0: the bottom-up bound alone)."""
+
+    series: np.ndarray  # [B, 2] system (cpu_cores, memory_gb) per 5-minute bucket from the trace's start
+    issues: np.ndarray
+    history_buckets: int = 288
+    _cache: dict = field(default_factory=dict)
+
+    def upper(self, level: float) -> np.ndarray:
+        """``[len(issues), 6, 2]``: the upper bound at ``level`` (1: the largest past error)."""
+        from pipeline.topdown import topdown_forecast
+
+        if level not in self._cache:
+            out = np.zeros((len(self.issues), len(HORIZONS_MIN), self.series.shape[1]))
+            for j, i in enumerate(self.issues):
+                fc = topdown_forecast(self.series[max(0, i - self.history_buckets):i], level)
+                if fc is not None:
+                    out[j] = fc[0]
+            self._cache[level] = out
+        return self._cache[level]
+
+
+def topdown_system_forecast(trace: SystemTrace, eval_start: int, history_buckets: int = 288) -> TopdownForecast:
+    """The top-down forecast at every 5-minute origin of the scored period ``[eval_start, T)``
+    (the origins of :func:`lstm_system_forecast`), from ``trace`` averaged over 5-minute buckets
+    (the demand series' definition: average concurrent use; every user, models or not)."""
+    from pipeline.schemas import BUCKET_SECONDS
+
+    k = round(BUCKET_SECONDS / trace.step_s)
+    n = trace.steps // k
+    x = np.stack([trace.cores, trace.memory_gb], axis=1)[: n * k].reshape(n, k, 2).mean(axis=1)
+    if eval_start % k:
+        raise ValueError(f"eval_start={eval_start} is not on the 5-minute grid ({k} steps)")
+    return TopdownForecast(x, np.arange(eval_start // k, n), history_buckets)
 
 
 def choose_shape(trace: SystemTrace, *, vcpu: float | None = None, boot_s: float = 300.0,
@@ -458,6 +514,12 @@ LSTM_NOTE = ("warmcast's own forecasts: one LSTM per user (models.train.train on
              "(only the safety net there).")
 
 
+RECONCILED_NOTE = ("'warmcast_lstm' sizes as the pipeline's reconciled_target does: the upper bound is the higher of "
+                   "that sampled quantile and the top-down forecast's at the same level (pipeline.topdown: the "
+                   "system's 5-minute demand, last value or recent peak plus the quantile of its own errors over the "
+                   "{history} buckets before the origin, refit at every origin; users without a model included).")
+
+
 @dataclass(frozen=True)
 class LstmForecastConfig:
     """How ``--forecaster lstm`` trains and aggregates. ``val_days`` (None: 1 day, or half a shorter
@@ -631,7 +693,9 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
 
     ``forecaster="lstm"`` (lake only) adds :data:`LSTM_POLICY`: warmcast's plan driven by per-user
     LSTMs trained on the lake's demand before the scored period (:func:`train_lstm_models`) and
-    their forecasts issued at every 5-minute origin of it, aggregated (:func:`lstm_system_forecast`).
+    their forecasts issued at every 5-minute origin of it, aggregated (:func:`lstm_system_forecast`)
+    and reconciled with the top-down forecast (:func:`topdown_system_forecast`), as the pipeline
+    sizes; and :data:`LSTM_BOTTOM_UP_POLICY`, the aggregated forecasts alone.
     The scored period then starts on the 5-minute grid (the warm-up is rounded up to it).
     ``warm_headroom`` > 0: see :func:`with_warm_headroom` (adds :data:`WARM_POLICY`)."""
     from pathlib import Path
@@ -651,12 +715,13 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
         policies = POLICY_NAMES
         if forecaster == "lstm":  # beside the other warmcast policies
             at = POLICY_NAMES.index("warmcast_1min") + 1
-            policies = POLICY_NAMES[:at] + (LSTM_POLICY,) + POLICY_NAMES[at:]
+            policies = POLICY_NAMES[:at] + LSTM_POLICIES + POLICY_NAMES[at:]
         if warm_headroom > 0:
             at = policies.index(REFERENCE_POLICY) + 1
             policies = policies[:at] + (WARM_POLICY,) + policies[at:]
-    if LSTM_POLICY in policies and forecaster != "lstm":
-        raise ValueError(f"the {LSTM_POLICY!r} policy needs --forecaster lstm")
+    wanted = [p for p in LSTM_POLICIES if p in policies]
+    if wanted and forecaster != "lstm":
+        raise ValueError(f"the {wanted[0]!r} policy needs --forecaster lstm")
     if WARM_POLICY in policies and not warm_headroom > 0:
         raise ValueError(f"the {WARM_POLICY!r} policy needs a warm headroom > 0 (--warm-headroom)")
     if since is None or until is None:
@@ -678,7 +743,7 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
     specs = dict(POLICY_SPECS)
     meta = {"source": f"{source} {loc.uri}", "since": since.isoformat(), "until": until.isoformat(), "step_s": step_s,
             "forecaster": forecaster}
-    if forecaster == "lstm" and LSTM_POLICY in policies:
+    if forecaster == "lstm" and set(LSTM_POLICIES) & set(policies):
         from datetime import timedelta
 
         from models.backtest import demand_from_lake_chunked
@@ -708,9 +773,11 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
         train_text = (f"{since:%Y-%m-%d %H:%M} – {scored:%Y-%m-%d %H:%M} UTC, validation tail {tc.val_days:g} d, "
                       f"per-user models from {tc.min_history_days:g} d of history, epochs run global/per-user "
                       f"{trained.epochs_run[0]}/{trained.epochs_run[1]}")
-        specs[LSTM_POLICY] = lstm_policy_spec(sampled)
-        forecasters[LSTM_POLICY] = LSTM_NOTE.format(train=train_text, n_paths=lstm.n_paths,
-                                                    history=lstm.history_buckets, users=users)
+        specs[LSTM_POLICY] = lstm_policy_spec(sampled, topdown_system_forecast(trace, eval_start, lstm.history_buckets))
+        specs[LSTM_BOTTOM_UP_POLICY] = lstm_policy_spec(sampled)
+        text = LSTM_NOTE.format(train=train_text, n_paths=lstm.n_paths, history=lstm.history_buckets, users=users)
+        forecasters[LSTM_POLICY] = text + " " + RECONCILED_NOTE.format(history=lstm.history_buckets)
+        forecasters[LSTM_BOTTOM_UP_POLICY] = text + f" '{LSTM_BOTTOM_UP_POLICY}': this sampled sum alone."
         meta["lstm"] = {"train_start": since.isoformat(), "train_end": scored.isoformat(), "users": len(trained.user_ids),
                         "on_global_model": int(trained.uses_global.sum()), "new_users_not_forecast": len(new_users),
                         "epochs_run": list(trained.epochs_run), "val_days": tc.val_days,

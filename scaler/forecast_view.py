@@ -37,8 +37,10 @@ class ForecastDemand:
 
 
 #: A system forecast issue carries one row per method (see :mod:`pipeline.aggregate`); the scaler
-#: sizes for the first of these present: the tier-weighted provisioning target, else the sampled band.
-METHOD_PREFERENCE = ("tiered_target", "copula_sample", "independent_sample")
+#: sizes for the first of these present: the reconciled target (the tier-weighted one, never below
+#: the top-down band of the system's own recent errors), else the tier-weighted provisioning target,
+#: else the sampled band.
+METHOD_PREFERENCE = ("reconciled_target", "tiered_target", "copula_sample", "independent_sample")
 
 
 def _one_method(table: pa.Table) -> pa.Table:

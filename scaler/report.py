@@ -25,15 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.schemas import HORIZONS_MIN
-from scaler.evaluate import LSTM_POLICY, Evaluation
+from scaler.evaluate import LSTM_BOTTOM_UP_POLICY, LSTM_POLICIES, LSTM_POLICY, Evaluation
 from scaler.sim_policies import Warmcast
 
 COLORS = {"reactive": "#d62728", "knative": "#ff7f0e", "aws_predictive": "#8c564b", "naive_predictive": "#7f7f7f",
-          "warmcast": "#1f77b4", "warmcast_1min": "#17becf", LSTM_POLICY: "#9467bd", "oracle": "#2ca02c"}
+          "warmcast": "#1f77b4", "warmcast_1min": "#17becf", LSTM_POLICY: "#9467bd", LSTM_BOTTOM_UP_POLICY: "#e377c2",
+          "oracle": "#2ca02c"}
 #: The policies whose forecast ``forecast.png`` shows, and what each forecast's target is.
 FORECAST_PANELS = {"warmcast": ("baseline forecaster (last value of the system sum + past error quantiles)",
                                 "the 5-min bucket's peak step"),
-                   LSTM_POLICY: ("per-user LSTM forecasts aggregated (sampled sum)", "the 5-min bucket's average")}
+                   LSTM_POLICY: ("per-user LSTM forecasts aggregated, reconciled with the top-down band",
+                                 "the 5-min bucket's average")}
 PLOT_WINDOW_S = 2 * 86_400.0  # the time-series plots show at most the last two days
 
 
@@ -214,6 +216,8 @@ def result_rows(ev: Evaluation) -> list[dict]:
 
 def _short_forecaster(ev: Evaluation, name: str) -> str:
     if name == LSTM_POLICY:
+        return "per-user LSTMs, aggregated + top-down"
+    if name == LSTM_BOTTOM_UP_POLICY:
         return "per-user LSTMs, aggregated"
     return "baseline (last value of the sum)" if name in ("warmcast", "warmcast_1min") else "–"
 
@@ -275,7 +279,7 @@ def _forecast_texts(ev: Evaluation) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name in ev.policies:
         if name in ev.forecasters or name in ("warmcast", "warmcast_1min"):
-            text = ev.forecasters.get(name, "") if name == LSTM_POLICY else ev.forecast_note
+            text = ev.forecasters.get(name, "") if name in LSTM_POLICIES else ev.forecast_note
             out.setdefault(text, []).append(name)
     return out
 

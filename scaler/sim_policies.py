@@ -51,6 +51,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.schemas import HORIZONS_MIN
+from pipeline.topdown import empirical_quantiles, trailing_stats
+from pipeline.topdown import lag as _lag
+from pipeline.topdown import max_ahead as _max_ahead
+from pipeline.topdown import seasonal_drift as _seasonal_drift  # noqa: F401 (tests use it from here)
 from scaler.policy import InstanceShape, PlanOptions, Pool, PoolPolicy, PoolState, plan_pools
 from scaler.simulate import Decision, FleetModel, FleetState, ScalingPolicy, SystemTrace
 
@@ -66,20 +70,6 @@ def _demand(trace: SystemTrace) -> np.ndarray:
     return np.stack([trace.cores, trace.memory_gb], axis=1)  # [T, 2]
 
 
-def _lag(a: np.ndarray, k: int = 1) -> np.ndarray:
-    """``out[t] = a[t - k]``, 0 before the start."""
-    out = np.zeros_like(a)
-    out[k:] = a[: len(a) - k]
-    return out
-
-
-def _max_ahead(a: np.ndarray, w: int) -> np.ndarray:
-    """``out[t] = max(a[t : t + w])`` (truncated at the end), along axis 0."""
-    pad = np.concatenate([a, np.full((w - 1,) + a.shape[1:], -np.inf)]) if w > 1 else a
-    out = np.lib.stride_tricks.sliding_window_view(pad, w, axis=0).max(axis=-1)
-    return np.where(np.isfinite(out), out, 0.0)
-
-
 def _mean_behind(a: np.ndarray, w: int) -> np.ndarray:
     """``out[t] = mean(a[t - w : t])`` over the steps that exist (0 at t = 0)."""
     cs = np.concatenate([np.zeros((1,) + a.shape[1:]), np.cumsum(a, axis=0)])
@@ -87,35 +77,6 @@ def _mean_behind(a: np.ndarray, w: int) -> np.ndarray:
     lo = np.maximum(t - w, 0)
     cnt = np.maximum(t - lo, 1).reshape((-1,) + (1,) * (a.ndim - 1))
     return (cs[t] - cs[lo]) / cnt
-
-
-def trailing_stats(samples: np.ndarray, known_at: np.ndarray, n_steps: int, refit: int, window: int,
-                   level: float, *, with_loss: bool = False):
-    """Per step, the ``level`` quantile and the mean of the samples known by the last refit.
-
-    ``samples``: ``[S, ...]``; ``known_at``: ``[S]`` ascending, the step from which each sample is
-    known. Step ``t`` uses refit point ``c = t − t % refit`` and the samples with
-    ``c − window < known_at <= c``; none: 0. Returns two ``[n_steps, ...]`` arrays; with
-    ``with_loss`` a third: the mean pinball loss at ``level`` of those samples about their own
-    quantile (``mean(max(level·r, (level − 1)·r))``, ``r`` = sample − quantile; none: 0).
-    """
-    refits = np.arange(0, n_steps, refit)
-    q = np.zeros((len(refits),) + samples.shape[1:])
-    m = np.zeros_like(q)
-    loss = np.zeros_like(q)
-    his = np.searchsorted(known_at, refits, side="right")
-    los = np.searchsorted(known_at, refits - window, side="right")
-    for j, (lo, hi) in enumerate(zip(los, his)):
-        if hi > lo:
-            q[j] = np.quantile(samples[lo:hi], level, axis=0)
-            m[j] = samples[lo:hi].mean(axis=0)
-            if with_loss:
-                r = samples[lo:hi] - q[j]
-                loss[j] = np.maximum(level * r, (level - 1) * r).mean(axis=0)
-    idx = np.arange(n_steps) // refit
-    if with_loss:
-        return q[idx], m[idx], loss[idx]
-    return q[idx], m[idx]
 
 
 @dataclass
@@ -301,23 +262,6 @@ class SampledForecast:
         return ForecastArrays(self.issued_step, upper, np.minimum(self.mean, upper))
 
 
-def _seasonal_drift(x: np.ndarray, peak: np.ndarray, period: int, count: int, k: int, hz: int) -> np.ndarray:
-    """``[T, hz, R]``: at origin ``t``, the mean over ``i = 1 .. count`` with ``t − 1 − i·period >= 0``
-    of ``peak[t − i·period + j·k] − x[t − 1 − i·period]`` (0 where no period is past yet)."""
-    n = len(x)
-    t = np.arange(n)
-    total = np.zeros((n, hz) + x.shape[1:])
-    seen = np.zeros(n)
-    for i in range(1, count + 1):
-        ok = t - 1 - i * period >= 0
-        prev = np.clip(t - 1 - i * period, 0, n - 1)
-        for j in range(hz):
-            tgt = np.clip(t - i * period + j * k, 0, n - 1)
-            total[:, j] += np.where(ok[:, None], peak[tgt] - x[prev], 0.0)
-        seen += ok
-    return total / np.maximum(seen, 1.0)[:, None, None]
-
-
 def empirical_forecast(trace: SystemTrace, level: float, *, window_s: float = WEEK_S, refit_s: float = 3600.0,
                        bucket_s: float = 300.0, error_scale: str = "none", daily_drift: bool = False,
                        point_windows_s: tuple[float, ...] = (),
@@ -353,51 +297,16 @@ def empirical_forecast(trace: SystemTrace, level: float, *, window_s: float = WE
     over the periods already seen (none: the last value). Periods shorter than the horizons
     (``P < 6K`` steps) would read the future and are refused. They compete in the same selection.
     """
-    n, x = trace.steps, _demand(trace)
     k = max(1, round(bucket_s / trace.step_s))
     if abs(k * trace.step_s - bucket_s) > 1e-6:
         raise ValueError(f"step_s={trace.step_s} must divide the forecast bucket of {bucket_s} s")
-    if error_scale not in ("none", "sqrt"):
-        raise ValueError(f"error_scale must be 'none' or 'sqrt', got {error_scale!r}")
-    hz = len(HORIZONS_MIN)
-    peak = _max_ahead(x, k)
-    last = _lag(x)  # [T, 2] x[t-1]
-    if error_scale == "sqrt":
-        floor = np.maximum(0.01 * np.cumsum(last, axis=0) / np.arange(1, n + 1)[:, None], 1e-3)
-        scale = np.sqrt(last + floor)[:, None, :]  # [T, 1, 2], known at t
-    else:
-        scale = np.ones((n, 1, 2))
-    o = np.arange(k, n - hz * k + 1, k)  # origins on the plan grid (t % K == 0), as plans read them
-    target = np.stack([peak[o + j * k] for j in range(hz)], axis=1)  # [S, 6, 2]
-    refit, window = max(1, round(refit_s / trace.step_s)), max(1, round(window_s / trace.step_s))
-    widths = sorted({max(1, round(w / trace.step_s)) for w in point_windows_s} or {1})
-    periods = [round(p / trace.step_s) for p in seasonal_periods_s]
-    if any(p < hz * k for p in periods):
-        raise ValueError(f"seasonal periods must be at least the longest horizon ({hz * k} steps), got {seasonal_periods_s}")
-    if seasonal_count < 1:
-        raise ValueError(f"seasonal_count must be >= 1, got {seasonal_count}")
-    # yesterday's change over the same span: the seasonal drift of one period of a day
-    drift = _seasonal_drift(x, peak, round(86_400 / trace.step_s), 1, k, hz) if daily_drift else None
-    best = None  # (loss, point, q, m) of the candidate with the lowest trailing loss so far, per cell
-    for w in widths + [-p for p in periods]:
-        if w < 0:
-            point = last[:, None, :] + _seasonal_drift(x, peak, -w, seasonal_count, k, hz)
-        else:
-            base = last if w == 1 else _lag(_max_ahead(x[::-1], w)[::-1])  # max(x[t-w .. t-1])
-            point = np.repeat(base[:, None, :], hz, axis=1)  # [T, 6, 2] for origin t
-        if daily_drift:
-            point = point + drift
-        err = (target - point[o]) / scale[o]
-        q, m, loss = trailing_stats(err, o + hz * k, n, refit, window, level, with_loss=True)
-        if best is None:
-            best = [loss, point, q, m]
-        else:  # strictly lower loss wins: ties keep the shorter window
-            win = loss < best[0]
-            for i, a in enumerate((loss, point, q, m)):
-                best[i] = np.where(win, a, best[i])
-    _, point, q, m = best
-    upper = np.maximum(point + q * scale, 0.0)
-    return ForecastArrays(np.arange(n), upper, np.clip(point + m * scale, 0.0, upper))
+    upper, mean = empirical_quantiles(
+        _demand(trace), level, k=k, window=max(1, round(window_s / trace.step_s)),
+        refit=max(1, round(refit_s / trace.step_s)), error_scale=error_scale,
+        point_widths=[max(1, round(w / trace.step_s)) for w in point_windows_s] or [1],
+        seasonal_periods=[round(p / trace.step_s) for p in seasonal_periods_s], seasonal_count=seasonal_count,
+        daily_period=round(86_400 / trace.step_s) if daily_drift else None)
+    return ForecastArrays(np.arange(trace.steps), upper, mean)
 
 
 def forecast_from_table(table: pa.Table, trace: SystemTrace) -> ForecastArrays:

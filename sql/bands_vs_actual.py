@@ -2,7 +2,8 @@
 
 Usage (settings as everywhere: ``WARMCAST_*``, ``--config``-less): ``python sql/bands_vs_actual.py``
 with ``DAY=2026-11-05T00:00:00+00:00`` (the day's issues), ``HORIZON=15`` (minutes) and
-``METHOD=tiered_target`` (the row the scaler sizes from; ``copula_sample`` is the 90 % band).
+``METHOD=reconciled_target`` (the row the scaler sizes from; ``tiered_target`` the per-user forecasts'
+target alone, ``copula_sample`` their 90 % band, ``topdown_empirical`` the system's own).
 Prints the issues on the half hour and, for every issue of the day, how often the actual system
 CPU demand of the target bucket fell inside ``[lower, upper]``.
 """
@@ -17,7 +18,7 @@ from pipeline.storage import location_from_settings
 
 settings = load_settings()
 day = datetime.fromisoformat(os.environ.get("DAY", "2026-11-05T00:00:00+00:00"))
-horizon, method = int(os.environ.get("HORIZON", "15")), os.environ.get("METHOD", "tiered_target")
+horizon, method = int(os.environ.get("HORIZON", "15")), os.environ.get("METHOD", "reconciled_target")
 forecasts = ForecastStore(settings.store_url).read_system_forecasts(day, day + timedelta(days=1), method=method)
 demand = demand_from_lake(location_from_settings(settings.lake, settings), day, day + timedelta(days=1, minutes=30))
 actual = {r["ts"]: r["cpu_cores_sum"] for r in demand.group_by("ts").aggregate([("cpu_cores", "sum")]).to_pylist()}

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tests.dags.conftest import TEST_FLEET, make_lake, read_xcom, task_states, write_requests
@@ -155,6 +156,18 @@ def test_backfilled_run_stores_its_forecast_and_makes_no_mutating_aws_call(dag, 
     assert set(users["model_version"].to_pylist()) <= {f"lstm:{v}" for v in _versions(env)} | {f"lstm:{v}+global" for v in _versions(env)}
     system = store().read_system_forecasts(PAST, PAST + timedelta(seconds=1))
     assert system.num_rows > 0 and set(system["n_users"].to_pylist()) == {6}
+    # the per-user forecasts summed, and reconciled with the system's own recent errors (what the scaler reads)
+    assert {"tiered_target", "topdown_empirical", "reconciled_target"} <= set(system["method"].to_pylist())
+    # ... unless the operator turns the top-down band off: the tiered target alone, from the same shards
+    from pipeline.config import load_settings
+    from pipeline.forecast_cycle import aggregate_issue
+
+    env_settings = load_settings()
+    off = dataclasses.replace(env_settings, aggregate=dataclasses.replace(env_settings.aggregate, topdown=False))
+    shards = [read_xcom(dr, "forecast", i) for i in range(len(read_xcom(dr, "plan")))]
+    written = aggregate_issue(off, PAST, shards)
+    methods = set(pq.read_table(written["path"])["method"].to_pylist())
+    assert "tiered_target" in methods and not methods & {"topdown_empirical", "reconciled_target"}
     # the Parquet copies beside the database rows
     day = env["lake"] / "forecasts"
     assert (day / "users" / f"date={PAST:%Y-%m-%d}" / f"{PAST:%Y%m%dT%H%M%SZ}-shard-00000.parquet").is_file()

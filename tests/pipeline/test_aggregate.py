@@ -18,7 +18,9 @@ from pipeline.aggregate import (
     METHOD_COPULA,
     METHOD_INDEPENDENT,
     METHOD_NAIVE,
+    METHOD_RECONCILED,
     METHOD_TIERED,
+    METHOD_TOPDOWN,
     AggregateConfig,
     ResidualHistory,
     aggregate,
@@ -26,8 +28,10 @@ from pipeline.aggregate import (
     quantile_at,
     read_user_forecast,
     residual_history,
+    system_history,
     user_service_levels,
 )
+from pipeline.topdown import topdown_forecast
 from pipeline.schemas import DEMAND, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, QUANTILES, SYSTEM_FORECAST, USER_PROFILE
 
 UTC = timezone.utc
@@ -301,3 +305,66 @@ def test_residual_history_reads_only_buckets_before_the_issue():
     np.testing.assert_allclose(hist.values[1, :, cpu], [0, 0, 2, -2])  # missing buckets are zero demand
     later = pa.concat_tables([demand, pa.Table.from_pylist([{**rows[0], "ts": T0 + 10 * step, "cpu_cores": 99.0}], schema=DEMAND)])
     np.testing.assert_array_equal(residual_history(later, T0, window=4).values, hist.values)
+
+
+# -- top-down band and the reconciled target ------------------------------------------------------
+
+def _swinging_system(n: int = 288, amplitude: float = 40.0) -> np.ndarray:
+    """A system series that moves by +-amplitude from bucket to bucket around 100 (every resource)."""
+    swing = amplitude * np.where(np.arange(n) % 2 == 0, -1.0, 1.0)
+    return np.repeat((100.0 + swing)[:, None], len(DEMAND_RESOURCES), axis=1)
+
+
+def test_a_narrow_bottom_up_band_is_raised_to_the_top_down_one():
+    q = np.repeat(np.linspace(9.5, 10.5, 7)[None, None], 10, axis=0).repeat(4, axis=1)  # 10 users, ~10 each
+    system = _swinging_system()
+    agg = aggregate(_table(q), system=system, config=AggregateConfig(seed=1))
+    td_up, td_mean = topdown_forecast(system, 0.95)
+    td_lo, _ = topdown_forecast(system, 0.05)
+    np.testing.assert_allclose(agg.topdown_upper, td_up)
+    np.testing.assert_allclose(agg.topdown_lower, np.minimum(td_lo, td_up))
+    np.testing.assert_allclose(agg.topdown_mean, td_mean)
+    assert (agg.topdown_upper > agg.target).all()  # the users' sum says ~100 +- 2, the system swings by 80
+    np.testing.assert_allclose(agg.reconciled, agg.topdown_upper)
+    np.testing.assert_allclose(agg.reconciled_level, 0.9)
+    out = agg.table().to_pandas()
+    assert set(out["method"]) == {METHOD_INDEPENDENT, METHOD_NAIVE, METHOD_TIERED, METHOD_TOPDOWN, METHOD_RECONCILED}
+    assert len(out) == 5 * 6 * 4 and (out["lower"] <= out["upper"]).all()
+    rec = out[out["method"] == METHOD_RECONCILED].sort_values(["horizon_min", "resource"])
+    tiered = out[out["method"] == METHOD_TIERED].sort_values(["horizon_min", "resource"])
+    np.testing.assert_allclose(rec["mean"], tiered["mean"])  # Σ users' means
+    td = out[out["method"] == METHOD_TOPDOWN]
+    assert np.allclose(np.sort(td["mean"]), np.sort(td_mean.ravel()))  # its own mean
+
+
+def test_a_wide_bottom_up_target_stands_when_the_system_has_been_calm():
+    q = np.sort(np.random.default_rng(2).gamma(2.0, 5.0, (10, 4, 7)), axis=-1) * np.linspace(0.2, 3.0, 7)
+    calm = np.full((288, len(DEMAND_RESOURCES)), float(q[:, :, 3].sum(axis=0).mean()))
+    agg = aggregate(_table(q), system=calm, config=AggregateConfig(seed=1))
+    assert (agg.topdown_upper < agg.target).all()
+    np.testing.assert_array_equal(agg.reconciled, agg.target)
+    np.testing.assert_array_equal(agg.reconciled_level, agg.target_level)
+    np.testing.assert_array_equal(agg.reconciled_lower, agg.target_lower)
+
+
+def test_too_little_system_history_leaves_the_tiered_target_alone(caplog):
+    q = np.sort(np.random.default_rng(3).gamma(2.0, 1.0, (5, 4, 7)), axis=-1)
+    with caplog.at_level(logging.INFO, logger="pipeline.aggregate"):
+        agg = aggregate(_table(q), system=_swinging_system(17))  # 11 past errors
+    assert agg.reconciled is None and "too few for the top-down band" in caplog.text
+    assert set(agg.table()["method"].to_pylist()) == {METHOD_INDEPENDENT, METHOD_NAIVE, METHOD_TIERED}
+    assert aggregate(_table(q), system=_swinging_system(18)).reconciled is not None
+    with pytest.raises(ValueError, match="system history must be"):
+        aggregate(_table(q), system=np.ones((288, 2)))
+
+
+def test_system_history_sums_every_user_before_the_issue_only():
+    step = timedelta(minutes=5)
+    rows = [{"user_id": u, "ts": T0 + k * step, "requests": 1, "cpu_cores": c * (k + 10), "memory_gb": 1.0, "gpus": 0.0}
+            for u, c in (("a", 1.0), ("b", 2.0)) for k in range(-3, 2) if not (u == "b" and k == -2)]
+    demand = pa.Table.from_pylist(rows, schema=DEMAND)
+    hist = system_history(demand, T0, window=4)
+    assert hist.shape == (4, len(DEMAND_RESOURCES))
+    cpu, mem = DEMAND_RESOURCES.index("cpu_cores"), DEMAND_RESOURCES.index("memory_gb")
+    np.testing.assert_allclose(hist[:, cpu], [0.0, 7 + 14, 8, 9 + 18])  # bucket -4 empty, b missing at -2
+    np.testing.assert_allclose(hist[:, mem], [0.0, 2.0, 1.0, 2.0])

@@ -102,7 +102,8 @@ def test_demo_end_to_end_fills_the_forecast_store(tmp_path, capsys, monkeypatch)
     rc = main(["demo", "--landing", str(tmp_path / "landing"), "--lake", str(tmp_path / "lake"), "--users", "6", "--days", "4"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "[5/5]" in out and "tiered_target" in out and "stored 144 user" in out
+    assert "[5/5]" in out and "stored 144 user" in out
+    assert "topdown_empirical" in out and "sizes pools for the 'reconciled_target' upper bound" in out
 
     from pipeline.forecast_store import ForecastStore
 

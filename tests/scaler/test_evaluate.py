@@ -414,7 +414,7 @@ def test_cli_evaluate_with_the_lstm_forecaster(tiny_lake, capsys, monkeypatch):
 
     monkeypatch.setattr(LstmForecastConfig, "train_config", small)
     out = tiny_lake / "report-lstm"
-    policies = ("reactive", "naive_predictive", "warmcast", "warmcast_lstm")
+    policies = ("reactive", "naive_predictive", "warmcast", "warmcast_lstm", "warmcast_lstm_bottom_up")
     rc = main(["evaluate", "--lake", str(tiny_lake / "lake"), "--out", str(out), "--step", "5min", "--warmup-hours", "18",
                "--forecaster", "lstm", "--epochs", "1", "--global-epochs", "1", "--n-paths", "100",
                "--policies", ",".join(policies)])
@@ -428,7 +428,10 @@ def test_cli_evaluate_with_the_lstm_forecaster(tiny_lake, capsys, monkeypatch):
     assert "LSTM" in summary["forecasters"]["warmcast_lstm"] and "baseline" in summary["forecasters"]["warmcast"]
     assert len(summary["policies"]["warmcast_lstm"]["curve"]) == len(POLICY_SPECS["warmcast"].grid)
     md = (out / "report.md").read_text()
-    assert "| warmcast_lstm | per-user LSTMs" in md and "warmcast_lstm forecast: warmcast's own forecasts" in md
+    assert "| warmcast_lstm | per-user LSTMs, aggregated + top-down" in md
+    assert "| warmcast_lstm_bottom_up | per-user LSTMs, aggregated |" in md
+    assert "reconciled_target" in summary["forecasters"]["warmcast_lstm"]
+    assert "reconciled_target" not in summary["forecasters"]["warmcast_lstm_bottom_up"]
 
 
 def test_cli_evaluate_lstm_forecaster_errors(tiny_lake, tmp_path, capsys):
@@ -439,3 +442,29 @@ def test_cli_evaluate_lstm_forecaster_errors(tiny_lake, tmp_path, capsys):
                "--policies", "reactive,warmcast_lstm"])
     assert rc == 2 and "needs --forecaster lstm" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_lstm_policy_sizes_from_the_higher_of_the_sampled_sum_and_the_pipelines_top_down_bound():
+    from pipeline.topdown import topdown_forecast
+    from scaler.evaluate import LSTM_BOTTOM_UP_POLICY, LSTM_POLICY, lstm_policy_spec, topdown_system_forecast
+    from scaler.sim_policies import SampledForecast
+
+    rng = np.random.default_rng(0)
+    cores = np.repeat(rng.gamma(4.0, 5.0, 400), 5)  # 400 buckets of 5 one-minute steps
+    tr = SystemTrace(cores, cores * 2.0, 60.0, start=START)
+    eval_start = 5 * 300
+    td = topdown_system_forecast(tr, eval_start, history_buckets=288)
+    assert td.issues.tolist() == list(range(300, 400))
+    # the pipeline's forecast at issue 350 reads the 288 buckets before it: the replay's is the same
+    series = np.stack([cores[::5], cores[::5] * 2.0], axis=1)
+    np.testing.assert_allclose(td.upper(0.9)[50], topdown_forecast(series[350 - 288:350], 0.9)[0])
+    n = len(td.issues)
+    totals = np.sort(rng.gamma(2.0, 10.0, (n, 50, 6, 2)), axis=1)
+    sampled = SampledForecast(eval_start + 5 * np.arange(n), totals, totals.mean(axis=1))
+    rec, alone = lstm_policy_spec(sampled, td), lstm_policy_spec(sampled)
+    assert (rec.name, alone.name) == (LSTM_POLICY, LSTM_BOTTOM_UP_POLICY)
+    for level in (0.5, 0.95, 1.0):
+        up_rec, up_alone = rec.make(level).forecast.upper, alone.make(level).forecast.upper
+        np.testing.assert_allclose(up_alone, sampled.at(level).upper)
+        np.testing.assert_allclose(up_rec, np.maximum(up_alone, td.upper(level)))
+        assert (up_rec > up_alone).any() and (up_rec == up_alone).any()  # each side wins somewhere

@@ -246,6 +246,11 @@ def test_a_multi_method_system_forecast_is_read_at_the_tiered_target():
     read = demand_by_horizon(pa.Table.from_pylist(rows, schema=SYSTEM_FORECAST), now, max_age_s=600, shading=0.0)
     assert not isinstance(read, str), read
     assert read.by_horizon[5][0] == 25.0  # the tiered target's upper bound, not the naive sum's
+    # with the top-down band, the reconciled target (never below it) is the one acted on
+    rows += [{**r, "method": m, "upper": up} for r in rows[:24] for m, up in (("topdown_empirical", 30.0),
+                                                                              ("reconciled_target", 30.0))]
+    read = demand_by_horizon(pa.Table.from_pylist(rows, schema=SYSTEM_FORECAST), now, max_age_s=600, shading=0.0)
+    assert read.by_horizon[5][0] == 30.0
 
 
 def test_warm_headroom_keeps_a_share_of_the_active_pool_stopped_beyond_the_forecast():
