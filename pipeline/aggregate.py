@@ -2,7 +2,8 @@
 
 One issue of the per-user forecast (:data:`USER_FORECAST`) becomes :data:`SYSTEM_FORECAST` rows per
 horizon and resource, in the demand's own units (requests per bucket, cores, GB, GPUs), for
-three methods (the store keys rows by method; a reader picks one):
+three methods, five with the system's own demand history (the store keys rows by method; a reader
+picks one):
 
 * ``copula_sample`` / ``independent_sample`` (the band): ``n_paths`` joint sample paths of every
   user's demand, summed; ``lower``/``upper`` are the ``(1 ∓ level)/2`` quantiles of the sums.
