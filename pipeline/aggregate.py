@@ -23,7 +23,9 @@ picks one):
   moved in 5-30 minutes. On the ServeGen trace the bottom-up sum alone was biased low and too
   narrow (its 0.9 quantile covered the actual bucket ~70 % of the time) and a replay of the scaling
   driven by it had 1.9x the cold demand of reactive target tracking at equal cost; with the
-  reconciled target 0.80x (``warmcast evaluate --forecaster lstm``).
+  reconciled target 0.80x (``warmcast evaluate --forecaster lstm``). On the (4-hour) Azure sample
+  the bottom-up sum alone did better (0.66x vs 0.89x): the maximum is the safe default, not the
+  best choice everywhere.
 
 Per-user distribution: ``Q(u)`` interpolates linearly between q05 … q95 at τ = 0.05 … 0.95; tails
 ``Q(u) = q05 - a·(0.05 - u)/0.05`` with ``a = min(q05, q10 - q05)`` (the q05–q10 slope continued,
