@@ -57,6 +57,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipeline.schemas import HORIZONS_MIN
+from pipeline.topdown import topdown_forecast
 from scaler.policy import InstanceShape
 from scaler.sim_policies import (AwsPredictive, KnativeAutoscaler, NaivePredictive, Oracle, ReactiveTargetTracking,
                                  SampledForecast, Warmcast)
@@ -171,8 +172,6 @@ class TopdownForecast:
 
     def upper(self, level: float) -> np.ndarray:
         """``[len(issues), 6, 2]``: the upper bound at ``level`` (1: the largest past error)."""
-        from pipeline.topdown import topdown_forecast
-
         if level not in self._cache:
             out = np.zeros((len(self.issues), len(HORIZONS_MIN), self.series.shape[1]))
             for j, i in enumerate(self.issues):
