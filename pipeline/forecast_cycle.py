@@ -158,17 +158,17 @@ def aggregate_issue(settings: Settings, at: datetime, shards: Sequence[Mapping[s
         log.warning("aggregate at %s: no user forecasts, so no system forecast (the scaler will hold)", at.isoformat())
         return {"path": None, "n_users": 0, "rows": 0, "method": None}
     agg = settings.aggregate
-    history = system = None
+    history = totals = None
     if agg.method == "copula_sample" or agg.topdown:
         step = timedelta(seconds=BUCKET_SECONDS)
-        demand = demand_from_lake(lake, at - (agg.history_buckets + 1) * step, at)
+        demand = demand_from_lake(lake, at - (agg.history_buckets + 1) * step, at)  # read once for both
         if agg.method == "copula_sample":
             history = residual_history(demand, at, window=agg.history_buckets)
         if agg.topdown:
-            system = system_history(demand, at, window=agg.history_buckets)
+            totals = system_history(demand, at, window=agg.history_buckets)
     config = AggregateConfig(n_paths=agg.n_paths, level=agg.level, seed=agg.seed)
     result = aggregate(users, profiles=read_profiles(settings), history=history, config=config, issued_at=at,
-                       system=system)
+                       system=totals)
     system = result.table()
     path = system_forecast_path(lake, at)
     _write_parquet(lake, path, system)
