@@ -107,12 +107,14 @@ def _check_grid(moment: datetime, what: str) -> int:
     return us
 
 
-def dense_demand(demand: pa.Table, start: datetime, end: datetime, users: Sequence[str] | None = None) -> DenseDemand:
+def dense_demand(demand: pa.Table, start: datetime, end: datetime, users: Sequence[str] | None = None,
+                 others: bool = False) -> DenseDemand:
     """The demand rows with ``start <= ts < end`` as a dense grid (see :class:`DenseDemand`).
 
     ``users`` fixes the users and their order (a user without rows gets zeros and no history);
-    by default, the sorted users that have rows in the window. Rows of the same user and bucket
-    add up. Raises ``ValueError`` for NaN, ±inf or negative demand, naming the users.
+    by default, the sorted users that have rows in the window. With ``others``, the users with
+    rows in the window that ``users`` lacks follow them, sorted. Rows of the same user and
+    bucket add up. Raises ``ValueError`` for NaN, ±inf or negative demand, naming the users.
     """
     lo, hi = _check_grid(start, "start"), _check_grid(end, "end")
     steps = (hi - lo) // (BUCKET_SECONDS * 1_000_000)
@@ -125,6 +127,9 @@ def dense_demand(demand: pa.Table, start: datetime, end: datetime, users: Sequen
         ids = sorted(pc.unique(rows["user_id"]).to_pylist())
     else:
         ids = [str(u) for u in users]
+        if others:
+            given = set(ids)
+            ids += sorted(u for u in pc.unique(rows["user_id"]).to_pylist() if u not in given)
     if len(set(ids)) != len(ids):
         raise ValueError("users must not repeat")
     index = pc.index_in(rows["user_id"], value_set=pa.array(ids, pa.string()))
@@ -138,8 +143,11 @@ def dense_demand(demand: pa.Table, start: datetime, end: datetime, users: Sequen
     t_idx = ((column(pc.cast(rows["ts"], pa.int64()).to_numpy()) - lo) // (BUCKET_SECONDS * 1_000_000)).astype(np.int64)
     cols = [column(np.asarray(rows[c].to_numpy(zero_copy_only=False), dtype=np.float64)) if len(u_idx) else np.zeros(0)
             for c in DEMAND_RESOURCES]
+    # NaN fails `min >= 0`, +inf makes the sum infinite: two reductions per column, and the
+    # row-by-row check below only when one of them fails
+    clean = all(not len(col) or (col.min() >= 0 and np.isfinite(col.sum())) for col in cols)
     bad_any = np.zeros(len(u_idx), dtype=bool)
-    for col in cols:
+    for col in ([] if clean else cols):
         bad_any |= ~np.isfinite(col) | (col < 0)
     if bad_any.any():
         cols_2d = np.stack(cols, axis=1)
@@ -154,10 +162,18 @@ def dense_demand(demand: pa.Table, start: datetime, end: datetime, users: Sequen
             f"has NaN, infinite or negative values (first: user {ids[u_idx[first]]!r}, {what}={cols_2d[first][DEMAND_RESOURCES.index(what)]} "
             f"at {when}); fix the demand series upstream")
     flat = u_idx * steps + t_idx
-    values = np.empty((len(ids), steps, N_RESOURCES), dtype=np.float32)
-    for r, col in enumerate(cols):
-        values[..., r] = np.bincount(flat, weights=col, minlength=len(ids) * steps).reshape(len(ids), steps)
-    seen = (np.bincount(flat, minlength=len(ids) * steps) > 0).reshape(len(ids), steps)
+    count = np.bincount(flat, minlength=len(ids) * steps)
+    if len(flat) and count.max() == 1:  # one row per user and bucket (a demand series): a scatter
+        grid = torch.zeros(len(ids) * steps, N_RESOURCES)  # (torch's: 3x numpy's fancy assignment here)
+        at = torch.from_numpy(flat)
+        for r, col in enumerate(cols):
+            grid[:, r].index_copy_(0, at, torch.from_numpy(col.astype(np.float32)))
+        values = grid.numpy().reshape(len(ids), steps, N_RESOURCES)
+    else:  # rows of the same user and bucket add up
+        values = np.empty((len(ids), steps, N_RESOURCES), dtype=np.float32)
+        for r, col in enumerate(cols):
+            values[..., r] = np.bincount(flat, weights=col, minlength=len(ids) * steps).reshape(len(ids), steps)
+    seen = (count > 0).reshape(len(ids), steps)
     first_active = np.where(seen.any(axis=1), seen.argmax(axis=1), steps).astype(np.int64)
     return DenseDemand(ids, start.astimezone(timezone.utc), values, first_active)
 
@@ -176,12 +192,14 @@ class Normaliser:
     scale: np.ndarray
 
 
-def fit_normaliser(dense: DenseDemand, train_end: int, rows: np.ndarray | None = None, chunk_users: int = 1024) -> Normaliser:
+def fit_normaliser(dense: DenseDemand, train_end: int, rows: np.ndarray | None = None, chunk_users: int = 1024,
+                   typical: np.ndarray | None = None) -> Normaliser:
     """Statistics from each user's history before bucket ``train_end`` only (no peeking at the
     held-out tail). A user without history there gets mean 0, std 1, the floor scale.
 
     ``rows``: the users (indices) to return statistics for (default all); the scale floor is
-    always the median over every user of the grid. Works ``chunk_users`` users at a time.
+    :data:`SCALE_FLOOR_SHARE` of ``typical`` ``[4]`` (per resource), by default the median
+    scale over every user of the grid. Works ``chunk_users`` users at a time.
     """
     rows = np.arange(dense.n_users) if rows is None else np.asarray(rows, dtype=np.int64)
 
@@ -205,14 +223,21 @@ def fit_normaliser(dense: DenseDemand, train_end: int, rows: np.ndarray | None =
 
     everyone = np.arange(dense.n_users)
     n, mean, var, rms = chunked(rows, rms_only=False)
-    all_rms = rms if np.array_equal(rows, everyone) else chunked(everyone, rms_only=True)[0]
-    typical = np.array([np.median(col[col > 0]) if (col > 0).any() else 1.0 for col in all_rms.T])
+    if typical is None:
+        all_rms = rms if np.array_equal(rows, everyone) else chunked(everyone, rms_only=True)[0]
+        typical = typical_scale(all_rms)
     floor = np.maximum(SCALE_FLOOR_SHARE * typical, 1e-6)
     return Normaliser(
         log_mean=np.where(n > 0, mean, 0.0).astype(np.float32),
         log_std=np.where(n > 0, np.maximum(np.sqrt(var), MIN_LOG_STD), 1.0).astype(np.float32),
         scale=np.maximum(rms, floor[None, :]).astype(np.float32),
     )
+
+
+def typical_scale(scales: np.ndarray) -> np.ndarray:
+    """Per resource, the median of the positive values of ``scales`` ``[n_users, 4]`` (1 where
+    none is positive): the typical user's scale that :func:`fit_normaliser` floors at."""
+    return np.array([np.median(col[col > 0]) if (col > 0).any() else 1.0 for col in np.asarray(scales).T])
 
 
 def calendar_features(t0: datetime, steps: int) -> np.ndarray:

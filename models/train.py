@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+import os
 import sys
 import tempfile
 import warnings
@@ -42,7 +43,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from models.features import (BUCKET, BUCKETS_PER_DAY, BUCKETS_PER_WEEK, N_HORIZONS, N_INPUTS, N_RESOURCES, ChunkBatches, DenseDemand,
                              Normaliser,
-                             dense_demand, fit_normaliser, input_features, last_value_error_quantiles)
+                             dense_demand, fit_normaliser, input_features, last_value_error_quantiles, typical_scale)
 from models.calibration import CALIBRATION_BUFFERS, calibrated, fit_calibration
 from models.lightning_module import StackedForecaster, per_user_loss
 from models.module import CALIBRATION, N_QUANTILES, StackedLSTM
@@ -414,7 +415,7 @@ def prior_model(model: StackedLSTM) -> StackedLSTM:
 
 @torch.no_grad()
 def predict(models: TrainedModels, demand: pa.Table, at: datetime | None = None, users: Sequence[str] | None = None,
-            block_users: int = 256, threads: int | None = 1) -> Forecast:
+            block_users: int = 1024, threads: int | None = 1, workers: int | None = None) -> Forecast:
     """Forecast the 6 buckets from ``at`` (default: ``models.until``) from demand before ``at``.
 
     ``users``: whom to forecast (default: the trained users plus any new user with rows in the
@@ -425,25 +426,27 @@ def predict(models: TrainedModels, demand: pa.Table, at: datetime | None = None,
     ``threads``: torch threads meanwhile (None: leave as is). The per-step operations are too
     small to gain from intra-op threads, and waking them for each one costs more (measured on
     the 2-core VM: ``tanh`` of 8k values 58 us on one thread, 1.8 ms on two under load).
+    The recurrence instead spreads blocks of users over ``workers`` threads (default: the
+    CPUs this process may use; see :func:`models.module.recurrence_no_grad`).
     """
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _predict(models, demand, at, users, block_users)
+        return _predict(models, demand, at, users, block_users, workers or len(os.sched_getaffinity(0)))
     finally:
         torch.set_num_threads(previous)
 
 
-def _predict(models: TrainedModels, demand: pa.Table, at: datetime | None, users: Sequence[str] | None, block_users: int) -> Forecast:
+def _predict(models: TrainedModels, demand: pa.Table, at: datetime | None, users: Sequence[str] | None, block_users: int,
+             workers: int) -> Forecast:
     config = models.config
     at = at or models.until
     steps = config.eval_burn_in + 1
     context = BUCKETS_PER_WEEK + steps  # the last-week lag of the earliest input
     known = {u: i for i, u in enumerate(models.user_ids)}
-    if users is None:
-        recent = dense_demand(demand, at - context * BUCKET, at)  # rows before `at` only
-        dense = recent.select(list(models.user_ids) + [u for u in recent.user_ids if u not in known])
+    if users is None:  # rows before `at` only; the trained users first, then new ones
+        dense = dense_demand(demand, at - context * BUCKET, at, users=models.user_ids, others=True)
     else:
         dense = dense_demand(demand, at - context * BUCKET, at, users=users)
     rows = np.array([known.get(u, -1) for u in dense.user_ids], dtype=np.int64)
@@ -451,7 +454,9 @@ def _predict(models: TrainedModels, demand: pa.Table, at: datetime | None, users
     own = models.model
     stats = {k: getattr(own, k).numpy()[rows.clip(0)] for k in ("log_mean", "log_std", "scale")}
     if new.any():  # users without a model: their own statistics of the context window
-        fitted = fit_normaliser(dense, dense.n_steps, rows=np.flatnonzero(new))
+        # floored at the trained users' typical scale (not every user's of this window: a
+        # statistic of the whole week's grid, which would cost more than the forecast)
+        fitted = fit_normaliser(dense, dense.n_steps, rows=np.flatnonzero(new), typical=typical_scale(own.scale.numpy()))
         for k in stats:
             stats[k][new] = getattr(fitted, k)
     norm = Normaliser(**stats)
@@ -463,14 +468,18 @@ def _predict(models: TrainedModels, demand: pa.Table, at: datetime | None, users
     for a in range(0, len(rows), block_users):
         sl = slice(a, a + block_users)
         idx, fresh = torch.from_numpy(rows[sl].clip(0)), torch.from_numpy(new[sl])
+        lo, n = int(idx[0]), len(idx)
+        # consecutive trained users (the usual block): their rows as views, nothing copied
+        run = not fresh.any() and bool((idx == torch.arange(lo, lo + n)).all())
         block = {}
         for k, t in weights.items():
-            block[k] = t[idx]
+            block[k] = t[lo : lo + n].detach() if run else t[idx]
             if fresh.any():
                 block[k][fresh] = glob[k][0]
         for k in ("log_mean", "log_std", "scale"):
             block[k] = torch.from_numpy(stats[k][sl])
-        model = StackedLSTM.from_weights(block)
+        model = StackedLSTM.from_weights(block, copy=False)  # copies or views; inference changes none
+        model.inference_workers = workers
         raw = calibrated(model, model(x[sl], last[sl], burn_in=steps - 1)[:, 0, 0])
         q[sl] = raw * model.scale[:, None, :, None]
     uses_global = new | np.array([models.uses_global[r] if r >= 0 else True for r in rows.tolist()], dtype=bool)

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from models.features import (BUCKET, BUCKETS_PER_DAY, BUCKETS_PER_WEEK, N_INPUTS, ChunkBatches, calendar_features,
-                             dense_demand, fit_normaliser, input_features, last_value_error_quantiles)
+from models.features import (BUCKET, BUCKETS_PER_DAY, BUCKETS_PER_WEEK, N_INPUTS, SCALE_FLOOR_SHARE, ChunkBatches,
+                             calendar_features, dense_demand, fit_normaliser, input_features, last_value_error_quantiles,
+                             typical_scale)
 from pipeline.demand import build_demand_series
 from pipeline.generate import make_request_table
 from pipeline.schemas import DEMAND
@@ -54,6 +55,17 @@ def test_dense_demand_window_users_and_grid():
         dense_demand(table, T0, T0)
 
 
+def test_dense_demand_appends_other_users_and_adds_up_repeated_rows():
+    table = demand_table([("c", 1, 1.0), ("a", 2, 4.0), ("b", 0, 2.0), ("b", 0, 0.5)])
+    dense = dense_demand(table, T0, T0 + 4 * BUCKET, users=["b", "z"], others=True)
+    assert dense.user_ids == ["b", "z", "a", "c"]  # the given users first, then the others sorted
+    assert dense.values[0, 0, 1] == 2.5 and dense.values[0, 0, 0] == 2  # two rows of one bucket add up
+    assert dense.values[2, 2, 1] == 4.0 and dense.values[3, 1, 2] == 2.0
+    assert dense.first_active.tolist() == [0, 4, 2, 1]
+    once = dense_demand(table.slice(0, 3), T0, T0 + 4 * BUCKET)  # one row per bucket: the scatter path
+    assert once.user_ids == ["a", "b", "c"] and once.values[1, 0, 1] == 2.0 and once.values.sum() == 3 * (1 + 4 + 2) + 1 + 1 + 1
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
 def test_bad_values_raise_naming_the_user(bad):
     table = demand_table([("good", 0, 1.0), ("bad-user", 1, bad), ("good", 2, 1.0)])
@@ -75,6 +87,13 @@ def test_normaliser_uses_the_training_part_only_and_survives_empty_users():
     feats = input_features(dense, norm)
     assert feats.shape == (3, 40, N_INPUTS) and np.isfinite(feats).all()
     assert not feats[2].any()  # a user without history has no inputs at all
+    # the floor of the scale: a share of the grid's typical user, or of the one given
+    # (the median of the users' positive scales is the busy user's; no user has GPUs: 1)
+    assert norm.scale[2].tolist() == pytest.approx((SCALE_FLOOR_SHARE * np.array([*norm.scale[0, :3], 1.0])).tolist())
+    assert typical_scale(np.array([[2.0, 0.0], [4.0, 0.0], [9.0, 0.0]])).tolist() == [4.0, 1.0]
+    given = fit_normaliser(dense, 30, rows=np.array([1, 2]), typical=np.array([1000.0, 100.0, 10.0, 1.0]))
+    np.testing.assert_allclose(given.scale, np.tile(SCALE_FLOOR_SHARE * np.array([1000.0, 100.0, 10.0, 1.0]), (2, 1)), rtol=1e-6)
+    np.testing.assert_array_equal(given.log_mean, norm.log_mean[1:])
 
 
 def test_lags_and_calendar_columns():

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.module import (MIN_SPREAD, N_OUTPUTS, StackedLSTM, _LSTMRecurrence, head_bias_from_quantiles, pinball,
-                           quantiles_from_head)
+                           quantiles_from_head, recurrence_no_grad)
 
 U, S, C, F, H = 4, 9, 3, 6, 8
 
@@ -135,6 +135,24 @@ def test_recurrence_matches_a_plain_lstm_cell():
         outs.append(h)
     ours, _ = model.hidden_states(x)
     torch.testing.assert_close(ours.view(S, C, H), torch.stack(outs).detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("workers,block", [(1, 16), (2, 3), (3, 1)])
+def test_inference_recurrence_equals_the_training_recurrence(workers, block):
+    """The no-grad path (blocks of users, threads) gives the training path's values exactly,
+    whatever the blocking, from zeros or from a carried state."""
+    gen = torch.Generator().manual_seed(3)
+    xp, w = torch.randn(7, S, C, 4 * H, generator=gen), torch.randn(7, H, 4 * H, generator=gen) * 0.3
+    h0, c0 = torch.randn(7, C, H, generator=gen), torch.randn(7, C, H, generator=gen)
+    want_h, want_c = _LSTMRecurrence.apply(xp, w, h0, c0)
+    got_h, got_c = recurrence_no_grad(xp, w, h0, c0, workers=workers, block_users=block)
+    assert torch.equal(got_h, want_h) and torch.equal(got_c, want_c)
+    model = trained_like(StackedLSTM(U, F, H, seed=0))
+    model.inference_workers = workers
+    x, last = inputs()
+    with torch.no_grad():  # forward() takes the no-grad path here, the training one below
+        fast = model(x, last, burn_in=2)
+    torch.testing.assert_close(fast, model(x, last, burn_in=2).detach(), rtol=0, atol=0)
 
 
 def test_state_carry_equals_one_long_pass():
