@@ -45,6 +45,8 @@ BUCKETS_PER_WEEK = 7 * BUCKETS_PER_DAY
 N_HORIZONS = len(HORIZONS_MIN)
 N_RESOURCES = len(DEMAND_RESOURCES)
 N_INPUTS = 18
+#: The lags of the lag inputs (columns 4-7 and 8-11), in buckets: one day, one week.
+INPUT_LAGS = (BUCKETS_PER_DAY, BUCKETS_PER_WEEK)
 Z_CLIP = 10.0
 MIN_LOG_STD = 0.1
 #: A user's scale is at least this share of the median scale over users (per resource), so a
@@ -264,7 +266,7 @@ def input_features(dense: DenseDemand, norm: Normaliser, last: int | None = None
     hist = t[None, :] >= dense.first_active[:, None]
     out = np.zeros((n_users, len(t), N_INPUTS), dtype=np.float32)
     out[..., 0:4] = z_at(t)
-    for col, lag in ((4, BUCKETS_PER_DAY), (8, BUCKETS_PER_WEEK)):
+    for col, lag in zip((4, 8), INPUT_LAGS):
         src = t + 1 - lag  # the lagged bucket of the first target
         ok = (src >= 0)[None, :] & (src[None, :] >= dense.first_active[:, None]) & hist
         out[..., col : col + 4] = z_at(np.clip(src, 0, None)) * ok[..., None]

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from models.contract import to_forecast_table
 from models.module import StackedLSTM
 from models.store import ModelStore
-from models.train import TrainConfig, TrainedModels, UserMetrics, predict, train
+from models.train import TrainConfig, TrainedModels, UserMetrics, forecast_windows, predict, train
 from pipeline.demand import DEFAULT_LOOKBACK, build_demand_series, demand_from_lake, read_requests
 from pipeline.schemas import USER_FORECAST
 from pipeline.storage import Location
@@ -170,8 +170,7 @@ def forecast_from_lake(lake: Location, at: datetime, version: str | None = None)
     if loaded is None:
         raise ValueError(f"no trained model in {lake.uri}/models: run `warmcast train` first")
     version, trained = loaded
-    demand = demand_from_lake(lake, at - FORECAST_CONTEXT, at)
-    fc = predict(trained, demand, at)
+    fc = predict(trained, forecast_demand(lake, at, trained.config), at)
     versions = [f"lstm:{version}+global" if g else f"lstm:{version}" for g in fc.uses_global]
     return to_forecast_table(fc.user_ids, fc.issued_at, fc.quantiles, None, versions)
 
@@ -203,6 +202,14 @@ def _demand(lake: Location, since: datetime, until: datetime, user_ids: Sequence
     if user_ids is None:
         return demand_from_lake(lake, since, until)
     return build_demand_series(read_requests(lake, since - DEFAULT_LOOKBACK, until, users=list(user_ids)), since, until)
+
+
+def forecast_demand(lake: Location, at: datetime, config: TrainConfig, user_ids: Sequence[str] | None = None) -> pa.Table:
+    """The demand a forecast issued at ``at`` reads: the buckets of
+    :func:`models.train.forecast_windows` (the warm-up and its day and week lags, ~8 % of the
+    week before ``at``), of ``user_ids`` (default everyone), each window from the requests
+    before its end (and the lookback before its start, for long requests)."""
+    return pa.concat_tables([_demand(lake, lo, hi, user_ids) for lo, hi in forecast_windows(at, config)])
 
 
 def _previous_global(lake: Location, version: str | None) -> TrainedModels | None:
@@ -294,7 +301,7 @@ def plan_forecast(lake: Location, at: datetime, shard_size: int, max_shards: int
     always at least one shard (an empty one when there are no users)."""
     version = ModelStore(lake, USERS).version_trained_before(at)
     users = set(ModelStore(lake, USERS).read_index(version)["user_id"].to_pylist()) if version else set()
-    recent = read_requests(lake, at - FORECAST_CONTEXT, at)
+    recent = read_requests(lake, at - FORECAST_CONTEXT, at, columns=["user_id"])
     users |= set(pc.unique(recent["user_id"]).to_pylist())
     shards = shard_users(users, shard_size, max_shards) or [[]]
     return [{"shard": i, "users": u, "version": version} for i, u in enumerate(shards)]
@@ -324,12 +331,11 @@ def forecast_users(lake: Location, at: datetime, user_ids: Sequence[str], versio
     if version is None and fallback == "fail":
         raise NoModelError(f"no model version in {lake.uri}/models was trained before {at.isoformat()}: run the "
                            "train_user_models DAG (or `warmcast train`) first, or set forecast.fallback to a baseline")
-    demand = _demand(lake, at - FORECAST_CONTEXT, at, users)
-    if version is None:
+    if version is None:  # the baseline's error quantiles need the whole context
         log.warning("no model version trained before %s: %d users forecast by the %s baseline", at.isoformat(), len(users), fallback)
-        return baseline_forecast(demand, at, users, fallback)
+        return baseline_forecast(_demand(lake, at - FORECAST_CONTEXT, at, users), at, users, fallback)
     loaded = load_trained(lake, version, users)
     assert loaded is not None
-    fc = predict(loaded[1], demand, at, users=users)
+    fc = predict(loaded[1], forecast_demand(lake, at, loaded[1].config, users), at, users=users)
     versions = [f"lstm:{version}+global" if g else f"lstm:{version}" for g in fc.uses_global]
     return to_forecast_table(fc.user_ids, fc.issued_at, fc.quantiles, None, versions)

@@ -41,8 +41,8 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from models.features import (BUCKET, BUCKETS_PER_DAY, BUCKETS_PER_WEEK, N_HORIZONS, N_INPUTS, N_RESOURCES, ChunkBatches, DenseDemand,
-                             Normaliser,
+from models.features import (BUCKET, BUCKETS_PER_DAY, BUCKETS_PER_WEEK, INPUT_LAGS, N_HORIZONS, N_INPUTS, N_RESOURCES, ChunkBatches,
+                             DenseDemand, Normaliser,
                              dense_demand, fit_normaliser, input_features, last_value_error_quantiles, typical_scale)
 from models.calibration import CALIBRATION_BUFFERS, calibrated, fit_calibration
 from models.lightning_module import StackedForecaster, per_user_loss
@@ -413,6 +413,32 @@ def prior_model(model: StackedLSTM) -> StackedLSTM:
     return copy
 
 
+def forecast_windows(at: datetime, config: TrainConfig) -> list[tuple[datetime, datetime]]:
+    """The bucket ranges ``[start, end)`` whose demand :func:`predict` at ``at`` reads: the
+    warm-up before ``at`` (``eval_burn_in + 1`` buckets) and the buckets the lag inputs of those
+    steps read (the same span one day and one week earlier, shifted by the bucket they forecast),
+    merged where they touch, earliest first. A week of context, of which ~8 % is read: a
+    forecast needs these demand rows only, not every bucket in between."""
+    steps = config.eval_burn_in + 1
+    spans = []
+    for lag in (0, *INPUT_LAGS):
+        shift = max(lag - 1, 0)  # a lag input at step t reads bucket t + 1 - lag
+        spans.append((at - (steps + shift) * BUCKET, at - shift * BUCKET))
+    merged: list[tuple[datetime, datetime]] = []
+    for lo, hi in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it, else all)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
+
+
 @torch.no_grad()
 def predict(models: TrainedModels, demand: pa.Table, at: datetime | None = None, users: Sequence[str] | None = None,
             block_users: int = 1024, threads: int | None = 1, workers: int | None = None) -> Forecast:
@@ -420,7 +446,9 @@ def predict(models: TrainedModels, demand: pa.Table, at: datetime | None = None,
 
     ``users``: whom to forecast (default: the trained users plus any new user with rows in the
     context window). A user without its own model is forecast by the global model with its
-    own statistics, and flagged in ``uses_global``. Only the inputs of the last
+    own statistics (of the warm-up buckets before ``at``), and flagged in ``uses_global``.
+    ``demand`` needs rows in :func:`forecast_windows` only; a user's history starts at its
+    first row there. Only the inputs of the last
     ``eval_burn_in + 1`` buckets are built, and the LSTMs run ``block_users`` users at a time
     (their recurrent weights stay in cache over the warm-up; the results do not depend on it).
     ``threads``: torch threads meanwhile (None: leave as is). The per-step operations are too
@@ -433,7 +461,7 @@ def predict(models: TrainedModels, demand: pa.Table, at: datetime | None = None,
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _predict(models, demand, at, users, block_users, workers or len(os.sched_getaffinity(0)))
+        return _predict(models, demand, at, users, block_users, workers or usable_cpus())
     finally:
         torch.set_num_threads(previous)
 
@@ -453,10 +481,11 @@ def _predict(models: TrainedModels, demand: pa.Table, at: datetime | None, users
     new = rows < 0
     own = models.model
     stats = {k: getattr(own, k).numpy()[rows.clip(0)] for k in ("log_mean", "log_std", "scale")}
-    if new.any():  # users without a model: their own statistics of the context window
-        # floored at the trained users' typical scale (not every user's of this window: a
-        # statistic of the whole week's grid, which would cost more than the forecast)
-        fitted = fit_normaliser(dense, dense.n_steps, rows=np.flatnonzero(new), typical=typical_scale(own.scale.numpy()))
+    if new.any():  # users without a model: their own statistics of the warm-up buckets (the
+        # context's other buckets may not have been read), floored at the trained users' typical scale
+        lo = dense.n_steps - steps
+        warm_up = DenseDemand(dense.user_ids, dense.t0 + lo * BUCKET, dense.values[:, lo:], np.clip(dense.first_active - lo, 0, steps))
+        fitted = fit_normaliser(warm_up, steps, rows=np.flatnonzero(new), typical=typical_scale(own.scale.numpy()))
         for k in stats:
             stats[k][new] = getattr(fitted, k)
     norm = Normaliser(**stats)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -268,11 +268,14 @@ def _request_batches(source: str | list[str], loc: Location, since: datetime, un
     yield from dataset.to_batches(columns=_SYSTEM_COLUMNS, filter=flt, batch_size=1 << 20)
 
 
-def read_requests(lake: Location, since: datetime | None = None, until: datetime | None = None, users: list[str] | None = None) -> pa.Table:
-    """Valid request-log rows from the lake with ``since <= ts < until`` (either bound optional)."""
+def read_requests(lake: Location, since: datetime | None = None, until: datetime | None = None, users: list[str] | None = None,
+                  columns: Sequence[str] | None = None) -> pa.Table:
+    """Valid request-log rows from the lake with ``since <= ts < until`` (either bound optional);
+    ``columns``: only these (default all of ``REQUEST_LOG``)."""
+    schema = REQUEST_LOG if columns is None else pa.schema([REQUEST_LOG.field(c) for c in columns])
     path = lake.path("request_logs")
     if not lake.is_dir(path) and not lake.uri.startswith("s3://"):
-        return REQUEST_LOG.empty_table()
+        return schema.empty_table()
     dataset = ds.dataset(path, filesystem=lake.fs, format="parquet", partitioning=_PARTITIONING)
     flt = None
     ts = ds.field("ts")
@@ -289,8 +292,8 @@ def read_requests(lake: Location, since: datetime | None = None, until: datetime
         hi = (until.date().isoformat() if until else "9999-12-31")
         part = (ds.field("date") >= lo) & (ds.field("date") <= hi)
         flt = part if flt is None else flt & part
-    table = dataset.to_table(columns=REQUEST_LOG.names, filter=flt)
-    return table.cast(REQUEST_LOG)
+    table = dataset.to_table(columns=schema.names, filter=flt)
+    return table.cast(schema)
 
 
 def demand_from_lake(lake: Location, since: datetime | None = None, until: datetime | None = None, lookback: timedelta = DEFAULT_LOOKBACK) -> pa.Table:

@@ -104,3 +104,51 @@ def test_without_a_version_the_baseline_forecasts_only_from_the_past(tmp_path):
         t = pq.read_table(p)
         pq.write_table(t.filter(pc.less(t["ts"], pa.scalar(at, t.schema.field("ts").type))), p)
     assert forecast_users(open_location(str(cut)), at, users, None, fallback="seasonal_daily").equals(table)
+
+
+def test_a_forecast_reads_only_its_windows_and_forecasts_as_from_the_whole_week(tmp_path):
+    """forecast_from_lake reads the warm-up and its day/week lags (models.train.forecast_windows),
+    not the week between: the same forecast as predict() over the whole context, and the same
+    again from a lake whose other hours were deleted."""
+    from models.persist import FORECAST_CONTEXT, forecast_demand, forecast_from_lake
+    from models.train import forecast_windows
+
+    lake = _lake_with_requests(tmp_path, users=3, days=8.5, seed=5)
+    at = START + timedelta(days=8, hours=6)
+    config = TrainConfig(epochs=1, global_epochs=1)
+    windows = forecast_windows(at, config)
+    steps = config.eval_burn_in + 1
+    bucket = timedelta(minutes=5)
+    assert windows == [(at - (steps + 2015) * bucket, at - 2015 * bucket), (at - (steps + 287) * bucket, at - 287 * bucket),
+                       (at - steps * bucket, at)]
+    full = demand_from_lake(lake, at - FORECAST_CONTEXT, at)
+    trained = train(full.filter(pc.less(full["ts"], pa.scalar(at - timedelta(days=1), full.schema.field("ts").type))),
+                    since=START, until=at - timedelta(days=1), config=config)
+    save_trained(lake, trained)
+    read = forecast_demand(lake, at, trained.config)
+    assert read.num_rows < 0.15 * full.num_rows
+    table = forecast_from_lake(lake, at)
+    whole = predict(trained, full, at)
+    for k, user in enumerate(whole.user_ids):
+        mine = table.filter(pc.equal(table["user_id"], user))
+        np.testing.assert_allclose(mine["q95"].to_numpy(), whole.quantiles[k, :, :, 6].reshape(-1), rtol=1e-5, atol=1e-6)
+    # delete every request more than the lookback before a window: the forecast does not change
+    from pipeline.demand import DEFAULT_LOOKBACK
+    for p in (tmp_path / "lake" / "request_logs").rglob("*.parquet"):
+        t = pq.read_table(p)
+        ts = t["ts"]
+        keep = None
+        for lo, hi in windows:
+            inside = pc.and_(pc.greater_equal(ts, pa.scalar(lo - DEFAULT_LOOKBACK, ts.type)), pc.less(ts, pa.scalar(hi, ts.type)))
+            keep = inside if keep is None else pc.or_(keep, inside)
+        pq.write_table(t.filter(keep), p)
+    assert forecast_from_lake(lake, at).equals(table)
+
+
+def test_forecast_windows_merge_when_the_warm_up_reaches_a_lag():
+    from models.train import forecast_windows
+
+    at = START + timedelta(days=9)
+    long = forecast_windows(at, TrainConfig(eval_burn_in=400))  # 401 steps: more than the day lag's shift
+    assert long == [(at - (401 + 2015) * timedelta(minutes=5), at - 2015 * timedelta(minutes=5)),
+                    (at - (401 + 287) * timedelta(minutes=5), at)]
