@@ -41,7 +41,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from models.features import (BUCKET, BUCKETS_PER_DAY, BUCKETS_PER_WEEK, INPUT_LAGS, N_HORIZONS, N_INPUTS, N_RESOURCES, ChunkBatches,
+from models.features import (BUCKET, BUCKETS_PER_DAY, BUCKETS_PER_WEEK, LAG_INPUTS, N_HORIZONS, N_INPUTS, N_RESOURCES, ChunkBatches,
                              DenseDemand, Normaliser,
                              dense_demand, fit_normaliser, input_features, last_value_error_quantiles, typical_scale)
 from models.calibration import CALIBRATION_BUFFERS, calibrated, fit_calibration
@@ -421,8 +421,8 @@ def forecast_windows(at: datetime, config: TrainConfig) -> list[tuple[datetime, 
     forecast needs these demand rows only, not every bucket in between."""
     steps = config.eval_burn_in + 1
     spans = []
-    for lag in (0, *INPUT_LAGS):
-        shift = max(lag - 1, 0)  # a lag input at step t reads bucket t + 1 - lag
+    for _, lag, ahead in ((0, 0, 0), *LAG_INPUTS):
+        shift = lag - ahead  # a lag input at step t reads bucket t + ahead - lag
         spans.append((at - (steps + shift) * BUCKET, at - shift * BUCKET))
     merged: list[tuple[datetime, datetime]] = []
     for lo, hi in sorted(spans):
@@ -489,7 +489,8 @@ def _predict(models: TrainedModels, demand: pa.Table, at: datetime | None, users
         for k in stats:
             stats[k][new] = getattr(fitted, k)
     norm = Normaliser(**stats)
-    x = torch.from_numpy(input_features(dense, norm, last=steps)[:, :, None])  # [U, S, 1, F]
+    # [U, S, 1, F]; a version trained with fewer inputs (older code) reads the first ones
+    x = torch.from_numpy(np.ascontiguousarray(input_features(dense, norm, last=steps)[:, :, None, : own.n_inputs]))
     last = torch.from_numpy(dense.values[:, -1:, None] / norm.scale[:, None, None])  # [U, 1, 1, 4]
     weights = own.get_all()
     glob = models.global_model.get_all()

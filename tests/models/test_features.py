@@ -104,8 +104,10 @@ def test_lags_and_calendar_columns():
     t = BUCKETS_PER_WEEK + 3
     np.testing.assert_allclose(feats[0, t, 4:8], feats[0, t + 1 - BUCKETS_PER_DAY, 0:4], rtol=1e-6)
     np.testing.assert_allclose(feats[0, t, 8:12], feats[0, t + 1 - BUCKETS_PER_WEEK, 0:4], rtol=1e-6)
+    np.testing.assert_allclose(feats[0, t, 18:22], feats[0, t + 6 - BUCKETS_PER_DAY, 0:4], rtol=1e-6)  # the last target's
     assert feats[0, t, 12] == 1 and feats[0, t, 13] == 1
     assert feats[0, 5, 12] == 0 and not feats[0, 5, 4:12].any()  # lag before the history: flagged off
+    assert not feats[0, BUCKETS_PER_DAY - 7, 18:22].any() and feats[0, BUCKETS_PER_DAY - 6, 18:22].any()
     cal = calendar_features(T0, 2)
     # bucket t+1 of t=-1+... : the first row describes T0 + 5 min (Monday 00:05 UTC)
     assert cal[0, 0] == pytest.approx(np.sin(2 * np.pi / BUCKETS_PER_DAY), abs=1e-6)

@@ -38,6 +38,34 @@ def test_save_load_round_trip_forecasts_identically(tmp_path):
     np.testing.assert_array_equal(a.quantiles, b.quantiles)
 
 
+def test_a_version_trained_with_the_older_18_inputs_still_forecasts():
+    """Versions published before the inputs 18-21 existed keep forecasting (from the first 18),
+    as a current model that ignores those inputs would."""
+    import dataclasses
+
+    import torch
+
+    from models.module import StackedLSTM
+
+    requests = pa.concat_tables(list(generate_requests(users=3, days=3.0, start=START, seed=2)))
+    demand = build_demand_series(requests)
+    until = START + timedelta(days=3)
+    trained = train(demand, since=START, until=until, config=TrainConfig(epochs=1, global_epochs=1))
+
+    def with_inputs(model: StackedLSTM, n: int) -> StackedLSTM:
+        weights = {k: v.detach().clone() for k, v in model.get_all().items()}
+        weights["w_in"] = weights["w_in"][:, :n] if n < model.n_inputs else weights["w_in"]
+        if n == model.n_inputs:
+            weights["w_in"][:, 18:] = 0.0
+        return StackedLSTM.from_weights(weights)
+
+    new = dataclasses.replace(trained, model=with_inputs(trained.model, 22), global_model=with_inputs(trained.global_model, 22))
+    old = dataclasses.replace(trained, model=with_inputs(trained.model, 18), global_model=with_inputs(trained.global_model, 18))
+    assert old.model.n_inputs == 18 and torch.count_nonzero(new.model.w_in[:, 18:]) == 0
+    at = until - timedelta(hours=1)
+    np.testing.assert_allclose(predict(old, demand, at).quantiles, predict(new, demand, at).quantiles, rtol=1e-5, atol=1e-6)
+
+
 def _lake_with_requests(tmp_path, users: int, days: float, seed: int = 4):
     """Generated requests written straight into the lake's hour partitions (as ingest would)."""
     lake = tmp_path / "lake"
@@ -119,7 +147,8 @@ def test_a_forecast_reads_only_its_windows_and_forecasts_as_from_the_whole_week(
     windows = forecast_windows(at, config)
     steps = config.eval_burn_in + 1
     bucket = timedelta(minutes=5)
-    assert windows == [(at - (steps + 2015) * bucket, at - 2015 * bucket), (at - (steps + 287) * bucket, at - 287 * bucket),
+    # a week ago (lag inputs of the next bucket); a day ago (of the next and of the 6th bucket)
+    assert windows == [(at - (steps + 2015) * bucket, at - 2015 * bucket), (at - (steps + 287) * bucket, at - 282 * bucket),
                        (at - steps * bucket, at)]
     full = demand_from_lake(lake, at - FORECAST_CONTEXT, at)
     trained = train(full.filter(pc.less(full["ts"], pa.scalar(at - timedelta(days=1), full.schema.field("ts").type))),
