@@ -43,7 +43,9 @@ from pipeline.storage import Location
 log = logging.getLogger(__name__)
 
 USERS, GLOBAL = "users", "global"
-#: Context a forecast reads before its issue time: a week for the lag, plus the warm-up.
+#: The context before a forecast's issue time: a week for the lag, plus the warm-up. A forecast
+#: by the LSTMs reads only its windows in it (:func:`forecast_demand`); the baseline fallback and
+#: the forecast plan (which users) read all of it.
 FORECAST_CONTEXT = timedelta(days=7, hours=9)
 
 
@@ -206,7 +208,7 @@ def _demand(lake: Location, since: datetime, until: datetime, user_ids: Sequence
 
 def forecast_demand(lake: Location, at: datetime, config: TrainConfig, user_ids: Sequence[str] | None = None) -> pa.Table:
     """The demand a forecast issued at ``at`` reads: the buckets of
-    :func:`models.train.forecast_windows` (the warm-up and its day and week lags, ~8 % of the
+    :func:`models.train.forecast_windows` (the warm-up and its day and week lags, ~14 % of the
     week before ``at``), of ``user_ids`` (default everyone), each window from the requests
     before its end (and the lookback before its start, for long requests)."""
     return pa.concat_tables([_demand(lake, lo, hi, user_ids) for lo, hi in forecast_windows(at, config)])

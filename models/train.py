@@ -417,7 +417,7 @@ def forecast_windows(at: datetime, config: TrainConfig) -> list[tuple[datetime, 
     """The bucket ranges ``[start, end)`` whose demand :func:`predict` at ``at`` reads: the
     warm-up before ``at`` (``eval_burn_in + 1`` buckets) and the buckets the lag inputs of those
     steps read (the same span one day and one week earlier, shifted by the bucket they forecast),
-    merged where they touch, earliest first. A week of context, of which ~8 % is read: a
+    merged where they touch, earliest first. A week of context, of which ~14 % is read: a
     forecast needs these demand rows only, not every bucket in between."""
     steps = config.eval_burn_in + 1
     spans = []
