@@ -33,11 +33,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from models.contract import to_forecast_table
+from models.features import BUCKET, BUCKETS_PER_WEEK
 from models.module import StackedLSTM
 from models.store import ModelStore
 from models.train import TrainConfig, TrainedModels, UserMetrics, forecast_windows, predict, train
 from pipeline.demand import DEFAULT_LOOKBACK, build_demand_series, demand_from_lake, read_requests
-from pipeline.schemas import USER_FORECAST
+from pipeline.schemas import DEMAND, USER_FORECAST
 from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
@@ -208,10 +209,40 @@ def _demand(lake: Location, since: datetime, until: datetime, user_ids: Sequence
 
 def forecast_demand(lake: Location, at: datetime, config: TrainConfig, user_ids: Sequence[str] | None = None) -> pa.Table:
     """The demand a forecast issued at ``at`` reads: the buckets of
-    :func:`models.train.forecast_windows` (the warm-up and its day and week lags, ~14 % of the
+    :func:`models.train.forecast_windows` (the warm-up and its day and week lags, ~7 % of the
     week before ``at``), of ``user_ids`` (default everyone), each window from the requests
-    before its end (and the lookback before its start, for long requests)."""
-    return pa.concat_tables([_demand(lake, lo, hi, user_ids) for lo, hi in forecast_windows(at, config)])
+    before its end (and the lookback before its start, for long requests).
+
+    :func:`models.train.predict` starts a user's history at its first row, and a demand
+    series has a row for every bucket from a user's first request to its last. So that the
+    forecast is the one the whole context's demand gives, users with requests between the
+    windows get one zero row where their history starts: at the context's start for users
+    active before it and again after, else at the start of the gap of their first request
+    (only the ``user_id`` column of the gaps is read; requests in the context's first
+    5 minutes are not told apart from earlier ones).
+    """
+    windows = forecast_windows(at, config)
+    users = None if user_ids is None else list(user_ids)
+    parts = [_demand(lake, lo, hi, user_ids) for lo, hi in windows]
+    context_start = at - (BUCKETS_PER_WEEK + config.eval_burn_in + 1) * BUCKET
+
+    def active(lo: datetime, hi: datetime) -> set[str]:
+        return set(pc.unique(read_requests(lake, lo, hi, users=users, columns=["user_id"])["user_id"]).to_pylist()) if lo < hi else set()
+
+    in_windows = [set(pc.unique(p["user_id"]).to_pylist()) for p in parts]
+    gaps = [active(windows[k - 1][1], windows[k][0]) for k in range(1, len(windows))]
+    before = active(at - FORECAST_CONTEXT, windows[0][0])
+    markers = [(u, context_start) for u in sorted(before & set().union(*in_windows, *gaps))]
+    seen = set(u for u, _ in markers) | in_windows[0]
+    for k, gap in enumerate(gaps, start=1):
+        fresh = sorted(gap - seen)
+        markers += [(u, windows[k - 1][1]) for u in fresh]
+        seen |= set(fresh) | in_windows[k]
+    if markers:
+        zeros = {c: pa.array([0] * len(markers), DEMAND.field(c).type) for c in DEMAND.names if c not in ("user_id", "ts")}
+        parts.append(pa.table({"user_id": [u for u, _ in markers], "ts": pa.array([t for _, t in markers], DEMAND.field("ts").type),
+                               **zeros}, schema=DEMAND))
+    return pa.concat_tables(parts)
 
 
 def _previous_global(lake: Location, version: str | None) -> TrainedModels | None:

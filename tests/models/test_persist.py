@@ -161,7 +161,8 @@ def test_a_forecast_reads_only_its_windows_and_forecasts_as_from_the_whole_week(
     for k, user in enumerate(whole.user_ids):
         mine = table.filter(pc.equal(table["user_id"], user))
         np.testing.assert_allclose(mine["q95"].to_numpy(), whole.quantiles[k, :, :, 6].reshape(-1), rtol=1e-5, atol=1e-6)
-    # delete every request more than the lookback before a window: the forecast does not change
+    # between the windows (and their lookback) only who had requests counts: scale those
+    # requests' resources by 100 and the forecast does not change
     from pipeline.demand import DEFAULT_LOOKBACK
     for p in (tmp_path / "lake" / "request_logs").rglob("*.parquet"):
         t = pq.read_table(p)
@@ -170,7 +171,12 @@ def test_a_forecast_reads_only_its_windows_and_forecasts_as_from_the_whole_week(
         for lo, hi in windows:
             inside = pc.and_(pc.greater_equal(ts, pa.scalar(lo - DEFAULT_LOOKBACK, ts.type)), pc.less(ts, pa.scalar(hi, ts.type)))
             keep = inside if keep is None else pc.or_(keep, inside)
-        pq.write_table(t.filter(keep), p)
+        keep = keep.to_numpy(zero_copy_only=False)
+        for col in ("cpu_cores", "memory_mb"):
+            i = t.schema.get_field_index(col)
+            t = t.set_column(i, col, pa.array(np.where(keep, t[col].to_numpy(), t[col].to_numpy() * 100), t.schema.field(col).type))
+        pq.write_table(t, p)
+    assert not demand_from_lake(lake, at - FORECAST_CONTEXT, at).equals(full)  # the lake did change
     assert forecast_from_lake(lake, at).equals(table)
 
 
