@@ -231,7 +231,7 @@ def forecast_demand(lake: Location, at: datetime, config: TrainConfig, user_ids:
 
     in_windows = [set(pc.unique(p["user_id"]).to_pylist()) for p in parts]
     gaps = [active(windows[k - 1][1], windows[k][0]) for k in range(1, len(windows))]
-    before = active(at - FORECAST_CONTEXT, windows[0][0])
+    before = active(min(at - FORECAST_CONTEXT, context_start), windows[0][0])
     markers = [(u, context_start) for u in sorted(before & set().union(*in_windows, *gaps))]
     seen = set(u for u, _ in markers) | in_windows[0]
     for k, gap in enumerate(gaps, start=1):
