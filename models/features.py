@@ -17,8 +17,8 @@ buckets ``t+1 … t+6``), :data:`N_INPUTS` = 22 columns:
 14, 15 sin, cos of the time of day of bucket ``t+1`` (UTC)
 16, 17 sin, cos of the position in the week of bucket ``t+1``
 18-21  ``z`` at ``t+6 − 1 day`` (same bucket yesterday as the last target: with 4-7, how demand
-       moved over the forecast's 30 minutes yesterday; 30-min pinball on ServeGen 14.7-14.9 %
-       -> 17.6 % below the best baseline)
+       moved over the forecast's 30 minutes yesterday; 30-min pinball on ServeGen, two seeds:
+       14.7-14.9 % -> 16.8-17.7 % below the best baseline)
 ====== =====================================================================================
 
 Models trained before columns 18-21 existed (18 inputs) forecast from the first 18 columns.

@@ -448,9 +448,9 @@ def predict(models: TrainedModels, demand: pa.Table, at: datetime | None = None,
     context window). A user without its own model is forecast by the global model with its
     own statistics (of the warm-up buckets before ``at``), and flagged in ``uses_global``.
     ``demand`` needs rows in :func:`forecast_windows` only, plus any row before them (a
-    user's history starts at its first row; :func:`models.persist.forecast_demand` marks it). Only the inputs of the last
-    ``eval_burn_in + 1`` buckets are built, and the LSTMs run ``block_users`` users at a time
-    (their recurrent weights stay in cache over the warm-up; the results do not depend on it).
+    user's history starts at its first row; :func:`models.persist.forecast_demand` marks it).
+    Only the inputs of the last ``eval_burn_in + 1`` buckets are built, and the LSTMs are
+    built ``block_users`` users at a time (the results do not depend on it).
     ``threads``: torch threads meanwhile (None: leave as is). The per-step operations are too
     small to gain from intra-op threads, and waking them for each one costs more (measured on
     the 2-core VM: ``tanh`` of 8k values 58 us on one thread, 1.8 ms on two under load).
