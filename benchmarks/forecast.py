@@ -1,7 +1,7 @@
 """Benchmark: per-user LSTM inference for one issue time, N users (default 10,000).
 
 Setup (not timed): synthetic demand of N users over the context a forecast reads (one week
-for the seasonal lag plus the warm-up, ``BUCKETS_PER_WEEK + eval_burn_in + 1`` buckets, and a
+for the seasonal lag plus the warm-up, ``context_buckets(config)`` buckets, and a
 spare hour) as a long ``DEMAND`` table: diurnal cycles in 8 time zones, per-user noise, idle
 buckets; and a :class:`models.train.TrainedModels` of N users with random weights (inference
 costs the same whatever the weights; 2 % of the users are unknown to it, so the global-model
@@ -47,9 +47,9 @@ import torch  # noqa: E402
 
 from models.baselines import forecast_baseline  # noqa: E402
 from models.contract import to_forecast_table  # noqa: E402
-from models.features import BUCKET, BUCKETS_PER_DAY, BUCKETS_PER_WEEK, N_INPUTS, dense_demand  # noqa: E402
+from models.features import BUCKET, BUCKETS_PER_DAY, N_INPUTS, dense_demand  # noqa: E402
 from models.module import StackedLSTM  # noqa: E402
-from models.train import TrainConfig, TrainedModels, predict  # noqa: E402
+from models.train import TrainConfig, TrainedModels, context_buckets, predict  # noqa: E402
 from pipeline.schemas import DEMAND  # noqa: E402
 
 ISSUED_AT = datetime(2026, 11, 16, 14, 0, tzinfo=timezone.utc)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden", type=int, default=TrainConfig.hidden, help="LSTM units (default: the trainer's)")
     args = parser.parse_args(argv)
     config = TrainConfig(accelerator="cpu", hidden=args.hidden)
-    buckets = BUCKETS_PER_WEEK + config.eval_burn_in + 1 + 12
+    buckets = context_buckets(config) + 12
     t_setup = time.perf_counter()
     demand = synthetic_demand(args.size, buckets, ISSUED_AT, args.seed)
     ids = pc.unique(demand["user_id"]).to_pylist()

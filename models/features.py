@@ -50,8 +50,9 @@ BUCKETS_PER_WEEK = 7 * BUCKETS_PER_DAY
 N_HORIZONS = len(HORIZONS_MIN)
 N_RESOURCES = len(DEMAND_RESOURCES)
 N_INPUTS = 22
-#: The lag inputs: (first column, lag, ahead): ``z`` at ``t + ahead − lag`` (buckets).
-LAG_INPUTS = ((4, BUCKETS_PER_DAY, 1), (8, BUCKETS_PER_WEEK, 1), (18, BUCKETS_PER_DAY, N_HORIZONS))
+#: The lag inputs: (first column, lag, ahead, flag column or None): ``z`` at ``t + ahead − lag``
+#: (buckets), and where the flag column says whether that bucket lies inside the user's history.
+LAG_INPUTS = ((4, BUCKETS_PER_DAY, 1, 12), (8, BUCKETS_PER_WEEK, 1, 13), (18, BUCKETS_PER_DAY, N_HORIZONS, None))
 Z_CLIP = 10.0
 MIN_LOG_STD = 0.1
 #: A user's scale is at least this share of the median scale over users (per resource), so a
@@ -271,12 +272,12 @@ def input_features(dense: DenseDemand, norm: Normaliser, last: int | None = None
     hist = t[None, :] >= dense.first_active[:, None]
     out = np.zeros((n_users, len(t), N_INPUTS), dtype=np.float32)
     out[..., 0:4] = z_at(t)
-    for col, lag, ahead in LAG_INPUTS:
+    for col, lag, ahead, flag in LAG_INPUTS:
         src = t + ahead - lag  # the lagged bucket of target t + ahead
         ok = (src >= 0)[None, :] & (src[None, :] >= dense.first_active[:, None]) & hist
         out[..., col : col + 4] = z_at(np.clip(src, 0, None)) * ok[..., None]
-        if col in (4, 8):
-            out[..., 12 + (col == 8)] = ok
+        if flag is not None:
+            out[..., flag] = ok
     out[..., 14:18] = calendar_features(dense.t0 + lo * BUCKET, len(t))[None] * hist[..., None]
     return out
 

@@ -136,6 +136,20 @@ class _HeadPinball(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
+def _cell_step(xp_t: Tensor, h: Tensor, c: Tensor, w_rec: Tensor, gates: Tensor, c_out: Tensor | None, h_out: Tensor) -> Tensor:
+    """One LSTM step for ``[U, C]`` cells: the gate activations into ``gates`` ``[U, C, G]``,
+    the new cell state into ``c_out`` (a new tensor when None, which is returned) and the new
+    h into ``h_out``. Gate order (input, forget, output, cell)."""
+    hidden = w_rec.shape[1]
+    torch.baddbmm(xp_t, h, w_rec, out=gates)
+    gates[..., : 3 * hidden].sigmoid_()
+    gates[..., 3 * hidden :].tanh_()
+    i, f, o, g = gates.split(hidden, dim=-1)
+    c_new = torch.addcmul(f * c, i, g) if c_out is None else torch.addcmul(f * c, i, g, out=c_out)
+    torch.mul(o, torch.tanh(c_new), out=h_out)
+    return c_new
+
+
 class _LSTMRecurrence(torch.autograd.Function):
     """h_t for every step of ``U·C`` LSTMs given their input projections and initial state.
 
@@ -153,13 +167,7 @@ class _LSTMRecurrence(torch.autograd.Function):
         hs = xp.new_empty(steps + 1, n_users, chunks, hidden)
         hs[0], cells[0] = h0, c0
         for t in range(steps):
-            a = acts[t]
-            torch.baddbmm(xp[:, t], hs[t], w_rec, out=a)
-            a[..., : 3 * hidden].sigmoid_()
-            a[..., 3 * hidden :].tanh_()
-            i, f, o, g = a.split(hidden, dim=-1)
-            c = torch.addcmul(f * cells[t], i, g, out=cells[t + 1])
-            torch.mul(o, torch.tanh(c), out=hs[t + 1])
+            _cell_step(xp[:, t], hs[t], cells[t], w_rec, acts[t], cells[t + 1], hs[t + 1])
         ctx.save_for_backward(acts, cells, hs, w_rec)
         c_last = cells[steps].clone()
         ctx.mark_non_differentiable(c_last)
@@ -208,16 +216,11 @@ INFERENCE_BLOCK_USERS = 128
 def _recurrence_block(xp: Tensor, w_rec: Tensor, h: Tensor, c: Tensor, out: Tensor) -> Tensor:
     """The LSTM steps of :class:`_LSTMRecurrence`'s forward for one block of users, without
     keeping the gate activations: writes h of every step into ``out`` ``[U, S, C, H]``,
-    returns the final cell state. Same operations in the same order, so the same values."""
-    steps, hidden = xp.shape[1], w_rec.shape[1]
-    a = xp.new_empty(xp.shape[0], xp.shape[2], 4 * hidden)
-    for t in range(steps):
-        torch.baddbmm(xp[:, t], h, w_rec, out=a)
-        a[..., : 3 * hidden].sigmoid_()
-        a[..., 3 * hidden :].tanh_()
-        i, f, o, g = a.split(hidden, dim=-1)
-        c = torch.addcmul(f * c, i, g)
-        h = torch.mul(o, torch.tanh(c), out=out[:, t])
+    returns the final cell state. The same :func:`_cell_step`, so the same values."""
+    gates = xp.new_empty(xp.shape[0], xp.shape[2], xp.shape[3])
+    for t in range(xp.shape[1]):
+        c = _cell_step(xp[:, t], h, c, w_rec, gates, None, out[:, t])
+        h = out[:, t]
     return c
 
 

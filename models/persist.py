@@ -33,10 +33,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from models.contract import to_forecast_table
-from models.features import BUCKET, BUCKETS_PER_WEEK
+from models.features import BUCKET
 from models.module import StackedLSTM
 from models.store import ModelStore
-from models.train import TrainConfig, TrainedModels, UserMetrics, forecast_windows, predict, train
+from models.train import TrainConfig, TrainedModels, UserMetrics, context_buckets, forecast_windows, predict, train
 from pipeline.demand import DEFAULT_LOOKBACK, build_demand_series, demand_from_lake, read_requests
 from pipeline.schemas import DEMAND, USER_FORECAST
 from pipeline.storage import Location
@@ -224,7 +224,7 @@ def forecast_demand(lake: Location, at: datetime, config: TrainConfig, user_ids:
     windows = forecast_windows(at, config)
     users = None if user_ids is None else list(user_ids)
     parts = [_demand(lake, lo, hi, user_ids) for lo, hi in windows]
-    context_start = at - (BUCKETS_PER_WEEK + config.eval_burn_in + 1) * BUCKET
+    context_start = at - context_buckets(config) * BUCKET
 
     def active(lo: datetime, hi: datetime) -> set[str]:
         return set(pc.unique(read_requests(lake, lo, hi, users=users, columns=["user_id"])["user_id"]).to_pylist()) if lo < hi else set()

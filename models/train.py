@@ -385,7 +385,7 @@ def holdout_batches(models: TrainedModels, demand: pa.Table, start: datetime, en
     """Evaluation batches for ``models``' users scoring the buckets ``[start, end)`` (origins
     from the bucket before ``start``), with the inputs' context read from ``demand`` before."""
     config = models.config
-    context = BUCKETS_PER_WEEK + config.eval_burn_in + 1
+    context = context_buckets(config)
     dense = dense_demand(demand, start - context * BUCKET, end, users=models.user_ids)
     norm = _normaliser(models.model)
     return ChunkBatches(torch.from_numpy(input_features(dense, norm)), torch.from_numpy(dense.values / norm.scale[:, None]),
@@ -413,6 +413,12 @@ def prior_model(model: StackedLSTM) -> StackedLSTM:
     return copy
 
 
+def context_buckets(config: TrainConfig) -> int:
+    """Buckets of demand before an origin that its inputs can read: the warm-up
+    (``eval_burn_in + 1`` steps) and a week before its first step (the last-week lag)."""
+    return BUCKETS_PER_WEEK + config.eval_burn_in + 1
+
+
 def forecast_windows(at: datetime, config: TrainConfig) -> list[tuple[datetime, datetime]]:
     """The bucket ranges ``[start, end)`` whose demand :func:`predict` at ``at`` reads: the
     warm-up before ``at`` (``eval_burn_in + 1`` buckets) and the buckets the lag inputs of those
@@ -421,7 +427,7 @@ def forecast_windows(at: datetime, config: TrainConfig) -> list[tuple[datetime, 
     default 4-hour warm-up): a forecast needs these rows only, not every bucket between."""
     steps = config.eval_burn_in + 1
     spans = []
-    for _, lag, ahead in ((0, 0, 0), *LAG_INPUTS):
+    for _, lag, ahead, _ in ((0, 0, 0, None), *LAG_INPUTS):
         shift = lag - ahead  # a lag input at step t reads bucket t + ahead - lag
         spans.append((at - (steps + shift) * BUCKET, at - shift * BUCKET))
     merged: list[tuple[datetime, datetime]] = []
@@ -471,7 +477,7 @@ def _predict(models: TrainedModels, demand: pa.Table, at: datetime | None, users
     config = models.config
     at = at or models.until
     steps = config.eval_burn_in + 1
-    context = BUCKETS_PER_WEEK + steps  # the last-week lag of the earliest input
+    context = context_buckets(config)
     known = {u: i for i, u in enumerate(models.user_ids)}
     if users is None:  # rows before `at` only; the trained users first, then new ones
         dense = dense_demand(demand, at - context * BUCKET, at, users=models.user_ids, others=True)

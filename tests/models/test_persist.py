@@ -52,15 +52,14 @@ def test_a_version_trained_with_the_older_18_inputs_still_forecasts():
     until = START + timedelta(days=3)
     trained = train(demand, since=START, until=until, config=TrainConfig(epochs=1, global_epochs=1))
 
-    def with_inputs(model: StackedLSTM, n: int) -> StackedLSTM:
+    def current_and_old(model: StackedLSTM) -> tuple[StackedLSTM, StackedLSTM]:
         weights = {k: v.detach().clone() for k, v in model.get_all().items()}
-        weights["w_in"] = weights["w_in"][:, :n] if n < model.n_inputs else weights["w_in"]
-        if n == model.n_inputs:
-            weights["w_in"][:, 18:] = 0.0
-        return StackedLSTM.from_weights(weights)
+        weights["w_in"][:, 18:] = 0.0  # a current model that ignores the new inputs
+        return StackedLSTM.from_weights(weights), StackedLSTM.from_weights(dict(weights, w_in=weights["w_in"][:, :18]))
 
-    new = dataclasses.replace(trained, model=with_inputs(trained.model, 22), global_model=with_inputs(trained.global_model, 22))
-    old = dataclasses.replace(trained, model=with_inputs(trained.model, 18), global_model=with_inputs(trained.global_model, 18))
+    (mine, mine_old), (glob, glob_old) = current_and_old(trained.model), current_and_old(trained.global_model)
+    new = dataclasses.replace(trained, model=mine, global_model=glob)
+    old = dataclasses.replace(trained, model=mine_old, global_model=glob_old)
     assert old.model.n_inputs == 18 and torch.count_nonzero(new.model.w_in[:, 18:]) == 0
     at = until - timedelta(hours=1)
     np.testing.assert_allclose(predict(old, demand, at).quantiles, predict(new, demand, at).quantiles, rtol=1e-5, atol=1e-6)
@@ -136,8 +135,8 @@ def test_without_a_version_the_baseline_forecasts_only_from_the_past(tmp_path):
 
 def test_a_forecast_reads_only_its_windows_and_forecasts_as_from_the_whole_week(tmp_path):
     """forecast_from_lake reads the warm-up and its day/week lags (models.train.forecast_windows),
-    not the week between: the same forecast as predict() over the whole context, and the same
-    again from a lake whose other hours were deleted."""
+    and only who had requests in the hours between: the same forecast as predict() over the
+    whole context, and the same again after those hours' resources were scaled x100."""
     from models.persist import FORECAST_CONTEXT, forecast_demand, forecast_from_lake
     from models.train import forecast_windows
 
