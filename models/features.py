@@ -93,6 +93,10 @@ class DenseDemand:
         """bool ``[n_users, T]``: true from each user's first active bucket on."""
         return np.arange(self.n_steps)[None, :] >= self.first_active[:, None]
 
+    def values_at(self, steps: np.ndarray) -> np.ndarray:
+        """``values[:, steps]``: ``[n_users, len(steps), 4]``."""
+        return self.values[:, steps]
+
     def select(self, users: Sequence[str]) -> "DenseDemand":
         """The grid of ``users`` in that order; a user not in this grid gets zeros and no history
         (what :func:`dense_demand` with ``users=`` gives, without reading the table again)."""
@@ -106,6 +110,39 @@ class DenseDemand:
         return DenseDemand([str(u) for u in users], self.t0, values, first_active)
 
 
+@dataclass
+class WindowedDemand:
+    """Part of a dense grid: the demand of ``user_ids`` in the grid steps ``held`` only (sorted,
+    in ``[0, n_steps)``), ``values`` float32 ``[n_users, len(held), 4]``; ``first_active`` as in
+    :class:`DenseDemand` (over the whole grid: rows outside the held steps count for it). What
+    :func:`dense_demand` gives with ``hold=``: a forecast's inputs read a few windows of the week
+    before it (:func:`models.train.forecast_windows`), not the whole week."""
+
+    user_ids: list[str]
+    t0: datetime
+    n_steps: int
+    held: np.ndarray
+    values: np.ndarray
+    first_active: np.ndarray
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def end(self) -> datetime:
+        return self.t0 + self.n_steps * BUCKET
+
+    def values_at(self, steps: np.ndarray) -> np.ndarray:
+        """Demand ``[n_users, len(steps), 4]`` at grid ``steps``; ``ValueError`` for a step not held."""
+        steps = np.asarray(steps, dtype=np.int64)
+        pos = np.searchsorted(self.held, steps).clip(max=max(len(self.held) - 1, 0))
+        if not len(self.held) or not np.array_equal(self.held[pos], steps):
+            missing = steps[self.held[pos] != steps] if len(self.held) else steps
+            raise ValueError(f"grid step(s) {missing[:5].tolist()} are not held (held: {len(self.held)} of {self.n_steps})")
+        return self.values[:, pos]
+
+
 def _check_grid(moment: datetime, what: str) -> int:
     if not isinstance(moment, datetime) or moment.tzinfo is None:
         raise ValueError(f"{what} must be a timezone-aware datetime, got {moment!r}")
@@ -116,13 +153,17 @@ def _check_grid(moment: datetime, what: str) -> int:
 
 
 def dense_demand(demand: pa.Table, start: datetime, end: datetime, users: Sequence[str] | None = None,
-                 others: bool = False) -> DenseDemand:
+                 others: bool = False, hold: Sequence[tuple[datetime, datetime]] | None = None) -> DenseDemand | WindowedDemand:
     """The demand rows with ``start <= ts < end`` as a dense grid (see :class:`DenseDemand`).
 
     ``users`` fixes the users and their order (a user without rows gets zeros and no history);
     by default, the sorted users that have rows in the window. With ``others``, the users with
     rows in the window that ``users`` lacks follow them, sorted. Rows of the same user and
     bucket add up. Raises ``ValueError`` for NaN, ±inf or negative demand, naming the users.
+
+    ``hold``: ranges ``[lo, hi)`` on the grid; then only their buckets' demand is kept, as a
+    :class:`WindowedDemand` (every row in ``[start, end)`` still counts for ``first_active``
+    and is checked). Its values equal the dense grid's at the held steps.
     """
     lo, hi = _check_grid(start, "start"), _check_grid(end, "end")
     steps = (hi - lo) // (BUCKET_SECONDS * 1_000_000)
@@ -169,21 +210,44 @@ def dense_demand(demand: pa.Table, start: datetime, end: datetime, users: Sequen
             f"demand of user(s) {', '.join(repr(n) for n in names[:10])}{' …' if len(names) > 10 else ''} "
             f"has NaN, infinite or negative values (first: user {ids[u_idx[first]]!r}, {what}={cols_2d[first][DEMAND_RESOURCES.index(what)]} "
             f"at {when}); fix the demand series upstream")
+    t0 = start.astimezone(timezone.utc)
+    if hold is None:
+        values, count = _scatter(u_idx, t_idx, cols, len(ids), steps)
+        seen = (count > 0).reshape(len(ids), steps)
+        first_active = np.where(seen.any(axis=1), seen.argmax(axis=1), steps).astype(np.int64)
+        return DenseDemand(ids, t0, values, first_active)
+    first_active = np.full(len(ids), steps, dtype=np.int64)
+    np.minimum.at(first_active, u_idx, t_idx)
+    column_of = np.full(steps, -1, dtype=np.int64)  # grid step -> column of the held grid
+    for a, b in hold:
+        column_of[max(_steps_from(lo, a), 0) : max(_steps_from(lo, b), 0)] = 0
+    held = np.flatnonzero(column_of == 0)
+    column_of[held] = np.arange(len(held))
+    c_idx = column_of[t_idx]
+    inside = c_idx >= 0
+    values, _ = _scatter(u_idx[inside], c_idx[inside], [col[inside] for col in cols], len(ids), len(held))
+    return WindowedDemand(ids, t0, steps, held, values, first_active)
+
+
+def _steps_from(lo_us: int, moment: datetime) -> int:
+    return (_check_grid(moment, "a held window's bound") - lo_us) // (BUCKET_SECONDS * 1_000_000)
+
+
+def _scatter(u_idx: np.ndarray, t_idx: np.ndarray, cols: list[np.ndarray], n_users: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``[n_users, steps, 4]`` with each row's demand added at ``(u_idx, t_idx)``, and the
+    rows per cell (flat)."""
     flat = u_idx * steps + t_idx
-    count = np.bincount(flat, minlength=len(ids) * steps)
+    count = np.bincount(flat, minlength=n_users * steps)
     if len(flat) and count.max() == 1:  # one row per user and bucket (a demand series): a scatter
-        grid = torch.zeros(len(ids) * steps, N_RESOURCES)  # (torch's: 3x numpy's fancy assignment here)
+        grid = torch.zeros(n_users * steps, N_RESOURCES)  # (torch's: 3x numpy's fancy assignment here)
         at = torch.from_numpy(flat)
         for r, col in enumerate(cols):
             grid[:, r].index_copy_(0, at, torch.from_numpy(col.astype(np.float32)))
-        values = grid.numpy().reshape(len(ids), steps, N_RESOURCES)
-    else:  # rows of the same user and bucket add up
-        values = np.empty((len(ids), steps, N_RESOURCES), dtype=np.float32)
-        for r, col in enumerate(cols):
-            values[..., r] = np.bincount(flat, weights=col, minlength=len(ids) * steps).reshape(len(ids), steps)
-    seen = (count > 0).reshape(len(ids), steps)
-    first_active = np.where(seen.any(axis=1), seen.argmax(axis=1), steps).astype(np.int64)
-    return DenseDemand(ids, start.astimezone(timezone.utc), values, first_active)
+        return grid.numpy().reshape(n_users, steps, N_RESOURCES), count
+    values = np.empty((n_users, steps, N_RESOURCES), dtype=np.float32)  # rows of the same user and bucket add up
+    for r, col in enumerate(cols):
+        values[..., r] = np.bincount(flat, weights=col, minlength=n_users * steps).reshape(n_users, steps)
+    return values, count
 
 
 @dataclass
@@ -257,16 +321,19 @@ def calendar_features(t0: datetime, steps: int) -> np.ndarray:
     return np.stack([np.sin(day), np.cos(day), np.sin(week), np.cos(week)], axis=1).astype(np.float32)
 
 
-def input_features(dense: DenseDemand, norm: Normaliser, last: int | None = None) -> np.ndarray:
+def input_features(dense: DenseDemand | WindowedDemand, norm: Normaliser, last: int | None = None) -> np.ndarray:
     """float32 ``[n_users, T, N_INPUTS]``, the columns of the module docstring; with ``last``,
     only the last ``last`` steps ``[n_users, last, N_INPUTS]`` (the same values, computed
-    from the buckets they read only: a forecast needs its warm-up, not the whole week)."""
+    from the buckets they read only: a forecast needs its warm-up, not the whole week, and
+    ``dense`` may be a :class:`WindowedDemand` holding those buckets)."""
     n_users, steps = dense.n_users, dense.n_steps
+    if last is None and isinstance(dense, WindowedDemand):
+        raise ValueError("every step's inputs need the whole grid: give a DenseDemand, or last=")
     lo = 0 if last is None else max(steps - last, 0)
     t = np.arange(lo, steps)
 
     def z_at(idx: np.ndarray) -> np.ndarray:  # [U, len(idx), 4], 0 before the user's history
-        z = (np.log1p(dense.values[:, idx]) - norm.log_mean[:, None]) / norm.log_std[:, None]
+        z = (np.log1p(dense.values_at(idx)) - norm.log_mean[:, None]) / norm.log_std[:, None]
         return np.clip(z, -Z_CLIP, Z_CLIP) * (idx[None, :] >= dense.first_active[:, None])[..., None]
 
     hist = t[None, :] >= dense.first_active[:, None]

@@ -455,7 +455,9 @@ def predict(models: TrainedModels, demand: pa.Table, at: datetime | None = None,
     own statistics (of the warm-up buckets before ``at``), and flagged in ``uses_global``.
     ``demand`` needs rows in :func:`forecast_windows` only, plus any row before them (a
     user's history starts at its first row; :func:`models.persist.forecast_demand` marks it).
-    Only the inputs of the last ``eval_burn_in + 1`` buckets are built, and the LSTMs are
+    Only the inputs of the last ``eval_burn_in + 1`` buckets are built, from a grid holding
+    the buckets of :func:`forecast_windows` only (a :class:`~models.features.WindowedDemand`: the
+    rows between the windows count for where a user's history starts only), and the LSTMs are
     built ``block_users`` users at a time (the results do not depend on it).
     ``threads``: torch threads meanwhile (None: leave as is). The per-step operations are too
     small to gain from intra-op threads, and waking them for each one costs more (measured on
@@ -479,10 +481,12 @@ def _predict(models: TrainedModels, demand: pa.Table, at: datetime | None, users
     steps = config.eval_burn_in + 1
     context = context_buckets(config)
     known = {u: i for i, u in enumerate(models.user_ids)}
-    if users is None:  # rows before `at` only; the trained users first, then new ones
-        dense = dense_demand(demand, at - context * BUCKET, at, users=models.user_ids, others=True)
+    # rows before `at` only, the buckets the inputs read held (the rest counts for first_active)
+    hold = forecast_windows(at, config)
+    if users is None:  # the trained users first, then new ones
+        dense = dense_demand(demand, at - context * BUCKET, at, users=models.user_ids, others=True, hold=hold)
     else:
-        dense = dense_demand(demand, at - context * BUCKET, at, users=users)
+        dense = dense_demand(demand, at - context * BUCKET, at, users=users, hold=hold)
     rows = np.array([known.get(u, -1) for u in dense.user_ids], dtype=np.int64)
     new = rows < 0
     own = models.model
@@ -490,14 +494,15 @@ def _predict(models: TrainedModels, demand: pa.Table, at: datetime | None, users
     if new.any():  # users without a model: their own statistics of the warm-up buckets (the
         # context's other buckets may not have been read), floored at the trained users' typical scale
         lo = dense.n_steps - steps
-        warm_up = DenseDemand(dense.user_ids, dense.t0 + lo * BUCKET, dense.values[:, lo:], np.clip(dense.first_active - lo, 0, steps))
+        warm_up = DenseDemand(dense.user_ids, dense.t0 + lo * BUCKET, dense.values_at(np.arange(lo, dense.n_steps)),
+                              np.clip(dense.first_active - lo, 0, steps))
         fitted = fit_normaliser(warm_up, steps, rows=np.flatnonzero(new), typical=typical_scale(own.scale.numpy()))
         for k in stats:
             stats[k][new] = getattr(fitted, k)
     norm = Normaliser(**stats)
     # [U, S, 1, F]; a version trained with fewer inputs (older code) reads the first ones
     x = torch.from_numpy(np.ascontiguousarray(input_features(dense, norm, last=steps)[:, :, None, : own.n_inputs]))
-    last = torch.from_numpy(dense.values[:, -1:, None] / norm.scale[:, None, None])  # [U, 1, 1, 4]
+    last = torch.from_numpy(dense.values_at(np.array([dense.n_steps - 1]))[:, :, None] / norm.scale[:, None, None])  # [U, 1, 1, 4]
     weights = own.get_all()
     glob = models.global_model.get_all()
     q = torch.empty(len(rows), N_HORIZONS, N_RESOURCES, N_QUANTILES)

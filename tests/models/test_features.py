@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from models.features import (BUCKET, BUCKETS_PER_DAY, BUCKETS_PER_WEEK, N_INPUTS, SCALE_FLOOR_SHARE, ChunkBatches,
-                             calendar_features, dense_demand, fit_normaliser, input_features, last_value_error_quantiles,
-                             typical_scale)
+                             Normaliser, WindowedDemand, calendar_features, dense_demand, fit_normaliser, input_features,
+                             last_value_error_quantiles, typical_scale)
+from models.train import TrainConfig, forecast_windows
 from pipeline.demand import build_demand_series
 from pipeline.generate import make_request_table
 from pipeline.schemas import DEMAND
@@ -185,3 +186,27 @@ def test_inference_shortcuts_equal_the_full_computations():
     np.testing.assert_array_equal(picked.values, direct.values)
     np.testing.assert_array_equal(picked.first_active, direct.first_active)
     assert picked.first_active[1] == steps and picked.user_ids == ["c", "zz", "a"]
+    # the grid of a forecast's windows only (what predict builds): the same inputs, the same history starts
+    end = T0 + steps * BUCKET
+    windows = forecast_windows(end, TrainConfig(eval_burn_in=96))
+    held = dense_demand(demand_table(rows), T0, end, users=["c", "zz", "a", "b"], hold=windows)
+    full = dense.select(["c", "zz", "a", "b"])
+    assert isinstance(held, WindowedDemand) and held.n_steps == steps and len(held.held) < steps // 5
+    np.testing.assert_array_equal(held.first_active, full.first_active)
+    np.testing.assert_array_equal(held.values, full.values[:, held.held])
+    np.testing.assert_array_equal(input_features(held, norm_of(norm, [2, -1, 0, 1]), last=97),
+                                  input_features(full, norm_of(norm, [2, -1, 0, 1]), last=97))
+    with pytest.raises(ValueError, match="not held"):
+        held.values_at(np.array([held.held[0] - 1]))
+    with pytest.raises(ValueError, match="whole grid"):
+        input_features(held, norm)
+
+
+def norm_of(norm: Normaliser, rows: list[int]) -> Normaliser:
+    """``norm``'s statistics of ``rows`` (-1: a user without history: mean 0, std 1, scale 1)."""
+    pick = np.array(rows)
+
+    def take(a: np.ndarray, fill: float) -> np.ndarray:
+        return np.where((pick >= 0)[:, None], a[pick.clip(0)], np.float32(fill))
+
+    return Normaliser(take(norm.log_mean, 0.0), take(norm.log_std, 1.0), take(norm.scale, 1.0))
