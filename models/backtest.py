@@ -55,7 +55,8 @@ import torch
 from models.baselines import METHODS, BaselineConfig, forecast_baseline
 from models.contract import enforce_non_crossing, quantile_mean, validate_forecast_table
 from models.features import BUCKET, BUCKETS_PER_DAY, ChunkBatches, dense_demand
-from models.metrics import ForecastScores, backtest_table, common_mask, compare_to_best, forecast_targets, metrics_json, score_forecast
+from models.metrics import (ForecastScores, backtest_table, calibration_bracket, common_mask, compare_to_best, forecast_targets,
+                            metrics_json, score_forecast)
 from models.calibration import CALIBRATION_BUFFERS, calibrated, head_quantiles
 from models.module import N_HORIZONS, N_QUANTILES, N_RESOURCES, StackedLSTM
 from models.train import TrainConfig, TrainedModels, holdout_batches, train
@@ -139,8 +140,14 @@ class BacktestResult:
                             "coverage90_pit": "as coverage80_pit, for [q05, q95]",
                             "calibration": "per quantile level: below = share of y < q, at_or_below = share of y <= q, "
                                            "pit = mean P(PIT <= level); calibrated: below <= level <= at_or_below, pit ~ level",
+                            "calibration_bracket": "per model: of the (horizon, resource, level) cells, how many have "
+                                                   "below <= level <= at_or_below (calibrated whatever the ties), and the "
+                                                   "largest distance of a level outside its bracket",
                             "n": "points scored (user x origin), the same for every model"},
             "metrics": metrics_json(self.table),
+            "calibration_bracket": {r.model: {"cells": int(r.cells), "inside": int(r.inside), "worst_miss": float(r.worst_miss),
+                                              "worst_cell": r.worst_cell or None}
+                                    for r in calibration_bracket(self.table).itertuples(index=False)},
             "lstm_vs_best_baseline": [
                 {"horizon_min": int(r.horizon_min), "resource": r.resource, "lstm_pinball": _num(r.pinball),
                  "best_baseline": r.best_reference, "best_baseline_pinball": _num(r.best_pinball), "improvement": _num(r.improvement)}
@@ -424,4 +431,9 @@ def render(result: BacktestResult) -> str:
     for r in cmp.itertuples(index=False):
         lines.append(f"{r.horizon_min:>4} min {r.resource:<10} {r.pinball:>11.4g} {r.best_reference:<16} "
                      f"{r.best_pinball:>11.4g} {r.improvement:>+11.1%}")
+    lines += ["", "calibration per level (cells with share(y < q) <= level <= share(y <= q); the ties at 0 bound the "
+                  "interval coverages: inclusive cov above, tie-aware pit below):"]
+    for r in calibration_bracket(result.table).itertuples(index=False):
+        worst = f"worst miss {r.worst_miss:.3f} ({r.worst_cell})" if r.worst_cell else "every level inside"
+        lines.append(f"  {r.model:<20} {r.inside:>3}/{r.cells:<3} {worst}")
     return "\n".join(lines)

@@ -322,6 +322,34 @@ def compare_to_best(table: pd.DataFrame, model: str, references: Sequence[str]) 
     return out.reset_index(drop=True)
 
 
+def calibration_bracket(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model, the calibration test every quantile level can be held to whatever the ties:
+    a calibrated level ``τ`` has ``P(y < q_τ) <= τ <= P(y <= q_τ)`` (for demand that is often
+    exactly 0 the two differ by the share of zeros, and interval coverages are only bounded:
+    :func:`interval_coverage` counts every tie as covered, :func:`interval_coverage_pit` places
+    a tie's mass by linear interpolation between the knots).
+
+    Columns ``model``, ``cells`` (horizon x resource x level rows checked), ``inside`` (cells
+    with ``below <= τ <= at_or_below``), ``worst_miss`` (the largest distance of ``τ`` outside
+    its bracket, 0 when every cell is inside) and ``worst_cell`` (``"<h> min <resource> qNN"``
+    or ``""``)."""
+    rows = []
+    for model, group in table.groupby("model", sort=False):
+        cells, inside, worst, where = 0, 0, 0.0, ""
+        for row in group.to_dict("records"):
+            for col, level in zip(QUANTILE_COLUMNS, QUANTILES):
+                below, at_or_below = row[f"below_{col}"], row[f"at_or_below_{col}"]
+                if not (np.isfinite(below) and np.isfinite(at_or_below)):
+                    continue
+                miss = max(below - level, level - at_or_below, 0.0)
+                cells += 1
+                inside += miss == 0.0
+                if miss > worst:
+                    worst, where = miss, f"{row['horizon_min']} min {row['resource']} {col}"
+        rows.append((model, cells, inside, worst, where))
+    return pd.DataFrame(rows, columns=["model", "cells", "inside", "worst_miss", "worst_cell"])
+
+
 def metrics_json(table: pd.DataFrame) -> dict:
     """The table as nested JSON-ready dicts: ``{model: {horizon_min: {resource: {metric: value}}}}``.
 

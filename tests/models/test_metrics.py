@@ -11,6 +11,7 @@ from models.metrics import (
     CALIBRATION_COLUMNS,
     TABLE_COLUMNS,
     backtest_table,
+    calibration_bracket,
     compare_to_best,
     forecast_targets,
     format_backtest_table,
@@ -154,6 +155,15 @@ def test_backtest_table_by_hand():
     assert by.loc[("exact", 5, "cpu_cores"), "coverage90"] == 1.0
     assert by.loc[("biased", 5, "cpu_cores"), "coverage80"] == 0.0
     assert (table["n"] == 2 * 3).all()
+    bracket = calibration_bracket(table).set_index("model")
+    assert (bracket["cells"] == 6 * 4 * 7).all()
+    # exact: y == every quantile, so share(y < q) = 0 <= level <= 1 = share(y <= q) everywhere
+    assert bracket.loc["exact", "inside"] == 168 and bracket.loc["exact", "worst_miss"] == 0 and bracket.loc["exact", "worst_cell"] == ""
+    # wide: only q50 (= y) brackets its level; q25 = 9.5 < y misses by 0.25, as does q75 = 11 > y
+    assert bracket.loc["wide", "inside"] == 24
+    assert bracket.loc["wide", "worst_miss"] == pytest.approx(0.25) and bracket.loc["wide", "worst_cell"] == "5 min requests q25"
+    # biased: every quantile above y, share(y < q) = 1: q05 misses by 0.95
+    assert bracket.loc["biased", "inside"] == 0 and bracket.loc["biased", "worst_miss"] == pytest.approx(0.95)
 
 
 def test_backtest_table_scores_every_model_on_the_same_points():
