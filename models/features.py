@@ -339,10 +339,11 @@ def input_features(dense: DenseDemand | WindowedDemand, norm: Normaliser, last: 
     hist = t[None, :] >= dense.first_active[:, None]
     out = np.zeros((n_users, len(t), N_INPUTS), dtype=np.float32)
     out[..., 0:4] = z_at(t)
+    every = out[..., 0:4] if lo == 0 else None  # the whole grid's z: the lags are its columns, computed once
     for col, lag, ahead, flag in LAG_INPUTS:
-        src = t + ahead - lag  # the lagged bucket of target t + ahead
-        ok = (src >= 0)[None, :] & (src[None, :] >= dense.first_active[:, None]) & hist
-        out[..., col : col + 4] = z_at(np.clip(src, 0, None)) * ok[..., None]
+        src = np.clip(t + ahead - lag, 0, None)  # the lagged bucket of target t + ahead
+        ok = (t + ahead - lag >= 0)[None, :] & (src[None, :] >= dense.first_active[:, None]) & hist
+        out[..., col : col + 4] = (z_at(src) if every is None else every[:, src]) * ok[..., None]
         if flag is not None:
             out[..., flag] = ok
     out[..., 14:18] = calendar_features(dense.t0 + lo * BUCKET, len(t))[None] * hist[..., None]
@@ -418,15 +419,15 @@ class ChunkBatches(torch.utils.data.Dataset):
         a = j * self.segment_steps
         b = min(a + self.segment_steps, self.chunk_steps)
         pre = self.burn_in if j == 0 else 0
-        n_steps = self.features.shape[1]
-        steps = self.starts[None, :] + torch.arange(a - pre, b)[:, None]  # [S, C]
+        n_steps, dev = self.features.shape[1], self.features.device  # items are made where the data is
+        steps = self.starts.to(dev)[None, :] + torch.arange(a - pre, b, device=dev)[:, None]  # [S, C]
         x = self.features[:, steps.clamp(0, n_steps - 1)] * ((steps >= 0) & (steps < n_steps))[None, :, :, None]
         origins = steps[pre:]  # [K, C]
         last = self.scaled[:, origins.clamp(max=n_steps - 1)]
-        tgt = origins[..., None] + 1 + torch.arange(N_HORIZONS)  # [K, C, 6]
+        tgt = origins[..., None] + 1 + torch.arange(N_HORIZONS, device=dev)  # [K, C, 6]
         target = self.scaled[:, tgt.clamp(max=n_steps - 1)]
         ok = (origins >= self.origin_lo) & (origins < self.origin_hi)
-        weight = (ok[..., None] & (tgt < self.target_end))[None] & (origins[None, ..., None] >= self.first_active[:, None, None, None])
+        weight = (ok[..., None] & (tgt < self.target_end))[None] & (origins[None, ..., None] >= self.first_active.to(dev)[:, None, None, None])
         batch = {"x": x, "last": last, "target": target, "weight": weight.to(x.dtype)}
         if self.pooled:  # [U, S, C, ...] -> [1, S, U·C, ...]
             batch = {k: v.transpose(0, 1).reshape(1, v.shape[1], -1, *v.shape[3:]) for k, v in batch.items()}

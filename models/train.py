@@ -90,6 +90,10 @@ class TrainConfig:
     #: users the global model trains on: a seeded sample of this many when there are more, so its
     #: cost stops growing with the population; None: all
     global_max_users: int | None = 1024
+    #: GPU: hold the training data (inputs, targets) on the device for the whole run, so batches
+    #: are cut there instead of on the CPU and copied over one by one. Off by default: not yet
+    #: measured on a GPU (benchmarks/train_gpu.py turns it on, and off again if it fails)
+    data_on_device: bool = False
 
 
 @dataclass
@@ -286,8 +290,9 @@ def _train_global(data: TrainingData, config: TrainConfig, enough: torch.Tensor,
     rows = global_sample(len(enough), config)
     if len(rows) < len(enough):
         idx = torch.from_numpy(rows)
-        data = dataclasses.replace(data, features=data.features[idx], scaled=data.scaled[idx],
-                                   first_active=data.first_active[idx], prior=data.prior[idx],
+        on = idx.to(data.features.device)
+        data = dataclasses.replace(data, features=data.features[on], scaled=data.scaled[on],
+                                   first_active=data.first_active[on], prior=data.prior[idx],
                                    history_days=data.history_days[rows])
         enough = enough[idx]
     users_prior = data.prior[enough] if enough.any() else data.prior
@@ -340,11 +345,22 @@ def train(demand: pa.Table, until: datetime | None = None, since: datetime | Non
             previous = dataclasses.replace(previous, user_ids=[], model=None)
     since = since or pc.min(demand["ts"]).as_py()
     until = until or pc.max(demand["ts"]).as_py() + BUCKET
-    dense = dense_demand(demand, since, until)
+    return train_dense(dense_demand(demand, since, until), config, previous)
+
+
+def train_dense(dense: DenseDemand, config: TrainConfig = TrainConfig(), previous: TrainedModels | None = None,
+                data: TrainingData | None = None) -> TrainedModels:
+    """:func:`train` on a dense grid (its whole span is the training window, the held-out tail
+    included); ``previous`` must already fit ``config`` (:func:`train` checks). ``data``:
+    :func:`prepare_data` of ``dense`` and ``config`` when already made (e.g. in another thread)."""
     torch.manual_seed(config.seed)
     if config.keep_freed_memory and _device(config).type == "cpu":
         _keep_freed_memory()
-    data = prepare_data(dense, config)
+    data = prepare_data(dense, config) if data is None else data
+    if config.data_on_device and _device(config).type != "cpu":
+        dev = _device(config)
+        data = dataclasses.replace(data, features=data.features.to(dev), scaled=data.scaled.to(dev),
+                                   first_active=data.first_active.to(dev))
     root_ctx = tempfile.TemporaryDirectory(prefix="warmcast-train-") if config.log_dir is None else None
     threads = torch.get_num_threads()
     if config.threads:
