@@ -451,8 +451,8 @@ def where_cold(trace: SystemTrace, fleet: FleetModel, eval_start: int, results: 
     ref = per.get(reference)
     window = (ref["eps"][0]["lo"], ref["eps"][0]["hi"]) if ref and ref["eps"] else None
 
-    def outside(p: dict) -> float:
-        return p["total"] if window is None else p["total"] - float(p["cold"][window[0]:window[1]].sum())
+    def outside(p: dict) -> float:  # summed, not total − inside: exactly 0 when every cold step is inside
+        return p["total"] if window is None else float(p["cold"][:window[0]].sum() + p["cold"][window[1]:].sum())
 
     ref_out = outside(ref) if ref else None
     out: dict = {

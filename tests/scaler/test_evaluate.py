@@ -162,6 +162,27 @@ def test_where_cold_on_a_hand_computed_trace():
     assert calm["policies"]["reactive"]["largest_episode_share"] is None
 
 
+def test_where_cold_when_the_reference_is_cold_in_one_episode_only():
+    """All of reactive's cold demand in one episode: nothing of it is left outside, so the
+    robustness ratios are undefined (None), never a float residue's quotient (was ±1e14)."""
+    cores = np.full(60, 10.0)
+    cores[20:26] = 10.0 + np.array([2887.272, 2190.882, 1651.207, 874.06, 532.317, 2911.581]) / 60.0
+    trace = SystemTrace(cores, cores.copy(), 60.0, None, START)
+    fleet = FleetModel(InstanceShape(1, 4))
+    cold = (cores - 10.0) * 60.0
+    assert float(cold.sum()) - float(cold[20:26].sum()) != 0.0  # what subtracting the inside would leave
+    other = np.full(60, 10)
+    other[20:26] = 60  # holds the burst
+    res = {"reactive": _replay("reactive", trace, fleet, np.full(60, 10), np.zeros(60)),
+           "other": _replay("other", trace, fleet, other, np.zeros(60))}
+    ep = where_cold(trace, fleet, 10, res)
+    r, o = ep["policies"]["reactive"], ep["policies"]["other"]
+    assert r["episodes"] == 1 and r["largest_episode_share"] == 1.0
+    assert r["cold_core_seconds_outside_excluded_window"] == 0.0 and o["cold_core_seconds"] == 0.0
+    assert r["robustness_ratio_to_reactive_excluding_its_largest_episode"] is None
+    assert o["robustness_ratio_to_reactive_excluding_its_largest_episode"] is None
+
+
 def test_shortfall_share_of_the_in_service_count_is_the_replays_cold_share():
     trace = daily(1, step_s=60.0)
     fleet = FleetModel(InstanceShape(4, 16, boot_s=300))
