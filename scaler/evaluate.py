@@ -412,6 +412,24 @@ def cold_runs(cold: np.ndarray, gap_steps: int = 1) -> list[tuple[int, int]]:
     return list(zip(lo.tolist(), hi.tolist()))
 
 
+def largest_earlier_rise(cores: np.ndarray, lo: int, width: int, look: int) -> tuple[int | None, float, float]:
+    """The largest rise of demand before step ``lo`` by the episodes' measure: over start steps ``t``
+    with ``t >= look`` and ``t + width <= lo``, ``max(cores[t : t + width]) − mean(cores[t − look : t])``.
+    Returns ``(t, rise, peak / level)`` (jump NaN where the level is 0), or ``(None, nan, nan)`` when
+    no such window fits."""
+    width = max(1, int(width))
+    last = lo - width  # the last start whose window ends at or before lo
+    if last < look:
+        return None, float("nan"), float("nan")
+    x = np.asarray(cores, dtype=np.float64)[:lo]
+    starts = np.arange(look, last + 1)
+    cs = np.concatenate([[0.0], np.cumsum(x)])
+    level = (cs[starts] - cs[starts - look]) / look
+    peak = np.lib.stride_tricks.sliding_window_view(x, width).max(axis=1)[starts]
+    k = int(np.argmax(peak - level))
+    return int(starts[k]), float(peak[k] - level[k]), float(peak[k] / level[k]) if level[k] > 0 else float("nan")
+
+
 def where_cold(trace: SystemTrace, fleet: FleetModel, eval_start: int, results: dict[str, SimResult | None], *,
                reference: str = REFERENCE_POLICY, gap_s: float = EPISODE_GAP_S, lookback_s: float = EPISODE_LOOKBACK_S,
                top: int = EPISODE_TOP) -> dict:
@@ -455,6 +473,12 @@ def where_cold(trace: SystemTrace, fleet: FleetModel, eval_start: int, results: 
         return p["total"] if window is None else float(p["cold"][:window[0]].sum() + p["cold"][window[1]:].sum())
 
     ref_out = outside(ref) if ref else None
+    earlier = None
+    if window is not None:
+        e0 = ref["eps"][0]
+        t, rise, jump = largest_earlier_rise(trace.cores, e0["lo"], e0["hi"] - e0["lo"], look)
+        earlier = {"episode_rise_cores": r(e0["peak"] - e0["level"], 3), "largest_earlier_rise": None if t is None else {
+            "start": when(t), "start_step": t, "rise_cores": r(rise, 3), "jump": r(jump, 3)}}
     out: dict = {
         "definition": (f"episodes of each policy's reference-cost replay (scored steps): maximal runs of steps with cold "
                        f"core-seconds > 0, runs less than {gap_steps * dt:g} s apart merged; level before = mean demand "
@@ -469,7 +493,10 @@ def where_cold(trace: SystemTrace, fleet: FleetModel, eval_start: int, results: 
         "gap_s": gap_steps * dt, "lookback_s": look * dt, "reference": reference,
         "excluded_window": None if window is None else {
             "policy": reference, "start": when(window[0]), "end": when(window[1]), "start_step": window[0],
-            "end_step": window[1], "duration_s": (window[1] - window[0]) * dt},
+            "end_step": window[1], "duration_s": (window[1] - window[0]) * dt, **earlier},
+        "earlier_rise_note": ("rise = peak − level before, by the episodes' measure (peak over as many steps as the episode "
+                              "lasts, level = mean of the lookback before); largest_earlier_rise: the largest one whose "
+                              "steps all lie before the excluded episode: whether the trace had shown such a rise before"),
         "policies": {},
     }
     for name, p in per.items():

@@ -13,8 +13,8 @@ from pipeline.config import load_settings
 from pipeline.generate import generate_landing
 from pipeline.ingest import ingest_interval
 from pipeline.storage import open_location
-from scaler.evaluate import (POLICY_SPECS, WARM_POLICY, cold_runs, evaluate, knob_at_cost, value_at_cost, where_cold,
-                             with_warm_headroom)
+from scaler.evaluate import (POLICY_SPECS, WARM_POLICY, cold_runs, evaluate, knob_at_cost, largest_earlier_rise, value_at_cost,
+                             where_cold, with_warm_headroom)
 from scaler.policy import InstanceShape
 from scaler.simulate import FleetModel, SimMetrics, SimResult, SystemTrace, shortfall_share, simulate
 
@@ -145,6 +145,11 @@ def test_where_cold_on_a_hand_computed_trace():
     b = r["top_episodes"][1]
     assert (b["start_step"], b["duration_s"], b["share"], b["jump"]) == (50, 60.0, 0.2, 2.0)
     assert ep["excluded_window"]["start_step"] == 20 and ep["excluded_window"]["end_step"] == 23
+    # A's rise (30 - 10) against the largest before it: 3-step windows starting at 15..17 (the 15-step
+    # lookback must fit), flat at 10 under a level that still holds step 2's 30: -4/3 from step 15
+    assert ep["excluded_window"]["episode_rise_cores"] == 20.0
+    assert ep["excluded_window"]["largest_earlier_rise"] == {"start": (START + timedelta(minutes=15)).isoformat(), "start_step": 15,
+                                                             "rise_cores": pytest.approx(-4 / 3, abs=1e-3), "jump": pytest.approx(10 / (170 / 15), abs=1e-3)}
     assert o["ratio_to_reactive_replay"] == 0.3  # 900 / 3000
     assert o["robustness_ratio_to_reactive_excluding_its_largest_episode"] == 1.5  # 900 / 600 once A is removed
     assert r["robustness_ratio_to_reactive_excluding_its_largest_episode"] == 1.0
@@ -160,6 +165,15 @@ def test_where_cold_on_a_hand_computed_trace():
     calm = where_cold(trace, fleet, 10, {"reactive": _replay("reactive", trace, fleet, np.full(100, 30), np.zeros(100))})
     assert calm["excluded_window"] is None and calm["policies"]["reactive"]["episodes"] == 0
     assert calm["policies"]["reactive"]["largest_episode_share"] is None
+
+
+def test_largest_earlier_rise_by_hand():
+    cores = np.full(30, 10.0)
+    cores[5] = 25.0
+    cores[21] = 90.0  # at or after lo: never looked at
+    # 2-step windows from t = 3 (a 3-step lookback) to t = 18 (ending at lo = 20): 25 over a level of 10, first at t = 4
+    assert largest_earlier_rise(cores, 20, 2, 3) == (4, 15.0, 2.5)
+    assert largest_earlier_rise(cores, 4, 2, 3)[0] is None  # no window fits before step 4
 
 
 def test_where_cold_when_the_reference_is_cold_in_one_episode_only():
