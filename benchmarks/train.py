@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.features import ChunkBatches, dense_demand  # noqa: E402
-from models.lightning_module import per_user_loss  # noqa: E402
+from models.lightning_module import per_user_loss, train_backward  # noqa: E402
 from models.module import N_OUTPUTS, head_bias_from_quantiles, pinball, quantiles_from_head  # noqa: E402
 from models.train import (TrainConfig, TrainingData, evaluate, holdout_batches, prepare_data, prior_model, train,  # noqa: E402
                           training_batches)
@@ -199,14 +199,14 @@ def _window_test(model: WindowLSTM, hold: ChunkBatches, u: int) -> np.ndarray:
 
 
 def _kernel_us(models, data: TrainingData, config: TrainConfig, reps: int = 5) -> float:
-    """Forward + backward of one training segment of every user, microseconds per user-step."""
+    """Forward + backward of one training segment of every user, as training runs it (in blocks
+    of ``config.train_block_users`` users), microseconds per user-step."""
     model = models.model
     batch = training_batches(data, config, pooled=False)[0][1 if config.segment_steps < config.chunk_steps else 0]
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        sums, _, _ = per_user_loss(model, batch, None)
-        sums.sum().backward()
+        train_backward(model, batch, None, config.train_block_users, lambda loss: loss.backward())
         best = min(best, time.perf_counter() - t)
     model.zero_grad()
     return best / (model.n_users * batch["last"].shape[1] * batch["last"].shape[2]) * 1e6

@@ -8,6 +8,8 @@ of users. Both training and selection use targets divided by a per-user, per-res
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
@@ -26,6 +28,44 @@ def per_user_loss(model: StackedLSTM, batch: dict, state: State | None) -> tuple
     return sums, batch["weight"].sum(dim=(1, 2, 3)), state
 
 
+def train_backward(model: StackedLSTM, batch: dict, state: State | None, block_users: int | None,
+                   backward: Callable[[Tensor], None]) -> tuple[Tensor, State]:
+    """Forward and backward pass of one training item (:class:`~models.features.ChunkBatches`),
+    ``block_users`` users at a time (None: all at once): each block's loss (Σ over its users of
+    the per-user mean pinball loss) is passed to ``backward`` as soon as it is formed, so only
+    one block's activations are alive. A user's gradient depends on its own rows only, so the
+    gradients are those of the whole batch at once (up to float summation order); a block runs
+    on leaf views of its rows of the parameters, whose gradients are then added into the
+    parameters' own (autograd through a slice would add a zero tensor of every user per block).
+    Returns the loss summed over users (detached) and the LSTM state to carry to the next item."""
+    state = None if batch["reset"] else state
+    n = model.n_users
+    size = n if not block_users or block_users >= n else block_users
+    params = dict(model.named_parameters())
+    if size < n:
+        for p in params.values():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    total, hs, cs = None, [], []
+    for lo in range(0, n, size):
+        rows = slice(lo, lo + size)
+        part = {k: batch[k][rows] for k in ("x", "last", "target", "weight")}
+        start = None if state is None else (state[0][rows], state[1][rows])
+        block = None if size == n else {k: p.detach()[rows].requires_grad_(p.requires_grad) for k, p in params.items()}
+        sums, (h, c) = model.pinball_sums(part["x"], part["last"], part["target"], part["weight"], batch["burn_in"], start, block)
+        count = part["weight"].sum(dim=(1, 2, 3))
+        loss = (sums.sum(1) / (count.clamp_min(1) * sums.new_tensor(7.0))).sum()
+        backward(loss)
+        if block is not None:
+            for k, leaf in block.items():
+                if leaf.grad is not None:
+                    params[k].grad[rows] += leaf.grad
+        total = loss.detach() if total is None else total + loss.detach()
+        hs.append(h)
+        cs.append(c)
+    return total, ((hs[0], cs[0]) if len(hs) == 1 else (torch.cat(hs), torch.cat(cs)))
+
+
 class StackedForecaster(pl.LightningModule):
     """Trains a :class:`StackedLSTM`; keeps, per user, the parameters of its best epoch.
 
@@ -36,9 +76,13 @@ class StackedForecaster(pl.LightningModule):
     """
 
     def __init__(self, model: StackedLSTM, lr: float = 1e-2, weight_decay: float = 1e-3,
-                 clip_norm: float = 1.0, patience: int = 2) -> None:
+                 clip_norm: float = 1.0, patience: int = 2, block_users: int | None = None) -> None:
         super().__init__()
+        # the optimiser step is ours: forward and backward run block by block of users
+        # (train_backward), then per-user clipping, then the step
+        self.automatic_optimization = False
         self.model = model
+        self.block_users = block_users
         self._state: dict[str, State | None] = {"train": None, "val": None}
         self.lr, self.weight_decay, self.clip_norm, self.patience = lr, weight_decay, clip_norm, patience
         n = model.n_users
@@ -60,8 +104,11 @@ class StackedForecaster(pl.LightningModule):
         self.best = {k: v.to(self.device) for k, v in self.best.items()}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        sums, count, self._state["train"] = per_user_loss(self.model, batch, self._state["train"])
-        loss = (sums.sum(1) / (count.clamp_min(1) * sums.new_tensor(7.0))).sum()
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss, self._state["train"] = train_backward(self.model, batch, self._state["train"], self.block_users, self.manual_backward)
+        self.configure_gradient_clipping(opt)
+        opt.step()
         self.log("train_loss", loss / self.model.n_users, prog_bar=True, batch_size=1)
         return loss
 
@@ -105,8 +152,11 @@ class StackedForecaster(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Per-user clipping: each user's gradient (its rows of every parameter) is scaled to
-        norm <= ``clip_norm`` on its own; frozen users' gradients are zeroed."""
+        norm <= ``clip_norm`` on its own; frozen users' gradients are zeroed. Called by
+        :meth:`training_step` before every step (manual optimisation: Lightning does not)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return
         norm = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads))
         factor = (self.clip_norm / (norm + 1e-6)).clamp(max=1.0) * self.active
         for g in grads:

@@ -320,24 +320,30 @@ class StackedLSTM(nn.Module):
         self.w_out.masked_fill_(cols, 0.0)
         self.b_out.copy_(torch.where(cols[:, 0], self.b_prior, self.b_out))
 
-    def hidden_states(self, x: Tensor, burn_in: int = 0, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def hidden_states(self, x: Tensor, burn_in: int = 0, state: tuple[Tensor, Tensor] | None = None,
+                      params: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """LSTM outputs after the first ``burn_in`` steps, and the final state.
 
         ``x``: ``[U, S, C, F]``; ``state``: (h, c) ``[U, C, H]`` to start from (default zeros).
         Returns h ``[U, (S - burn_in)·C, H]`` (step-major) and the detached (h, c) after step S.
+        ``params``: the parameters to use instead of the model's (by name, e.g. one block of
+        users' rows, with ``x`` and ``state`` holding that block; see
+        :func:`models.lightning_module.train_backward`).
         """
         n_users, steps, chunks, n_in = x.shape
-        if n_users != self.n_users or n_in != self.n_inputs:
-            raise ValueError(f"x has shape {tuple(x.shape)}; expected [{self.n_users}, S, C, {self.n_inputs}]")
+        p = dict(self.named_parameters()) if params is None else params
+        w_in, b, w_rec = p["w_in"], p["b"], p["w_rec"]
+        if n_users != w_in.shape[0] or n_in != self.n_inputs:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected [{w_in.shape[0]}, S, C, {self.n_inputs}]")
         if not 0 <= burn_in < steps:
             raise ValueError(f"burn_in={burn_in} must lie in [0, {steps})")
         if state is None:
             state = (x.new_zeros(n_users, chunks, self.hidden), x.new_zeros(n_users, chunks, self.hidden))
-        xp = torch.baddbmm(self.b.unsqueeze(1), x.reshape(n_users, -1, n_in), self.w_in).view(n_users, steps, chunks, -1)
-        if torch.is_grad_enabled() and (xp.requires_grad or self.w_rec.requires_grad):
-            h, c_last = _LSTMRecurrence.apply(xp, self.w_rec, state[0].detach(), state[1].detach())
+        xp = torch.baddbmm(b.unsqueeze(1), x.reshape(n_users, -1, n_in), w_in).view(n_users, steps, chunks, -1)
+        if torch.is_grad_enabled() and (xp.requires_grad or w_rec.requires_grad):
+            h, c_last = _LSTMRecurrence.apply(xp, w_rec, state[0].detach(), state[1].detach())
         else:  # inference: nothing kept for a backward pass, users in cache-sized blocks
-            h, c_last = recurrence_no_grad(xp, self.w_rec.detach(), state[0].detach(), state[1].detach(), self.inference_workers)
+            h, c_last = recurrence_no_grad(xp, w_rec.detach(), state[0].detach(), state[1].detach(), self.inference_workers)
         final = (h[:, -1].detach(), c_last.detach())
         return h[:, burn_in:].reshape(n_users, -1, self.hidden), final
 
@@ -355,7 +361,7 @@ class StackedLSTM(nn.Module):
         return quantiles_from_head(raw, last)
 
     def pinball_sums(self, x: Tensor, last: Tensor, target: Tensor, weight: Tensor, burn_in: int = 0,
-                     state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                     state: tuple[Tensor, Tensor] | None = None, params: dict[str, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Weighted pinball loss of :meth:`forward`'s quantiles per user and resource ``[U, 4]``,
         and the final LSTM state (to carry into the next segment).
 
@@ -363,11 +369,13 @@ class StackedLSTM(nn.Module):
         after each origin; ``weight``: ``[U, S - burn_in, C, 6]`` (0 where a target is missing).
         Equals ``(weight[..., None, None] * pinball(forward(x, last), target)).sum(...)`` over
         steps, chunks, horizons and quantiles, computed by a fused kernel (far less memory).
+        ``params``: as in :meth:`hidden_states`.
         """
-        h, final = self.hidden_states(x, burn_in, state)
+        h, final = self.hidden_states(x, burn_in, state, params)
         n_users, n = h.shape[:2]
-        with_grad = torch.is_grad_enabled() and (h.requires_grad or self.w_out.requires_grad)
-        sums = _HeadPinball.apply(h, self.w_out, self.b_out, last.reshape(n_users, n, N_RESOURCES),
+        w_out, b_out = (self.w_out, self.b_out) if params is None else (params["w_out"], params["b_out"])
+        with_grad = torch.is_grad_enabled() and (h.requires_grad or w_out.requires_grad)
+        sums = _HeadPinball.apply(h, w_out, b_out, last.reshape(n_users, n, N_RESOURCES),
                                   target.reshape(n_users, n, N_HORIZONS, N_RESOURCES), weight.reshape(n_users, n, N_HORIZONS), with_grad)
         return sums, final
 

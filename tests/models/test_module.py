@@ -201,3 +201,35 @@ def test_reset_head_restores_the_prior_for_one_resource():
     assert (diff > 0).tolist() == mask.tolist()
     fresh = StackedLSTM(U, F, H, prior=prior, seed=0)(x, last, 2)
     torch.testing.assert_close(after[1, ..., 2, :], fresh[1, ..., 2, :].detach())
+
+
+def test_training_in_user_blocks_gives_the_whole_batchs_gradients():
+    """train_backward in blocks of users (CPU training: one block's activations in cache) gives
+    the loss, gradients and carried state of the whole batch at once; a block's state rows and
+    parameters are its own users'."""
+    from models.lightning_module import train_backward
+
+    gen = torch.Generator().manual_seed(4)
+    n, steps, chunks, n_in = 7, 5, 3, 6
+    batch = {"x": torch.randn(n, steps, chunks, n_in, generator=gen), "last": torch.rand(n, steps - 2, chunks, 4, generator=gen),
+             "target": torch.rand(n, steps - 2, chunks, 6, 4, generator=gen), "weight": (torch.rand(n, steps - 2, chunks, 6, generator=gen) > 0.2).float(),
+             "burn_in": 2, "reset": False}
+    state = (torch.randn(n, chunks, 8, generator=gen), torch.randn(n, chunks, 8, generator=gen))
+    results = []
+    for block in (None, 3, 1):
+        model = StackedLSTM(n, n_in, 8, seed=1)
+        with torch.no_grad():
+            model.w_out.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(2))
+        loss, (h, c) = train_backward(model, batch, state, block, lambda value: value.backward())
+        results.append((loss, h, c, {k: p.grad.clone() for k, p in model.named_parameters()}))
+    loss0, h0, c0, g0 = results[0]
+    assert g0["w_rec"].abs().sum() > 0 and g0["w_out"].abs().sum() > 0
+    for loss, h, c, grads in results[1:]:
+        torch.testing.assert_close(loss, loss0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(h, h0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, c0, rtol=1e-5, atol=1e-6)
+        for k in g0:
+            torch.testing.assert_close(grads[k], g0[k], rtol=1e-4, atol=1e-6)
+    model = StackedLSTM(n, n_in, 8)
+    with pytest.raises(ValueError, match="expected"):  # x holds 7 users, the parameters 3
+        model.hidden_states(batch["x"], 2, params={k: p.detach()[:3] for k, p in model.named_parameters()})
