@@ -42,10 +42,12 @@ def train_backward(model: StackedLSTM, batch: dict, state: State | None, block_u
     n = model.n_users
     size = n if not block_users or block_users >= n else block_users
     params = dict(model.named_parameters())
+    fresh = set()  # parameters whose gradient the blocks write (every row once) rather than add to
     if size < n:
-        for p in params.values():
+        for k, p in params.items():
             if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
+                p.grad = torch.empty_like(p)
+                fresh.add(k)
     total, hs, cs = None, [], []
     for lo in range(0, n, size):
         rows = slice(lo, lo + size)
@@ -58,7 +60,14 @@ def train_backward(model: StackedLSTM, batch: dict, state: State | None, block_u
         backward(loss)
         if block is not None:
             for k, leaf in block.items():
-                if leaf.grad is not None:
+                if not params[k].requires_grad:
+                    continue
+                if leaf.grad is None:
+                    if k in fresh:
+                        params[k].grad[rows] = 0.0
+                elif k in fresh:
+                    params[k].grad[rows] = leaf.grad
+                else:
                     params[k].grad[rows] += leaf.grad
         total = loss.detach() if total is None else total + loss.detach()
         hs.append(h)

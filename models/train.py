@@ -90,11 +90,12 @@ class TrainConfig:
     #: users the global model trains on: a seeded sample of this many when there are more, so its
     #: cost stops growing with the population; None: all
     global_max_users: int | None = 1024
-    #: CPU training runs each step's forward and backward this many users at a time (identical
-    #: gradients; one block's activations stay in cache): forward + backward of one segment,
-    #: hidden 32, 12 steps x 12 chunks, on the 2-core VM: 2.6 us per user-step at 64-256 users,
-    #: 3.2 at 512, 4.1 at 2000 at once. None: all at once (on a GPU always: it wants big batches)
-    train_block_users: int | None = 256
+    #: CPU training runs each step's forward and backward this many users at a time (the same
+    #: gradients; one block's activations stay in cache): one segment's forward + backward, 2000
+    #: users, hidden 32, 12 steps x 12 chunks, on the 2-core VM (noisy: +-10 %): 2.6-2.9 us per
+    #: user-step in blocks of 128, 2.8-3.1 of 256, 3.2 of 512, 4.1-4.5 all at once. None: all at
+    #: once (on a GPU always: it wants big batches)
+    train_block_users: int | None = 128
     #: GPU: hold the training data (inputs, targets) on the device for the whole run, so batches
     #: are cut there instead of on the CPU and copied over one by one. Off by default: not yet
     #: measured on a GPU (benchmarks/train_gpu.py turns it on, and off again if it fails)
