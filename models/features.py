@@ -62,8 +62,25 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
 
 
+class _Grid:
+    """What :class:`DenseDemand` and :class:`WindowedDemand` share: users and the grid's span."""
+
+    user_ids: list[str]
+    t0: datetime
+    n_steps: int
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def end(self) -> datetime:
+        """End of the grid (exclusive): ``t0 + T · 5 min``."""
+        return self.t0 + self.n_steps * BUCKET
+
+
 @dataclass
-class DenseDemand:
+class DenseDemand(_Grid):
     """Demand of ``len(user_ids)`` users on one 5-minute grid starting at ``t0`` (UTC).
 
     ``values``: float32 ``[n_users, T, 4]`` in ``DEMAND_RESOURCES`` order, real units (requests
@@ -77,17 +94,8 @@ class DenseDemand:
     first_active: np.ndarray
 
     @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    @property
-    def n_steps(self) -> int:
+    def n_steps(self) -> int:  # type: ignore[override]
         return self.values.shape[1]
-
-    @property
-    def end(self) -> datetime:
-        """End of the grid (exclusive): ``t0 + T · 5 min``."""
-        return self.t0 + self.n_steps * BUCKET
 
     def history_mask(self) -> np.ndarray:
         """bool ``[n_users, T]``: true from each user's first active bucket on."""
@@ -111,7 +119,7 @@ class DenseDemand:
 
 
 @dataclass
-class WindowedDemand:
+class WindowedDemand(_Grid):
     """Part of a dense grid: the demand of ``user_ids`` in the grid steps ``held`` only (sorted,
     in ``[0, n_steps)``), ``values`` float32 ``[n_users, len(held), 4]``; ``first_active`` as in
     :class:`DenseDemand` (over the whole grid: rows outside the held steps count for it). What
@@ -124,14 +132,6 @@ class WindowedDemand:
     held: np.ndarray
     values: np.ndarray
     first_active: np.ndarray
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    @property
-    def end(self) -> datetime:
-        return self.t0 + self.n_steps * BUCKET
 
     def values_at(self, steps: np.ndarray) -> np.ndarray:
         """Demand ``[n_users, len(steps), 4]`` at grid ``steps``; ``ValueError`` for a step not held."""

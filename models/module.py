@@ -345,8 +345,7 @@ class StackedLSTM(nn.Module):
         :func:`models.lightning_module.train_backward`).
         """
         n_users, steps, chunks, n_in = x.shape
-        p = dict(self.named_parameters()) if params is None else params
-        w_in, b, w_rec = p["w_in"], p["b"], p["w_rec"]
+        w_in, b, w_rec = (self.w_in, self.b, self.w_rec) if params is None else (params["w_in"], params["b"], params["w_rec"])
         if n_users != w_in.shape[0] or n_in != self.n_inputs:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected [{w_in.shape[0]}, S, C, {self.n_inputs}]")
         if not 0 <= burn_in < steps:

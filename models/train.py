@@ -92,9 +92,9 @@ class TrainConfig:
     global_max_users: int | None = 1024
     #: CPU training runs each step's forward and backward this many users at a time (the same
     #: gradients; one block's activations stay in cache): one segment's forward + backward, 2000
-    #: users, hidden 32, 12 steps x 12 chunks, on the 2-core VM (noisy: +-10 %): 2.6-2.9 us per
-    #: user-step in blocks of 128, 2.8-3.1 of 256, 3.2 of 512, 4.1-4.5 all at once. None: all at
-    #: once (on a GPU always: it wants big batches)
+    #: users, hidden 32, 12 steps x 12 chunks, on the 2-core VM, three runs: 2.8-2.9 us per
+    #: user-step in blocks of 64-256 (128: 2.76-2.93), 3.2-3.4 of 512, 4.2-4.9 all at once. None:
+    #: all at once (on a GPU always: it wants big batches)
     train_block_users: int | None = 128
     #: GPU: hold the training data (inputs, targets) on the device for the whole run, so batches
     #: are cut there instead of on the CPU and copied over one by one. Off by default: not yet
