@@ -355,8 +355,9 @@ class StackedLSTM(nn.Module):
         xp = torch.baddbmm(b.unsqueeze(1), x.reshape(n_users, -1, n_in), w_in).view(n_users, steps, chunks, -1)
         if torch.is_grad_enabled() and (xp.requires_grad or w_rec.requires_grad):
             h, c_last = _LSTMRecurrence.apply(xp, w_rec, state[0].detach(), state[1].detach())
-        else:  # inference: nothing kept for a backward pass, users in cache-sized blocks
-            h, c_last = recurrence_no_grad(xp, w_rec.detach(), state[0].detach(), state[1].detach(), self.inference_workers)
+        else:  # inference: nothing kept for a backward pass, users in cache-sized blocks (a GPU: all at once)
+            block = INFERENCE_BLOCK_USERS if xp.device.type == "cpu" else n_users
+            h, c_last = recurrence_no_grad(xp, w_rec.detach(), state[0].detach(), state[1].detach(), self.inference_workers, block)
         final = (h[:, -1].detach(), c_last.detach())
         return h[:, burn_in:].reshape(n_users, -1, self.hidden), final
 
