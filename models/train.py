@@ -292,7 +292,10 @@ def global_sample(n_users: int, config: TrainConfig) -> np.ndarray:
 
 def _train_global(data: TrainingData, config: TrainConfig, enough: torch.Tensor, previous: TrainedModels | None, root: str) -> tuple[StackedLSTM, int]:
     """One LSTM on the chunks of :func:`global_sample`'s users pooled; its prior is the median
-    prior of those of them with enough history (of all of them when none has)."""
+    prior of those of them with enough history (of all of them when none has). With
+    ``config.calibrate`` its quantiles are recalibrated on those users' held-out tails pooled (it
+    forecasts the users without a model of their own; uncalibrated, its 80 % interval covered
+    about 0.6 of ServeGen's held-out points)."""
     rows = global_sample(len(enough), config)
     if len(rows) < len(enough):
         idx = torch.from_numpy(rows)
@@ -308,7 +311,14 @@ def _train_global(data: TrainingData, config: TrainConfig, enough: torch.Tensor,
     g_train, g_val = training_batches(data, config, pooled=True)
     g_task = StackedForecaster(glob, config.global_lr, config.weight_decay, config.clip_norm, config.patience)
     g_task.set_initial(_per_user(evaluate(glob, g_val, _device(config))))
-    return glob, _fit(g_task, g_train, g_val, config, config.global_epochs, root, "global")
+    epochs = _fit(g_task, g_train, g_val, config, config.global_epochs, root, "global")
+    if config.calibrate:
+        fit_calibration(glob, g_val, config.calibration_prior_points, device=_device(config), floor=config.calibration_floor)
+    else:  # not a previous version's, fitted to other weights
+        with torch.no_grad():
+            for name, value in CALIBRATION.items():
+                getattr(glob, name).fill_(value)
+    return glob, epochs
 
 
 def _start_points(model: StackedLSTM, glob: StackedLSTM, val: ChunkBatches, user_ids: list[str], previous: TrainedModels | None,

@@ -122,13 +122,17 @@ def test_train_fits_the_calibration_on_its_window_only_and_it_survives_the_store
     trained = train(demand, until=cut, config=CFG)
     assert trained.config.calibrate and trained.calibration_loss[1] < trained.calibration_loss[0]
     assert (trained.model.cal_spread != 1).any()  # the prior's spread is not optimal for every user
+    g = trained.global_model  # recalibrated too, on the pooled tails: it forecasts the users without a model
+    assert (g.cal_spread != 1).any() or (g.cal_shift != 0).any() or (g.cal_floor != 0).any()
     again = train(spoil(after), until=cut, config=CFG)  # data after the training window: no effect
     torch.testing.assert_close(again.model.cal_spread, trained.model.cal_spread, rtol=0, atol=0)
     torch.testing.assert_close(again.model.cal_shift, trained.model.cal_shift, rtol=0, atol=0)
+    torch.testing.assert_close(again.global_model.cal_spread, g.cal_spread, rtol=0, atol=0)
     changed = train(spoil(in_tail), until=cut, config=CFG)  # data in the held-out tail: it is fitted there
     assert not torch.equal(changed.model.cal_spread, trained.model.cal_spread)
     off = train(demand, until=cut, config=dataclasses.replace(CFG, calibrate=False))
-    assert (off.model.cal_spread == 1).all() and (off.model.cal_shift == 0).all() and (off.model.cal_floor == 0).all()
+    for m in (off.model, off.global_model):
+        assert (m.cal_spread == 1).all() and (m.cal_shift == 0).all() and (m.cal_floor == 0).all()
     assert off.calibration_loss is None
     assert not np.array_equal(predict(off, demand, cut).quantiles, predict(trained, demand, cut).quantiles)
 
@@ -136,6 +140,7 @@ def test_train_fits_the_calibration_on_its_window_only_and_it_survives_the_store
     _, loaded = load_trained(lake, save_trained(lake, trained))
     for name in ("cal_shift", "cal_spread", "cal_floor"):
         assert torch.equal(getattr(loaded.model, name), getattr(trained.model, name))
+        assert torch.equal(getattr(loaded.global_model, name), getattr(g, name))
     np.testing.assert_array_equal(predict(loaded, demand, cut).quantiles, predict(trained, demand, cut).quantiles)
     # a version saved before recalibration existed (no such weights) loads as the identity
     weights = {k: v for k, v in trained.model.get_all().items() if not k.startswith("cal_")}
