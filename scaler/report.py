@@ -328,9 +328,9 @@ def episode_tables(ev: Evaluation) -> tuple[list[str], list[list[str]], list[lis
                     f"{e['level_before_cores']:,.1f} → {e['peak_cores']:,.1f} cores (×{_fmt(e['jump'], '{:.2f}')}).")
         prior = win.get("largest_earlier_rise")
         if prior:
-            lead.append(f"The largest rise before it in the trace, by the same measure: +{prior['rise_cores']:,.1f} cores "
+            lead.append(f"The largest rise before it in the trace, by the same measure: {prior['rise_cores']:+,.1f} cores "
                         f"(×{_fmt(prior['jump'], '{:.2f}')}) from {_minute(prior['start'])} UTC, against this episode's "
-                        f"+{win['episode_rise_cores']:,.1f}: a forecast learnt from the past has "
+                        f"{win['episode_rise_cores']:+,.1f}: a forecast learnt from the past has "
                         f"{'seen no rise this large' if prior['rise_cores'] < win['episode_rise_cores'] else 'seen as large a rise'}.")
         lead.append(f"Robustness figure only (not the result; the headline ratio to reactive above is unchanged): the last "
                     f"column removes that window ({_minute(win['start'])} – {_minute(win['end'])} UTC) for every policy "
