@@ -15,7 +15,8 @@ stopping on the same held-out tail; the last day is a test day neither model see
 
 Prints one JSON line: microseconds per user-step (one user x one training origin x one epoch,
 forward + backward; ``us_per_user_step`` is the whole ``train()`` wall time over all its
-epochs, ``kernel_us_per_user_step`` one training segment's forward + backward alone), users/s,
+epochs, the global model's counted on the users it trains on (at most ``global_max_users``),
+``kernel_us_per_user_step`` one training segment's forward + backward alone), users/s,
 each loop's extrapolated time and speed-up, and the held-out (test-day) pinball loss of every
 model and of the last-value baseline (mean over users of Σ_resources pinball / user scale).
 Targets on the 2-core CPU: speed-up >= 100x at equal or better loss; <= 3 us per user-step.
@@ -49,10 +50,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.features import ChunkBatches, dense_demand  # noqa: E402
-from models.lightning_module import per_user_loss, train_backward  # noqa: E402
+from models.lightning_module import fused_adamw, per_user_loss, train_backward  # noqa: E402
 from models.module import N_OUTPUTS, head_bias_from_quantiles, pinball, quantiles_from_head  # noqa: E402
-from models.train import (TrainConfig, TrainingData, evaluate, holdout_batches, prepare_data, prior_model, train,  # noqa: E402
-                          training_batches)
+from models.train import (TrainConfig, TrainingData, evaluate, global_sample, holdout_batches, prepare_data, prior_model,  # noqa: E402
+                          train, training_batches)
 from pipeline.demand import build_demand_series  # noqa: E402
 from pipeline.generate import generate_requests  # noqa: E402
 
@@ -109,7 +110,7 @@ class LoopLSTM(pl.LightningModule):
         decay = [p for n, p in self.named_parameters() if "weight" in n]
         rest = [p for n, p in self.named_parameters() if "weight" not in n]
         return torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
-                                  {"params": rest, "weight_decay": 0.0}], lr=self.config.lr)
+                                  {"params": rest, "weight_decay": 0.0}], lr=self.config.lr, fused=fused_adamw(self.parameters()))
 
 
 def _one_user(batches: ChunkBatches, u: int) -> ChunkBatches:
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = prepare_data(dense_demand(before, models.since, models.until, users=models.user_ids), config)
     origins = data.train_end - 1 - data.origin_lo
     n_users = len(models.user_ids)
-    stacked_steps = n_users * origins * sum(models.epochs_run)
+    global_users = len(global_sample(n_users, config))  # the global model trains on a sample of at most global_max_users
+    stacked_steps = origins * (global_users * models.epochs_run[0] + n_users * models.epochs_run[1])
 
     hold = holdout_batches(models, demand, test_start, test_end)
     scale = models.model.scale.numpy()
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     stacked_loop_users = _scaled_mean(lstm_test[eligible], scale[eligible])
     out = {
         "figure": "train", "unit": "us per user-step (one user x one training origin x one epoch, fwd+bwd)",
-        "sizes": {"users": n_users, "days": args.days, "train_origins_per_user": origins, "epochs": args.epochs,
+        "sizes": {"users": n_users, "global_model_users": global_users, "days": args.days, "train_origins_per_user": origins, "epochs": args.epochs,
                   "global_epochs": args.global_epochs, "hidden": args.hidden, "loop_users_timed": len(eligible)},
         "stacked": {"train_s": round(stacked_s, 2), "users_per_s": round(n_users / stacked_s, 1),
                     "epochs_run": list(models.epochs_run), "us_per_user_step": round(stacked_s / stacked_steps * 1e6, 3),

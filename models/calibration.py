@@ -112,12 +112,28 @@ def _tail(model: StackedLSTM, batches: ChunkBatches) -> tuple[Tensor, Tensor, Te
     return torch.cat(qs, 1), torch.cat(ys, 1), torch.cat(ws, 1)
 
 
-def _pinball_sums(pred: Tensor, y: Tensor, w: Tensor, tau: Tensor) -> Tensor:
-    """Σ over origins of ``w · pinball_tau(y, max(pred, 0))``: ``pred`` ``[U, N, 6, 4, L]``,
-    ``y`` ``[U, N, 6, 4]``, ``w`` ``[U, N, 6]``, ``tau`` ``[L]`` -> ``[U, 6, 4, L]`` (float64)."""
-    u = y[..., None] - pred.clamp_min(0)  # forecasts are clipped at 0 when used
-    loss = torch.maximum(tau * u, (tau - 1) * u)
-    return (loss * w[..., None, None]).sum(1, dtype=torch.float64)
+def _masked(q: Tensor, y: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``q`` and ``y`` with every point of weight 0 set to 0 (quantiles and target), which takes
+    it out of every :func:`_pinball_sums` (a 0 forecast of a 0 target costs nothing, and every
+    recalibration maps 0 quantiles to 0). The weights must be a mask (0 or 1), as
+    :class:`~models.features.ChunkBatches` makes them."""
+    if not bool(((w == 0) | (w == 1)).all()):
+        raise ValueError("fit_calibration needs 0/1 weights (a mask of the scored targets)")
+    keep = w.bool()
+    return q * keep[..., None, None], y * keep[..., None]
+
+
+def _pinball_sums(pred: Tensor, y: Tensor, tau: Tensor, consume: bool = False) -> Tensor:
+    """Σ over origins of ``pinball_tau(y, max(pred, 0))``: ``pred`` ``[U, N, 6, 4, L]``, ``y``
+    ``[U, N, 6, 4]`` (>= 0; unscored points masked to 0 by :func:`_masked`), ``tau`` ``[L]`` ->
+    ``[U, 6, 4, L]`` (float64). ``consume``: ``pred`` is a temporary the function may overwrite.
+
+    For ``y >= 0``: ``pinball_tau(y − max(p, 0)) = max(p, y) − τ·max(p, 0) − (1 − τ)·y``, so the
+    sum takes two float32 sums over the origins (torch sums in cascades, not one running
+    total), combined in float64: two passes over ``pred`` fewer than the textbook form."""
+    top = torch.maximum(pred, y[..., None]).sum(1).double()
+    positive = (pred.clamp_min_(0) if consume else pred.clamp_min(0)).sum(1).double()
+    return top - tau.double() * positive - (1 - tau.double()) * y.sum(1).double()[..., None]
 
 
 def _choose(sums: Tensor, count: Tensor, identity: int, prior_points: float) -> Tensor:
@@ -139,19 +155,32 @@ def _choose(sums: Tensor, count: Tensor, identity: int, prior_points: float) -> 
 
 
 @torch.no_grad()
-def fit_calibration(model: StackedLSTM, batches: ChunkBatches, prior_points: float = 288.0, block_users: int = 64,
+def _blocks(n_users: int, n_points: int, block_points: int) -> Iterator[tuple[slice, slice]]:
+    """(users, origins) slices covering ``[n_users, n_points]`` in blocks of about
+    ``block_points`` user-origins: whole users at a time, or one user's origins in pieces (the
+    global model: one "user" with every sampled user's tail)."""
+    users = max(1, block_points // max(n_points, 1))
+    points = n_points if users > 1 else min(n_points, block_points)
+    for a in range(0, n_users, users):
+        for b in range(0, n_points, points):
+            yield slice(a, a + users), slice(b, b + points)
+
+
+def fit_calibration(model: StackedLSTM, batches: ChunkBatches, prior_points: float = 288.0, block_points: int = 1 << 14,
                     device: torch.device | str | None = None, floor: bool = False) -> CalibrationFit:
     """Fit the recalibration of ``model`` on the origins of ``batches`` (training's held-out tail)
     and store it in the model's ``cal_shift`` / ``cal_spread`` / ``cal_floor``. ``prior_points``: tail points a
     user's own choice is weighed against the pooled one with. Runs on ``device`` (default:
     where the model is), leaving the model there. ``floor``: also fit the zero floor (off by
-    default, see :data:`FLOOR_GRID`); without it the floor stays 0."""
+    default, see :data:`FLOOR_GRID`); without it the floor stays 0. The grid's loss sums are
+    formed ``block_points`` user-origins at a time (cache-sized temporaries)."""
     home = next(model.parameters()).device
     device = home if device is None else torch.device(device)
     model.to(device)
     q, y, w = _tail(model, _on(batches, device))
     model.to(home)
     q, y, w = q.cpu(), y.cpu(), w.cpu()
+    q, y = _masked(q, y, w)
     n_users = model.n_users
     tau = torch.tensor(QUANTILES, dtype=q.dtype)
     count = w.sum(1, dtype=torch.float64)[..., None]  # [U, 6, 1] points per user and horizon
@@ -159,41 +188,40 @@ def fit_calibration(model: StackedLSTM, batches: ChunkBatches, prior_points: flo
     spreads = torch.tensor(SPREAD_GRID, dtype=q.dtype)
     levels = [k for k in range(N_QUANTILES) if k != MID]
     # loss sums per grid value: [G, U, 6, 4] (median shift, floor) and [G, U, 6, 4, 6] (spread of each other level)
-    shift_sums = torch.empty(len(shifts), n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
-    spread_sums = torch.empty(len(spreads), n_users, N_HORIZONS, N_RESOURCES, len(levels), dtype=torch.float64)
+    shift_sums = torch.zeros(len(shifts), n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
+    spread_sums = torch.zeros(len(spreads), n_users, N_HORIZONS, N_RESOURCES, len(levels), dtype=torch.float64)
     before = torch.zeros(n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
-    for a in range(0, n_users, block_users):
-        sl = slice(a, a + block_users)
-        qb, yb, wb = q[sl], y[sl], w[sl]
+    blocks = list(_blocks(n_users, q.shape[1], block_points))
+    for us, ps in blocks:
+        qb, yb = q[us, ps], y[us, ps]
         iqr, mid = qb[..., Q75] - qb[..., Q25], qb[..., MID]
         for g, c in enumerate(shifts):
-            shift_sums[g, sl] = _pinball_sums((mid + c * iqr)[..., None], yb, wb, tau[MID : MID + 1])[..., 0]
-        before[sl] = _pinball_sums(qb, yb, wb, tau).sum(-1)
+            shift_sums[g, us] += _pinball_sums(torch.add(mid, iqr, alpha=float(c))[..., None], yb, tau[MID : MID + 1], consume=True)[..., 0]
+        before[us] += _pinball_sums(qb, yb, tau).sum(-1)
     shift_idx = _choose(shift_sums, count, SHIFT_GRID.index(0.0), prior_points)
     shift = shifts[shift_idx]
-    for a in range(0, n_users, block_users):
-        sl = slice(a, a + block_users)
-        qb, yb, wb = q[sl], y[sl], w[sl]
+    for us, ps in blocks:
+        qb, yb = q[us, ps], y[us, ps]
         mid = qb[..., MID : MID + 1]
-        new_mid = mid + shift[sl][:, None, ..., None] * (qb[..., Q75 : Q75 + 1] - qb[..., Q25 : Q25 + 1])
+        new_mid = mid + shift[us][:, None, ..., None] * (qb[..., Q75 : Q75 + 1] - qb[..., Q25 : Q25 + 1])
         dist = qb[..., levels] - mid
         for g, s in enumerate(spreads):
-            spread_sums[g, sl] = _pinball_sums(new_mid + s * dist, yb, wb, tau[levels])
+            spread_sums[g, us] += _pinball_sums(torch.add(new_mid, dist, alpha=float(s)), yb, tau[levels], consume=True)
     spread_idx = _choose(spread_sums, count[..., None], SPREAD_GRID.index(1.0), prior_points)
     spread = torch.ones(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES)
     spread[..., levels] = spreads[spread_idx]
     floors = torch.tensor(FLOOR_GRID if floor else (0.0,), dtype=q.dtype)
-    floor_sums = torch.empty(len(floors), n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
-    for a in range(0, n_users, block_users):
-        sl = slice(a, a + block_users)
-        qc = apply_calibration(q[sl], shift[sl], spread[sl])
+    floor_sums = torch.zeros(len(floors), n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
+    for us, ps in blocks:
+        qc = apply_calibration(q[us, ps], shift[us], spread[us])
         for g, f in enumerate(floors):
-            floor_sums[g, sl] = _pinball_sums(torch.where(qc < f, torch.zeros_like(qc), qc), y[sl], w[sl], tau).sum(-1)
-    floor = floors[_choose(floor_sums, count, 0, prior_points)]
+            floor_sums[g, us] += _pinball_sums(torch.where(qc < f, 0.0, qc), y[us, ps], tau, consume=True).sum(-1)
+    floor_idx = _choose(floor_sums, count, 0, prior_points)
+    floor = floors[floor_idx]
     model.cal_shift.copy_(shift)
     model.cal_spread.copy_(spread)
     model.cal_floor.copy_(floor)
-    after = _pinball_sums(apply_calibration(q, shift, spread, floor), y, w, tau).sum(-1)
+    after = floor_sums.gather(0, floor_idx[None]).squeeze(0)  # the chosen floor's sums: the recalibrated loss
     points = count[..., 0].sum(-1)  # [U]
     per_user = lambda s: s.sum((1, 2)) / (N_QUANTILES * N_RESOURCES * points.clamp_min(1))  # noqa: E731
     ok = points > 0

@@ -20,6 +20,15 @@ from models.module import StackedLSTM
 State = tuple[Tensor, Tensor]
 
 
+def fused_adamw(params) -> bool | None:
+    """``fused=True`` for AdamW where torch has the fused kernel for these parameters' device
+    (CPU and CUDA): one pass over the weights per step instead of a dozen (CPU, 256 users,
+    hidden 32: 1.1 ms a step instead of 9.9, next to ~75 ms for the step's forward and
+    backward). None (torch's default) elsewhere."""
+    devices = {p.device.type for p in params}
+    return True if devices <= {"cpu", "cuda"} else None
+
+
 def per_user_loss(model: StackedLSTM, batch: dict, state: State | None) -> tuple[Tensor, Tensor, State]:
     """Weighted pinball sums ``[U, 4]`` and number of scored targets ``[U]`` of one
     :class:`~models.features.ChunkBatches` item, and the LSTM state to carry to the next one."""
@@ -154,10 +163,10 @@ class StackedForecaster(pl.LightningModule):
     @torch.no_grad()
     def restore_frozen(self, users: Tensor | None = None) -> None:
         """Reset the rows of ``users`` (default: the frozen ones) to their best parameters."""
-        keep = ~self.active if users is None else users
-        if keep.any():
+        rows = (~self.active if users is None else users).nonzero().squeeze(1)
+        if rows.numel():  # the frozen rows only (after every step: a full pass over the weights cost more than the optimiser)
             for name, p in self.model.named_parameters():
-                p.copy_(torch.where(keep.view(-1, *[1] * (p.dim() - 1)), self.best[name], p))
+                p.index_copy_(0, rows, self.best[name].index_select(0, rows))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Per-user clipping: each user's gradient (its rows of every parameter) is scaled to
@@ -181,7 +190,7 @@ class StackedForecaster(pl.LightningModule):
         decay = [p for n, p in self.model.named_parameters() if n.startswith("w_")]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("w_")]
         return torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                  {"params": rest, "weight_decay": 0.0}], lr=self.lr)
+                                  {"params": rest, "weight_decay": 0.0}], lr=self.lr, fused=fused_adamw(self.model.parameters()))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["best_parameters"] = self.best

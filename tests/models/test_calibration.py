@@ -175,3 +175,40 @@ def test_an_idle_users_small_positive_quantiles_snap_to_zero():
     q = torch.randn(3, 10, 6, 4, 7, generator=gen).sort(dim=-1).values
     out = apply_calibration(q, torch.zeros(3, 6, 4), torch.ones(3, 6, 4, 7), torch.rand(3, 6, 4, generator=gen))
     assert (out.diff(dim=-1) >= 0).all() and (out == 0).any() and ((out == 0) | (out == q)).all()
+
+
+def test_grid_loss_sums_equal_the_textbook_pinball_and_unscored_points_count_nothing():
+    """The fast form of the grid's loss sums (masked points set to 0, ``max(p, y) − τ·max(p, 0)
+    − (1 − τ)·y``) gives Σ w · pinball(y, max(q, 0)) of the plain definition."""
+    from models.calibration import _masked, _pinball_sums
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 40, 6, 4, 7, generator=g).sort(-1).values
+    y = torch.where(torch.rand(5, 40, 6, 4, generator=g) < 0.5, 0.0, torch.rand(5, 40, 6, 4, generator=g) * 3)
+    w = (torch.rand(5, 40, 6, generator=g) < 0.7).float()
+    tau = torch.tensor([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95])
+    u = (y[..., None] - q.clamp_min(0)).double()
+    textbook = (torch.maximum(tau * u, (tau - 1) * u) * w[..., None, None]).sum(1)
+    qm, ym = _masked(q, y, w)
+    assert torch.allclose(_pinball_sums(qm, ym, tau), textbook, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(_pinball_sums(qm.clone(), ym, tau, consume=True), textbook, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="0/1 weights"):
+        _masked(q, y, w * 0.5)
+
+
+def test_the_global_models_pooled_tail_is_fitted_in_pieces_with_the_same_result():
+    """One "user" with a long pooled tail is cut into blocks of origins: the fit is the one of a
+    single block holding everything (up to float32 summation order, which can flip a choice
+    between two grid values of equal loss)."""
+    demand = noise_demand(days=3.0, users=6)
+    dense = dense_demand(demand, T0, T0 + timedelta(days=3))
+    data = prepare_data(dense, CFG)
+    _, val_b = training_batches(data, CFG, pooled=True)
+    model = StackedLSTM(1, N_INPUTS, CFG.hidden, prior=data.prior.median(dim=0).values[None], seed=0)
+    whole = fit_calibration(model, val_b, prior_points=10.0, floor=True, block_points=1 << 30)
+    pieces = fit_calibration(model, val_b, prior_points=10.0, floor=True, block_points=500)
+    for name in ("shift", "spread", "floor"):
+        assert (getattr(whole, name) == getattr(pieces, name)).float().mean() >= 0.97, name
+    assert pieces.loss_before == pytest.approx(whole.loss_before, rel=1e-6)
+    assert pieces.loss_after == pytest.approx(whole.loss_after, rel=1e-6)
+    assert pieces.loss_after <= pieces.loss_before
