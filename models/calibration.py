@@ -120,6 +120,8 @@ def _masked(q: Tensor, y: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     if not bool(((w == 0) | (w == 1)).all()):
         raise ValueError("fit_calibration needs 0/1 weights (a mask of the scored targets)")
     keep = w.bool()
+    if bool((y[keep] < 0).any()):  # demand is never negative; the sums below rely on it
+        raise ValueError("fit_calibration got negative scored targets: demand must be >= 0")
     return q * keep[..., None, None], y * keep[..., None]
 
 
@@ -154,7 +156,6 @@ def _choose(sums: Tensor, count: Tensor, identity: int, prior_points: float) -> 
     return torch.where(better, best, torch.full_like(best, identity))
 
 
-@torch.no_grad()
 def _blocks(n_users: int, n_points: int, block_points: int) -> Iterator[tuple[slice, slice]]:
     """(users, origins) slices covering ``[n_users, n_points]`` in blocks of about
     ``block_points`` user-origins: whole users at a time, or one user's origins in pieces (the
@@ -166,6 +167,7 @@ def _blocks(n_users: int, n_points: int, block_points: int) -> Iterator[tuple[sl
             yield slice(a, a + users), slice(b, b + points)
 
 
+@torch.no_grad()
 def fit_calibration(model: StackedLSTM, batches: ChunkBatches, prior_points: float = 288.0, block_points: int = 1 << 14,
                     device: torch.device | str | None = None, floor: bool = False) -> CalibrationFit:
     """Fit the recalibration of ``model`` on the origins of ``batches`` (training's held-out tail)

@@ -194,6 +194,8 @@ def test_grid_loss_sums_equal_the_textbook_pinball_and_unscored_points_count_not
     assert torch.allclose(_pinball_sums(qm.clone(), ym, tau, consume=True), textbook, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="0/1 weights"):
         _masked(q, y, w * 0.5)
+    with pytest.raises(ValueError, match="negative"):
+        _masked(q, y - 1.0, torch.ones_like(w))
 
 
 def test_the_global_models_pooled_tail_is_fitted_in_pieces_with_the_same_result():
