@@ -100,8 +100,9 @@ class _HeadPinball(torch.autograd.Function):
     """
 
     #: head values per block: 1 MB of float32 on a CPU (one training segment's forward + backward,
-    #: 256 users, hidden 32, on the 2-core VM: 2.70-2.76 us per user-step against 2.93-3.09 with
-    #: 4 MB blocks), 4 MB elsewhere (a GPU wants few, large kernels)
+    #: 256 users, hidden 32, on the 2-core VM, four alternating runs: 2.70-2.89 us per user-step,
+    #: mean 2.78, against 2.75-3.13, mean 2.91, with 4 MB blocks), 4 MB elsewhere (a GPU wants
+    #: few, large kernels)
     BLOCK_VALUES = {"cpu": 1 << 18}
     BLOCK_VALUES_DEFAULT = 1 << 20
 

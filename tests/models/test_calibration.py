@@ -11,7 +11,8 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from models.calibration import SHIFT_GRID, SPREAD_GRID, _choose, apply_calibration, calibrated, fit_calibration, head_quantiles
+from models.calibration import (SHIFT_GRID, SPREAD_GRID, _choose, _masked, _pinball_sums, apply_calibration, calibrated, fit_calibration,
+                                head_quantiles)
 from models.features import BUCKET, N_INPUTS, ChunkBatches, dense_demand
 from models.module import StackedLSTM
 from models.persist import load_trained, save_trained
@@ -180,8 +181,6 @@ def test_an_idle_users_small_positive_quantiles_snap_to_zero():
 def test_grid_loss_sums_equal_the_textbook_pinball_and_unscored_points_count_nothing():
     """The fast form of the grid's loss sums (masked points set to 0, ``max(p, y) − τ·max(p, 0)
     − (1 − τ)·y``) gives Σ w · pinball(y, max(q, 0)) of the plain definition."""
-    from models.calibration import _masked, _pinball_sums
-
     g = torch.Generator().manual_seed(3)
     q = torch.randn(5, 40, 6, 4, 7, generator=g).sort(-1).values
     y = torch.where(torch.rand(5, 40, 6, 4, generator=g) < 0.5, 0.0, torch.rand(5, 40, 6, 4, generator=g) * 3)
