@@ -161,7 +161,7 @@ def _blocks(n_users: int, n_points: int, block_points: int) -> Iterator[tuple[sl
     ``block_points`` user-origins: whole users at a time, or one user's origins in pieces (the
     global model: one "user" with every sampled user's tail)."""
     users = max(1, block_points // max(n_points, 1))
-    points = n_points if users > 1 else min(n_points, block_points)
+    points = max(1, n_points if users > 1 else min(n_points, block_points))  # >= 1: an empty tail gives no block
     for a in range(0, n_users, users):
         for b in range(0, n_points, points):
             yield slice(a, a + users), slice(b, b + points)

@@ -11,10 +11,10 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from models.calibration import (SHIFT_GRID, SPREAD_GRID, _choose, _masked, _pinball_sums, apply_calibration, calibrated, fit_calibration,
+from models.calibration import (SHIFT_GRID, SPREAD_GRID, _blocks, _choose, _masked, _pinball_sums, apply_calibration, calibrated, fit_calibration,
                                 head_quantiles)
 from models.features import BUCKET, N_INPUTS, ChunkBatches, dense_demand
-from models.module import StackedLSTM
+from models.module import StackedLSTM, pinball
 from models.persist import load_trained, save_trained
 from models.train import TrainConfig, predict, prepare_data, train, training_batches
 from pipeline.schemas import DEMAND
@@ -186,8 +186,7 @@ def test_grid_loss_sums_equal_the_textbook_pinball_and_unscored_points_count_not
     y = torch.where(torch.rand(5, 40, 6, 4, generator=g) < 0.5, 0.0, torch.rand(5, 40, 6, 4, generator=g) * 3)
     w = (torch.rand(5, 40, 6, generator=g) < 0.7).float()
     tau = torch.tensor([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95])
-    u = (y[..., None] - q.clamp_min(0)).double()
-    textbook = (torch.maximum(tau * u, (tau - 1) * u) * w[..., None, None]).sum(1)
+    textbook = (pinball(q.clamp_min(0).double(), y.double()) * w[..., None, None]).sum(1)
     qm, ym = _masked(q, y, w)
     assert torch.allclose(_pinball_sums(qm, ym, tau), textbook, rtol=1e-5, atol=1e-5)
     assert torch.allclose(_pinball_sums(qm.clone(), ym, tau, consume=True), textbook, rtol=1e-5, atol=1e-5)
@@ -213,3 +212,4 @@ def test_the_global_models_pooled_tail_is_fitted_in_pieces_with_the_same_result(
     assert pieces.loss_before == pytest.approx(whole.loss_before, rel=1e-6)
     assert pieces.loss_after == pytest.approx(whole.loss_after, rel=1e-6)
     assert pieces.loss_after <= pieces.loss_before
+    assert list(_blocks(3, 0, 500)) == []  # an empty tail: no block (and no zero range step)
