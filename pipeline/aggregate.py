@@ -17,15 +17,21 @@ picks one):
   :func:`pipeline.topdown.topdown_forecast` on the sum of every user's demand over the recent
   buckets (users without a model included): a point (last value or recent peak) plus the
   ``(1 ∓ level)/2`` quantiles of its own past errors; ``mean`` is its mean error added to the point.
-* ``reconciled_target`` (with ``topdown_empirical``; what the scaler sizes from): ``upper =
-  max(tiered target, topdown upper)``, with the ``level`` and ``lower`` of whichever is higher.
+* ``reconciled_target`` (with ``topdown_empirical``; what the scaler sizes from), per horizon and
+  resource one of three candidates (:data:`pipeline.topdown.RECONCILE_CANDIDATES`), with the
+  ``level`` and ``lower`` of the row it comes from: ``max(tiered target, topdown upper)``, the
+  top-down upper alone or the tiered target alone. ``config.reconcile = "max"``: always the first.
+  ``"score"`` (default), given the earlier issues' ``tiered_target`` and ``topdown_empirical`` rows
+  (``past=``, from the forecast store): whichever scored best, by the pinball loss at the band's
+  upper level ``(1 + level)/2`` against the system's demand, over the ``reconcile_window`` latest
+  issues whose target bucket is over (:func:`pipeline.topdown.reconcile_choice`); the maximum until
+  ``reconcile_min_scored`` issues are scored, or without ``past``.
   The bottom-up sum knows each user; the top-down band knows how far the whole system has recently
   moved in 5-30 minutes. On the ServeGen trace the bottom-up sum alone was biased low and too
   narrow (its 0.9 quantile covered the actual bucket ~70 % of the time) and a replay of the scaling
   driven by it had 1.9x the cold demand of reactive target tracking at equal cost; with the
-  reconciled target 0.80x (``warmcast evaluate --forecaster lstm``). On the (4-hour) Azure sample
-  the bottom-up sum alone did better (0.66x vs 0.89x): the maximum is the safe default, not the
-  best choice everywhere.
+  maximum of the two 0.80x (``warmcast evaluate --forecaster lstm``). On the (4-hour) Azure sample
+  the bottom-up sum alone did better (0.66x vs 0.89x for the maximum): hence the choice by score.
 
 Per-user distribution: ``Q(u)`` interpolates linearly between q05 … q95 at τ = 0.05 … 0.95; tails
 ``Q(u) = q05 - a·(0.05 - u)/0.05`` with ``a = min(q05, q10 - q05)`` (the q05–q10 slope continued,
@@ -78,7 +84,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, QUANTILES, SYSTEM_FORECAST
-from pipeline.topdown import topdown_forecast
+from pipeline.topdown import RECONCILE_CANDIDATES, reconcile_choice, topdown_forecast
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +95,7 @@ METHOD_TIERED = "tiered_target"
 METHOD_TOPDOWN = "topdown_empirical"
 METHOD_RECONCILED = "reconciled_target"
 DEFAULT_TIER_LEVELS = {"premium": 0.95, "standard": 0.90, "free": 0.50}
+RECONCILE_MODES = ("score", "max")
 
 TAU = np.asarray(QUANTILES, dtype=np.float64)
 _N_PARAMS = len(QUANTILES) + 2  # q05..q95, lower-tail drop a, upper-tail scale b
@@ -106,6 +113,9 @@ class AggregateConfig:
     default_tier_level: float = 0.9  #: users without a profile, tiers not in the map
     min_history: int = 20  #: fewer past time points than this -> independent users
     min_topdown_errors: int = 12  #: fewer past errors of the system series than this -> no top-down band
+    reconcile: str = "score"  #: ``reconciled_target``: ``"score"`` (the best-scoring candidate) or ``"max"``
+    reconcile_window: int = 288  #: issues scored per horizon for the choice (288: one day)
+    reconcile_min_scored: int = 24  #: fewer scored issues than this -> the maximum of the two
     chunk_mb: float = 24.0  #: memory for one chunk of sampling coefficients, MiB
 
     def __post_init__(self) -> None:
@@ -116,6 +126,11 @@ class AggregateConfig:
                 raise ValueError(f"{name} must lie in (0, 1), got {v}")
         if self.chunk_mb <= 0:
             raise ValueError(f"chunk_mb must be > 0, got {self.chunk_mb}")
+        if self.reconcile not in RECONCILE_MODES:
+            raise ValueError(f"reconcile must be one of {', '.join(RECONCILE_MODES)}, got {self.reconcile!r}")
+        if int(self.reconcile_window) < 1 or int(self.reconcile_min_scored) < 1:
+            raise ValueError(f"reconcile_window and reconcile_min_scored must be >= 1, got {self.reconcile_window} "
+                             f"and {self.reconcile_min_scored}")
 
 
 @dataclass(frozen=True)
@@ -165,6 +180,8 @@ class SystemAggregate:
     reconciled: np.ndarray | None = None
     reconciled_level: np.ndarray | None = None
     reconciled_lower: np.ndarray | None = None
+    #: ``[H, R]`` which candidate the reconciled target is (:data:`pipeline.topdown.RECONCILE_CANDIDATES`)
+    reconciled_from: np.ndarray | None = None
 
     def table(self, methods: Sequence[str] | None = None) -> pa.Table:
         """:data:`SYSTEM_FORECAST` rows, ordered by method, horizon, resource (default: every method
@@ -436,13 +453,15 @@ def provisioning_target(quantiles: np.ndarray, mean: np.ndarray, levels: np.ndar
 
 def aggregate(table: pa.Table, *, profiles: pa.Table | None = None, history: ResidualHistory | None = None,
               config: AggregateConfig = AggregateConfig(), issued_at: datetime | None = None,
-              system: np.ndarray | None = None) -> SystemAggregate:
+              system: np.ndarray | None = None, past: pa.Table | None = None) -> SystemAggregate:
     """The system forecast of one issue of the per-user forecast ``table`` (see the module docstring).
 
     ``system``: the system's demand per bucket before the issue, ``[buckets, 4]`` in
     :data:`DEMAND_RESOURCES` order, oldest first (:func:`system_history`): adds the
     ``topdown_empirical`` band and the ``reconciled_target``; too short a history (fewer than
-    ``config.min_topdown_errors`` + 6 buckets) leaves them out (logged)."""
+    ``config.min_topdown_errors`` + 6 buckets) leaves them out (logged). ``past``: earlier issues'
+    :data:`SYSTEM_FORECAST` rows (any methods; the ``tiered_target`` and ``topdown_empirical`` ones
+    are read), scored against ``system`` for the reconciled target's choice (``config.reconcile``)."""
     cube = read_user_forecast(table, issued_at)
     totals, dependent = sample_totals(cube, history, config)
     lo_level, hi_level = (1.0 - config.level) / 2.0, (1.0 + config.level) / 2.0
@@ -458,7 +477,7 @@ def aggregate(table: pa.Table, *, profiles: pa.Table | None = None, history: Res
     target_level = np.maximum(0.0, 2.0 * covered - 1.0)
     below = [np.quantile(totals[:, i, j], (1.0 - target_level[i, j]) / 2.0) for i, j in np.ndindex(target.shape)]
     target_lower = np.minimum(target, np.reshape(below, target.shape))
-    topdown = _topdown(cube, system, config, target, target_level, target_lower)
+    topdown = _topdown(cube, system, config, target, target_level, target_lower, past)
     return SystemAggregate(
         issued_at=cube.issued_at, horizons=cube.horizons, resources=cube.resources, n_users=len(cube.user_ids),
         method=METHOD_COPULA if dependent else METHOD_INDEPENDENT, level=float(config.level), mean=mean,
@@ -467,7 +486,7 @@ def aggregate(table: pa.Table, *, profiles: pa.Table | None = None, history: Res
 
 
 def _topdown(cube: ForecastCube, system: np.ndarray | None, config: AggregateConfig, target: np.ndarray,
-             target_level: np.ndarray, target_lower: np.ndarray) -> dict[str, np.ndarray]:
+             target_level: np.ndarray, target_lower: np.ndarray, past: pa.Table | None = None) -> dict[str, np.ndarray]:
     """The ``topdown_*`` and ``reconciled*`` fields of :class:`SystemAggregate` (empty without history)."""
     if system is None or not cube.user_ids:
         return {}
@@ -487,10 +506,57 @@ def _topdown(cube: ForecastCube, system: np.ndarray | None, config: AggregateCon
     upper, mean = hi[0][rows], hi[1][rows]
     lower = np.minimum(lo[0][rows], upper)
     wins = upper > target
-    reconciled = np.where(wins, upper, target)
-    return {"topdown_lower": lower, "topdown_upper": upper, "topdown_mean": mean, "reconciled": reconciled,
-            "reconciled_level": np.where(wins, config.level, target_level),
-            "reconciled_lower": np.minimum(reconciled, np.where(wins, lower, target_lower))}
+    highest = np.where(wins, upper, target)
+    cands = np.stack([highest, upper, target])  # RECONCILE_CANDIDATES order
+    levels = np.stack([np.where(wins, config.level, target_level), np.full_like(target, config.level), target_level])
+    lowers = np.stack([np.where(wins, lower, target_lower), lower, target_lower])
+    pick = np.zeros(target.shape, dtype=np.int64)
+    if config.reconcile == "score" and past is not None and past.num_rows and cube.issued_at is not None:
+        pick = _reconcile_pick(cube, system[:, cols], past, cands, config, hi_level)
+    chosen = np.take_along_axis(cands, pick[None], axis=0)[0]
+    return {"topdown_lower": lower, "topdown_upper": upper, "topdown_mean": mean, "reconciled": chosen,
+            "reconciled_level": np.take_along_axis(levels, pick[None], axis=0)[0],
+            "reconciled_lower": np.minimum(chosen, np.take_along_axis(lowers, pick[None], axis=0)[0]),
+            "reconciled_from": np.asarray(RECONCILE_CANDIDATES, dtype=object)[pick]}
+
+
+def _reconcile_pick(cube: ForecastCube, system: np.ndarray, past: pa.Table, cands: np.ndarray, config: AggregateConfig,
+                    level: float) -> np.ndarray:
+    """``[H, R]`` candidate indices for this issue: :func:`pipeline.topdown.reconcile_choice` over the
+    earlier issues in ``past`` (rows off the 5-minute grid of this issue, or older than the window
+    needs, are ignored) against ``system [buckets, R]`` (the buckets right before this issue)."""
+    hz, step = len(HORIZONS_MIN), timedelta(seconds=BUCKET_SECONDS)
+    n = int(config.reconcile_window) + hz  # issues that can be scored for every horizon
+    res_index = {r: i for i, r in enumerate(cube.resources)}
+    bounds = {METHOD_TIERED: np.full((n, hz, len(cube.resources)), np.nan), METHOD_TOPDOWN: None}
+    bounds[METHOD_TOPDOWN] = bounds[METHOD_TIERED].copy()
+    issued = past["issued_at"].to_pylist()
+    method, horizon = past["method"].to_pylist(), past["horizon_min"].to_pylist()
+    resource, upper = past["resource"].to_pylist(), past["upper"].to_numpy(zero_copy_only=False)
+    at = _as_utc(cube.issued_at)
+    for t, m, h, r, u in zip(issued, method, horizon, resource, upper):
+        if m not in bounds or r not in res_index or h not in HORIZONS_MIN or t is None:
+            continue
+        k, rem = divmod(at - _as_utc(t), step)  # issued k buckets before this issue
+        if rem or not 1 <= k <= n:
+            continue
+        bounds[m][n - k, HORIZONS_MIN.index(h), res_index[r]] = u
+    down, bottom = bounds[METHOD_TOPDOWN], bounds[METHOD_TIERED]
+    full = np.full((3, 1, hz, len(cube.resources)), np.nan)
+    full[:, 0, [HORIZONS_MIN.index(h) for h in cube.horizons]] = cands
+    uppers = np.concatenate([np.stack([np.maximum(bottom, down), down, bottom]), full], axis=1)  # [3, n + 1, H, R]
+    # past issue n - k, horizon j targets the bucket k - j before this issue: system[-(k - j)] when known
+    k = n - np.arange(n + 1)[:, None]  # row n (this issue): k = 0
+    back = k - np.arange(hz)[None, :]
+    known = (back >= 1) & (back <= len(system))
+    actual = np.where(known[..., None], system[np.clip(len(system) - back, 0, len(system) - 1)], np.nan)
+    pick = reconcile_choice(uppers, actual, level, window=int(config.reconcile_window),
+                            min_scored=int(config.reconcile_min_scored))[-1]
+    return pick[[HORIZONS_MIN.index(h) for h in cube.horizons]]
+
+
+def _as_utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
 
 
 def residual_history(demand: pa.Table, issued_at: datetime, window: int = 288) -> ResidualHistory:

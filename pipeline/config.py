@@ -119,6 +119,7 @@ MAX_MAPPED_TASKS = 1024
 FORECAST_FALLBACKS = ("last_value", "seasonal_daily", "seasonal_weekly", "moving_average", "fail")
 #: Sampling methods of :mod:`pipeline.aggregate`: dependence from residual history, or none.
 AGGREGATE_METHODS = ("copula_sample", "independent_sample")
+RECONCILE_MODES = ("score", "max")  # pipeline.aggregate.RECONCILE_MODES (config imports nothing heavy)
 
 
 def _check_shards(where: str, shard_size: int, max_shards: int) -> None:
@@ -196,6 +197,12 @@ class AggregateSettings:
     #: (``max(tiered target, top-down upper)``, see :mod:`pipeline.aggregate`); false: the tiered
     #: target alone (the per-user forecasts, summed).
     topdown: bool = True
+    #: what the reconciled target sizes from, per horizon and resource: ``"score"`` — whichever of
+    #: max(tiered, top-down), the top-down upper alone or the tiered target alone had the lowest
+    #: pinball loss over the ``history_buckets`` latest scored issues (read from the forecast
+    #: store; the maximum until 24 are scored or when the store cannot be read); ``"max"`` —
+    #: always the maximum.
+    reconcile: str = "score"
     seed: int = 0
     #: User profiles (USER_PROFILE CSV: user_id, tier, weight, ...) for the tier-weighted target;
     #: None: ``<landing>/_users.csv`` when it exists (the generator writes it), else every user at
@@ -211,6 +218,8 @@ class AggregateSettings:
             raise ConfigError(f"aggregate.method={self.method!r} must be one of {', '.join(AGGREGATE_METHODS)}")
         if self.history_buckets < 2:
             raise ConfigError(f"aggregate.history_buckets={self.history_buckets} must be at least 2")
+        if self.reconcile not in RECONCILE_MODES:
+            raise ConfigError(f"aggregate.reconcile={self.reconcile!r} must be one of {', '.join(RECONCILE_MODES)}")
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,15 @@ import posixpath
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.config import Settings
 from pipeline.intervals import run_interval
-from pipeline.schemas import BUCKET_SECONDS, SYSTEM_FORECAST, USER_FORECAST
+from pipeline.schemas import BUCKET_SECONDS, HORIZONS_MIN, SYSTEM_FORECAST, USER_FORECAST
 from pipeline.storage import Location, location_from_settings, parquet_bytes
 
 log = logging.getLogger(__name__)
@@ -166,13 +168,38 @@ def aggregate_issue(settings: Settings, at: datetime, shards: Sequence[Mapping[s
             history = residual_history(demand, at, window=agg.history_buckets)
         if agg.topdown:
             totals = system_history(demand, at, window=agg.history_buckets)
-    config = AggregateConfig(n_paths=agg.n_paths, level=agg.level, seed=agg.seed)
+    config = AggregateConfig(n_paths=agg.n_paths, level=agg.level, seed=agg.seed, reconcile=agg.reconcile,
+                             reconcile_window=agg.history_buckets)
+    past = _past_bounds(settings, at, config) if agg.topdown and agg.reconcile == "score" else None
     result = aggregate(users, profiles=read_profiles(settings), history=history, config=config, issued_at=at,
-                       system=totals)
+                       system=totals, past=past)
     system = result.table()
     path = system_forecast_path(lake, at)
     _write_parquet(lake, path, system)
-    return {"path": path, "n_users": result.n_users, "rows": system.num_rows, "method": result.method}
+    out = {"path": path, "n_users": result.n_users, "rows": system.num_rows, "method": result.method}
+    if result.reconciled_from is not None:
+        names, counts = np.unique(result.reconciled_from, return_counts=True)
+        out["reconciled_from"] = {str(k): int(v) for k, v in zip(names, counts)}  # (horizon, resource) cells per candidate
+        log.info("aggregate at %s: reconciled target from %s", at.isoformat(), out["reconciled_from"])
+    return out
+
+
+def _past_bounds(settings: Settings, at: datetime, config: Any) -> pa.Table | None:
+    """The earlier issues' ``tiered_target`` and ``topdown_empirical`` rows the reconciled target's
+    choice scores (the window and the six horizons before ``at``), from the forecast store; None
+    (logged: the maximum of the two is used) when the store cannot be read."""
+    from pipeline.aggregate import METHOD_TIERED, METHOD_TOPDOWN
+    from pipeline.forecast_store import StoreUnavailableError
+
+    since = at - (config.reconcile_window + len(HORIZONS_MIN)) * timedelta(seconds=BUCKET_SECONDS)
+    try:
+        store = open_store(settings)
+        rows = store.read_system_forecasts(since, at)
+    except StoreUnavailableError as exc:
+        log.warning("aggregate at %s: the forecast store is unavailable (%s); the reconciled target is the maximum "
+                    "of the bottom-up and top-down bounds this time", at.isoformat(), exc)
+        return None
+    return rows.filter(pc.is_in(rows["method"], pa.array([METHOD_TIERED, METHOD_TOPDOWN])))
 
 
 def open_store(settings: Settings, lake: Location | None = None):

@@ -169,3 +169,47 @@ def topdown_forecast(history: np.ndarray, level: float, *, widths: Sequence[int]
     upper, mean = empirical_quantiles(x, level, k=1, window=n + 1, refit=n, error_scale=error_scale,
                                       point_widths=widths, hz=hz)
     return upper[n], mean[n]
+
+
+#: The reconciled upper bound's candidates, in the order a tie is broken (the first wins): the larger
+#: of the bottom-up and top-down bounds (the safe choice, used until enough is scored), the top-down
+#: band alone, the bottom-up target alone.
+RECONCILE_CANDIDATES = ("max", "topdown", "bottom_up")
+
+
+def reconcile_choice(uppers: np.ndarray, actual: np.ndarray, level: float, *, window: int,
+                     min_scored: int) -> np.ndarray:
+    """Per issue, horizon and resource, which candidate upper bound scored best recently.
+
+    ``uppers [C, N, H, R]``: the candidates' upper bounds issued at ``N`` consecutive 5-minute
+    issues (NaN: that candidate had none at that issue); ``actual [N, H, R]``: the demand each of
+    them forecast (bucket ``n + j`` of the series for issue ``n``, horizon ``j``; NaN where not
+    known). Issue ``n`` scores, for horizon ``j``, the ``window`` latest issues whose target is
+    past by then (``m`` in ``[n − j − window, n − j − 1]``) at which every candidate had a bound
+    and the actual is known; the candidate with the lowest mean pinball loss at ``level`` wins,
+    ties going to the lower index. Fewer than ``min_scored`` scored issues: candidate 0. Returns
+    ``[N, H, R]`` int indices; row ``n`` uses nothing issued at or after ``n`` nor any demand at or
+    after bucket ``n`` (for the scaler, which sizes from issue ``n`` before bucket ``n`` is over)."""
+    uppers = np.asarray(uppers, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if uppers.ndim != 4 or actual.shape != uppers.shape[1:]:
+        raise ValueError(f"uppers must be [candidates, issues, horizons, resources] and actual match its last three, "
+                         f"got {uppers.shape} and {actual.shape}")
+    if not 0.0 < level <= 1.0:
+        raise ValueError(f"level must lie in (0, 1], got {level}")
+    if window < 1 or min_scored < 1:
+        raise ValueError(f"window and min_scored must be >= 1, got {window} and {min_scored}")
+    c, n, hz, r = uppers.shape
+    ok = np.isfinite(actual) & np.isfinite(uppers).all(axis=0)  # [N, H, R]
+    d = np.where(ok, actual, 0.0)[None] - np.where(ok[None], uppers, 0.0)
+    loss = np.maximum(level * d, (level - 1.0) * d)  # 0 where not scored
+    csum = np.concatenate([np.zeros((c, 1, hz, r)), np.cumsum(loss, axis=1)], axis=1)  # [C, N+1, H, R]
+    ccount = np.concatenate([np.zeros((1, hz, r)), np.cumsum(ok, axis=0)], axis=0)  # [N+1, H, R]
+    issue = np.arange(n)[:, None]
+    hi = np.clip(issue - np.arange(hz)[None, :], 0, n)  # [N, H]: scored issues m < n - j
+    lo = np.clip(hi - window, 0, n)
+    hj = np.broadcast_to(np.arange(hz), (n, hz))
+    total = csum[:, hi, hj] - csum[:, lo, hj]  # [C, N, H, R]
+    count = ccount[hi, hj] - ccount[lo, hj]  # [N, H, R]
+    best = np.argmin(total, axis=0)  # the first of equal totals
+    return np.where(count >= min_scored, best, 0)

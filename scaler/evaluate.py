@@ -41,10 +41,11 @@ Forecasts are issued with past data only: every simulated policy reads at step `
 before ``t`` (the oracle excepted, by design). ``warmcast`` plans from a baseline forecast of the
 system sum; with ``forecaster="lstm"``, ``warmcast_lstm`` plans from warmcast's own per-user LSTMs
 (trained before the scored period, issued at every 5-minute origin, aggregated to sample paths of
-the sum: :func:`train_lstm_models`, :func:`lstm_system_forecast`), never below the top-down forecast
-of the system's 5-minute demand (:func:`topdown_system_forecast`) - the pipeline's
-``reconciled_target`` - and ``warmcast_lstm_bottom_up`` from the sampled sum alone. torch is
-imported only there.
+the sum: :func:`train_lstm_models`, :func:`lstm_system_forecast`), reconciled with the top-down
+forecast of the system's 5-minute demand (:func:`topdown_system_forecast`) by recent score, as the
+pipeline's ``reconciled_target`` (:func:`lstm_policy_spec`); ``warmcast_lstm_max`` never below
+the top-down forecast (the maximum of the two) and ``warmcast_lstm_bottom_up`` from the sampled
+sum alone. torch is imported only there.
 """
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ POLICY_SPECS: dict[str, PolicySpec] = {s.name: s for s in (
 POLICY_NAMES = tuple(POLICY_SPECS)
 REFERENCE_POLICY, NAIVE_POLICY = "reactive", "naive_predictive"
 LSTM_POLICY = "warmcast_lstm"  # only with forecaster="lstm": see lstm_policy_spec
+LSTM_MAX_POLICY = "warmcast_lstm_max"  # likewise: always the higher of the bottom-up and top-down bounds
 LSTM_BOTTOM_UP_POLICY = "warmcast_lstm_bottom_up"  # likewise: the per-user forecasts' sum alone
-LSTM_POLICIES = (LSTM_POLICY, LSTM_BOTTOM_UP_POLICY)
+LSTM_POLICIES = (LSTM_POLICY, LSTM_MAX_POLICY, LSTM_BOTTOM_UP_POLICY)
+RECONCILE_MODES = ("score", "max")
 EPISODE_GAP_S = 900.0  # cold runs separated by less than this (without cold demand) are one episode
 EPISODE_LOOKBACK_S = 900.0  # an episode's "level before": mean demand over this long before its first cold step
 EPISODE_TOP = 3  # episodes listed per policy
@@ -137,24 +140,39 @@ def _named(policy: ScalingPolicy, name: str) -> ScalingPolicy:
     return policy
 
 
-def lstm_policy_spec(forecast: SampledForecast, topdown: "TopdownForecast | None" = None) -> PolicySpec:
+def lstm_policy_spec(forecast: SampledForecast, topdown: "TopdownForecast | None" = None, *, reconcile: str = "score",
+                     window: int = 288, min_scored: int = 24) -> PolicySpec:
     """warmcast's plan driven by its own per-user LSTM forecasts, aggregated (``forecast``); the
-    knob ``level`` is the quantile of the sampled system sum, rebuilt for every setting. With
-    ``topdown`` (:data:`LSTM_POLICY`, as the pipeline's ``reconciled_target``): the upper bound is
-    never below the top-down forecast's at the same level; without (:data:`LSTM_BOTTOM_UP_POLICY`):
-    the sampled sum alone."""
-    name = LSTM_POLICY if topdown is not None else LSTM_BOTTOM_UP_POLICY
+    knob ``level`` is the quantile of the sampled system sum, rebuilt for every setting. Without
+    ``topdown`` (:data:`LSTM_BOTTOM_UP_POLICY`): the sampled sum alone. With it, as the pipeline's
+    ``reconciled_target``: ``reconcile="score"`` (:data:`LSTM_POLICY`) takes, per issue, horizon
+    and resource, whichever of max(bottom-up, top-down), the top-down bound and the bottom-up
+    bound had the lowest pinball loss at ``level`` over the ``window`` latest issues whose demand
+    is known (:func:`pipeline.topdown.reconcile_choice`; the maximum until ``min_scored`` are);
+    ``"max"`` (:data:`LSTM_MAX_POLICY`): always the higher of the two."""
+    from pipeline.topdown import reconcile_choice
+
+    if reconcile not in RECONCILE_MODES:
+        raise ValueError(f"reconcile must be one of {', '.join(RECONCILE_MODES)}, got {reconcile!r}")
+    name = LSTM_BOTTOM_UP_POLICY if topdown is None else LSTM_POLICY if reconcile == "score" else LSTM_MAX_POLICY
 
     def make(level: float) -> Warmcast:
         fc = forecast.at(level)
         if topdown is not None:
-            fc = replace(fc, upper=np.maximum(fc.upper, topdown.upper(level)))
+            down = topdown.upper(level)
+            both = np.maximum(fc.upper, down)
+            if reconcile == "score":
+                cands = np.stack([both, down, fc.upper])
+                pick = reconcile_choice(cands, topdown.actual(), level, window=window, min_scored=min_scored)
+                both = np.take_along_axis(cands, pick[None], axis=0)[0]
+            fc = replace(fc, upper=both)
         pol = Warmcast(level=level, forecast=fc)
         pol.name = name
         return pol
 
-    label = ("warmcast, per-user LSTMs aggregated, reconciled with the top-down band" if topdown is not None
-             else "warmcast, per-user LSTM forecasts aggregated (bottom-up only)")
+    label = ("warmcast, per-user LSTMs aggregated (bottom-up only)" if topdown is None
+             else "warmcast, per-user LSTMs aggregated, reconciled with the top-down band by recent score" if reconcile == "score"
+             else "warmcast, per-user LSTMs aggregated, never below the top-down band")
     return PolicySpec(name, label, "level", make, LEVELS)
 
 
@@ -180,6 +198,13 @@ class TopdownForecast:
                     out[j] = fc[0]
             self._cache[level] = out
         return self._cache[level]
+
+    def actual(self) -> np.ndarray:
+        """``[len(issues), 6, R]``: the demand each issue's horizons forecast (bucket ``issue + j``;
+        NaN past the end of the series)."""
+        idx = self.issues[:, None] + np.arange(len(HORIZONS_MIN))[None, :]
+        ok = idx < len(self.series)
+        return np.where(ok[..., None], self.series[np.minimum(idx, len(self.series) - 1)], np.nan)
 
 
 def topdown_system_forecast(trace: SystemTrace, eval_start: int, history_buckets: int = 288) -> TopdownForecast:
@@ -540,10 +565,16 @@ LSTM_NOTE = ("warmcast's own forecasts: one LSTM per user (models.train.train on
              "(only the safety net there).")
 
 
-RECONCILED_NOTE = ("'warmcast_lstm' sizes as the pipeline's reconciled_target does: the upper bound is the higher of "
-                   "that sampled quantile and the top-down forecast's at the same level (pipeline.topdown: the "
-                   "system's 5-minute demand, last value or recent peak plus the quantile of its own errors over the "
-                   "{history} buckets before the origin, refit at every origin; users without a model included).")
+_TOPDOWN_TEXT = ("the top-down forecast's at the same level (pipeline.topdown: the system's 5-minute demand, last "
+                 "value or recent peak plus the quantile of its own errors over the {history} buckets before the "
+                 "origin, refit at every origin; users without a model included)")
+RECONCILED_NOTE = ("'warmcast_lstm' sizes as the pipeline's reconciled_target does: per origin, horizon and resource, "
+                   "the upper bound is whichever of three scored best (lowest pinball loss at the level) over the "
+                   "{history} latest origins whose demand was known by then: the higher of that sampled quantile and "
+                   + _TOPDOWN_TEXT + ", the top-down bound alone, or the sampled quantile alone (the higher of the "
+                   "two until 24 origins are scored).")
+MAX_NOTE = ("'warmcast_lstm_max' always sizes from the higher of that sampled quantile and " + _TOPDOWN_TEXT
+            + " (the pipeline's reconciled_target before it chose by score).")
 
 
 @dataclass(frozen=True)
@@ -720,8 +751,9 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
     ``forecaster="lstm"`` (lake only) adds :data:`LSTM_POLICY`: warmcast's plan driven by per-user
     LSTMs trained on the lake's demand before the scored period (:func:`train_lstm_models`) and
     their forecasts issued at every 5-minute origin of it, aggregated (:func:`lstm_system_forecast`)
-    and reconciled with the top-down forecast (:func:`topdown_system_forecast`), as the pipeline
-    sizes; and :data:`LSTM_BOTTOM_UP_POLICY`, the aggregated forecasts alone.
+    and reconciled with the top-down forecast (:func:`topdown_system_forecast`) by recent score, as
+    the pipeline sizes; :data:`LSTM_MAX_POLICY`, reconciled by the maximum; and
+    :data:`LSTM_BOTTOM_UP_POLICY`, the aggregated forecasts alone.
     The scored period then starts on the 5-minute grid (the warm-up is rounded up to it).
     ``warm_headroom`` > 0: see :func:`with_warm_headroom` (adds :data:`WARM_POLICY`)."""
     from pathlib import Path
@@ -799,10 +831,13 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
         train_text = (f"{since:%Y-%m-%d %H:%M} – {scored:%Y-%m-%d %H:%M} UTC, validation tail {tc.val_days:g} d, "
                       f"per-user models from {tc.min_history_days:g} d of history, epochs run global/per-user "
                       f"{trained.epochs_run[0]}/{trained.epochs_run[1]}")
-        specs[LSTM_POLICY] = lstm_policy_spec(sampled, topdown_system_forecast(trace, eval_start, lstm.history_buckets))
+        down = topdown_system_forecast(trace, eval_start, lstm.history_buckets)
+        specs[LSTM_POLICY] = lstm_policy_spec(sampled, down, reconcile="score", window=lstm.history_buckets)
+        specs[LSTM_MAX_POLICY] = lstm_policy_spec(sampled, down, reconcile="max")
         specs[LSTM_BOTTOM_UP_POLICY] = lstm_policy_spec(sampled)
         text = LSTM_NOTE.format(train=train_text, n_paths=lstm.n_paths, history=lstm.history_buckets, users=users)
         forecasters[LSTM_POLICY] = text + " " + RECONCILED_NOTE.format(history=lstm.history_buckets)
+        forecasters[LSTM_MAX_POLICY] = text + " " + MAX_NOTE.format(history=lstm.history_buckets)
         forecasters[LSTM_BOTTOM_UP_POLICY] = text + f" '{LSTM_BOTTOM_UP_POLICY}': this sampled sum alone."
         meta["lstm"] = {"train_start": since.isoformat(), "train_end": scored.isoformat(), "users": len(trained.user_ids),
                         "on_global_model": int(trained.uses_global.sum()), "new_users_not_forecast": len(new_users),

@@ -25,16 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.schemas import HORIZONS_MIN
-from scaler.evaluate import LSTM_BOTTOM_UP_POLICY, LSTM_POLICIES, LSTM_POLICY, Evaluation
+from scaler.evaluate import LSTM_BOTTOM_UP_POLICY, LSTM_MAX_POLICY, LSTM_POLICIES, LSTM_POLICY, Evaluation
 from scaler.sim_policies import Warmcast
 
 COLORS = {"reactive": "#d62728", "knative": "#ff7f0e", "aws_predictive": "#8c564b", "naive_predictive": "#7f7f7f",
-          "warmcast": "#1f77b4", "warmcast_1min": "#17becf", LSTM_POLICY: "#9467bd", LSTM_BOTTOM_UP_POLICY: "#e377c2",
+          "warmcast": "#1f77b4", "warmcast_1min": "#17becf", LSTM_POLICY: "#9467bd", LSTM_MAX_POLICY: "#393b79",
+          LSTM_BOTTOM_UP_POLICY: "#e377c2",
           "oracle": "#2ca02c"}
 #: The policies whose forecast ``forecast.png`` shows, and what each forecast's target is.
 FORECAST_PANELS = {"warmcast": ("baseline forecaster (last value of the system sum + past error quantiles)",
                                 "the 5-min bucket's peak step"),
-                   LSTM_POLICY: ("per-user LSTM forecasts aggregated, reconciled with the top-down band",
+                   LSTM_POLICY: ("per-user LSTM forecasts aggregated, reconciled with the top-down band by recent score",
                                  "the 5-min bucket's average")}
 PLOT_WINDOW_S = 2 * 86_400.0  # the time-series plots show at most the last two days
 
@@ -103,10 +104,12 @@ def plot_tradeoff(ev: Evaluation, path: Path) -> None:
         axes[0][1].set_title("Cold requests vs cost (lower-left is better)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     ncol = 4 if len(labels) <= 4 or not has_req else 3
+    if has_req and max(map(len, labels), default=0) > 60:
+        ncol = 2  # three columns of long labels run off the figure
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle("Cold starts vs instance-hours, each policy's knob swept (hollow: zero cold demand)", fontsize=11)
     fig.tight_layout(rect=(0, 0.04 + 0.035 * -(-len(labels) // ncol), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -216,7 +219,9 @@ def result_rows(ev: Evaluation) -> list[dict]:
 
 def _short_forecaster(ev: Evaluation, name: str) -> str:
     if name == LSTM_POLICY:
-        return "per-user LSTMs, aggregated + top-down"
+        return "per-user LSTMs, aggregated + top-down, chosen by score"
+    if name == LSTM_MAX_POLICY:
+        return "per-user LSTMs, aggregated, never below top-down"
     if name == LSTM_BOTTOM_UP_POLICY:
         return "per-user LSTMs, aggregated"
     return "baseline (last value of the sum)" if name in ("warmcast", "warmcast_1min") else "–"

@@ -347,6 +347,56 @@ def test_a_wide_bottom_up_target_stands_when_the_system_has_been_calm():
     np.testing.assert_array_equal(agg.reconciled_lower, agg.target_lower)
 
 
+def _past_bounds(system: np.ndarray, tiered_off: float, topdown_off: float, issues: int = 294) -> pa.Table:
+    """Earlier issues' tiered_target / topdown_empirical rows whose upper is the actual demand of its
+    target bucket (``system``, the buckets before T0) plus an offset; targets not yet over: 1e6."""
+    step, rows = timedelta(minutes=5), []
+    for k in range(1, issues + 1):
+        for j, h in enumerate(HORIZONS_MIN):
+            back = k - j
+            for r, res in enumerate(DEMAND_RESOURCES):
+                y = system[-back, r] if 1 <= back <= len(system) else 1e6
+                for method, off in ((METHOD_TIERED, tiered_off), (METHOD_TOPDOWN, topdown_off)):
+                    rows.append({"issued_at": T0 - k * step, "horizon_min": h, "resource": res, "mean": y, "lower": 0.0,
+                                 "upper": max(0.0, y + off), "level": 0.9, "n_users": 10, "method": method})
+    return pa.Table.from_pylist(rows, schema=SYSTEM_FORECAST)
+
+
+def test_the_reconciled_target_is_the_bound_that_scored_best_on_the_recent_issues():
+    q = np.repeat(np.linspace(9.5, 10.5, 7)[None, None], 10, axis=0).repeat(4, axis=1)  # 10 users, ~10 each
+    system = _swinging_system()
+    safe = aggregate(_table(q), system=system, config=AggregateConfig(seed=1))  # no past: the maximum
+    assert (safe.topdown_upper > safe.target).all() and (safe.reconciled_from == "max").all()
+    # the sum of the users' forecasts was just above every past bucket, the top-down bound 80 over
+    agg = aggregate(_table(q), system=system, config=AggregateConfig(seed=1), past=_past_bounds(system, 1.0, 80.0))
+    assert (agg.reconciled_from == "bottom_up").all()
+    np.testing.assert_array_equal(agg.reconciled, agg.target)
+    np.testing.assert_array_equal(agg.reconciled_level, agg.target_level)
+    np.testing.assert_array_equal(agg.reconciled_lower, agg.target_lower)
+    rec = agg.table([METHOD_RECONCILED]).to_pandas()
+    np.testing.assert_allclose(np.sort(rec["upper"]), np.sort(agg.target.ravel()))
+    # the sum fell 50 short every time: the top-down bound (here the maximum too: ties keep the maximum)
+    short = aggregate(_table(q), system=system, config=AggregateConfig(seed=1), past=_past_bounds(system, -50.0, 5.0))
+    assert (short.reconciled_from == "max").all()
+    np.testing.assert_array_equal(short.reconciled, short.topdown_upper)
+    # "max" ignores the past; too few scored issues (20 < 24 at 5 min) keep the maximum
+    fixed = aggregate(_table(q), system=system, config=AggregateConfig(seed=1, reconcile="max"),
+                      past=_past_bounds(system, 1.0, 80.0))
+    np.testing.assert_array_equal(fixed.reconciled, safe.reconciled)
+    few = aggregate(_table(q), system=system, config=AggregateConfig(seed=1), past=_past_bounds(system, 1.0, 80.0, issues=20))
+    assert (few.reconciled_from == "max").all()
+    # rows of this very issue (a re-run) and rows off its 5-minute grid are not scored
+    noise = _past_bounds(system, -1e3, -1e3, issues=3)
+    field = SYSTEM_FORECAST.field("issued_at")
+    shifted = noise.set_column(0, field, pa.array([t + timedelta(minutes=2) for t in noise["issued_at"].to_pylist()], field.type))
+    own = noise.set_column(0, field, pa.array([T0] * noise.num_rows, field.type))
+    past = pa.concat_tables([_past_bounds(system, 1.0, 80.0), shifted, own])
+    again = aggregate(_table(q), system=system, config=AggregateConfig(seed=1), past=past)
+    assert (again.reconciled_from == "bottom_up").all()
+    with pytest.raises(ValueError, match="reconcile must be"):
+        AggregateConfig(reconcile="min")
+
+
 def test_too_little_system_history_leaves_the_tiered_target_alone(caplog):
     q = np.sort(np.random.default_rng(3).gamma(2.0, 1.0, (5, 4, 7)), axis=-1)
     with caplog.at_level(logging.INFO, logger="pipeline.aggregate"):

@@ -58,3 +58,43 @@ def test_too_little_history_gives_no_forecast_and_bad_input_is_refused():
         topdown_forecast(np.ones(30), 0.9)
     with pytest.raises(ValueError, match="error_scale"):
         empirical_quantiles(np.ones((30, 1)), 0.9, window=10, refit=1, error_scale="log")
+
+
+def test_the_reconciled_choice_scores_only_the_past_and_keeps_the_safe_candidate_until_it_has_enough():
+    from pipeline.topdown import reconcile_choice
+
+    rng = np.random.default_rng(3)
+    n, hz = 80, 6
+    actual = rng.gamma(3.0, 10.0, (n, hz, 2))
+    good = actual + 1.0  # just above every actual: the best 0.9-quantile bound by far
+    uppers = np.stack([actual + 30.0, actual - 20.0, good])
+    pick = reconcile_choice(uppers, actual, 0.9, window=20, min_scored=5)
+    for j in range(hz):  # issue n has scored n - j issues of horizon j (capped at 20): candidate 0 until 5
+        assert (pick[: 5 + j, j] == 0).all() and (pick[5 + j:, j] == 2).all()
+    # nothing issued at or after n, and no demand at or after bucket n, moves row n
+    i = 40
+    later = uppers.copy()
+    later[:, i:] = rng.gamma(3.0, 10.0, later[:, i:].shape)
+    moved = actual.copy()
+    for j in range(hz):
+        moved[i - j:, j] = 0.0  # the demand of buckets >= i
+    np.testing.assert_array_equal(reconcile_choice(later, moved, 0.9, window=20, min_scored=5)[i], pick[i])
+    # an issue where a candidate had no bound is not scored; equal losses keep the first candidate
+    holes = uppers.copy()
+    holes[2, :30] = np.nan
+    assert (reconcile_choice(holes, actual, 0.9, window=20, min_scored=5)[: 30 + 5, 0] == 0).all()
+    same = np.stack([good, good, actual - 5.0])
+    assert (reconcile_choice(same, actual, 0.9, window=20, min_scored=5) == 0).all()
+    # the choice follows the recent past: once the sum falls 40 short from issue 40 on, the higher of
+    # the two (30 over: loss 3 per issue, against 36 for the sum) takes over as soon as the window's
+    # mean says so (issue 41 of horizon 5 min: one short issue among ten)
+    switch = uppers.copy()
+    switch[2, 40:] = actual[40:] - 40.0
+    late = reconcile_choice(switch, actual, 0.9, window=10, min_scored=5)
+    assert (late[5:41, 0] == 2).all() and (late[41:, 0] == 0).all()
+    with pytest.raises(ValueError, match="level"):
+        reconcile_choice(uppers, actual, 0.0, window=20, min_scored=5)
+    with pytest.raises(ValueError, match="candidates, issues"):
+        reconcile_choice(uppers, actual[:, :3], 0.9, window=20, min_scored=5)
+    with pytest.raises(ValueError, match="min_scored"):
+        reconcile_choice(uppers, actual, 0.9, window=0, min_scored=5)

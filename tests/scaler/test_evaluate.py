@@ -449,7 +449,7 @@ def test_cli_evaluate_with_the_lstm_forecaster(tiny_lake, capsys, monkeypatch):
 
     monkeypatch.setattr(LstmForecastConfig, "train_config", small)
     out = tiny_lake / "report-lstm"
-    policies = ("reactive", "naive_predictive", "warmcast", "warmcast_lstm", "warmcast_lstm_bottom_up")
+    policies = ("reactive", "naive_predictive", "warmcast", "warmcast_lstm", "warmcast_lstm_max", "warmcast_lstm_bottom_up")
     rc = main(["evaluate", "--lake", str(tiny_lake / "lake"), "--out", str(out), "--step", "5min", "--warmup-hours", "18",
                "--forecaster", "lstm", "--epochs", "1", "--global-epochs", "1", "--n-paths", "100",
                "--policies", ",".join(policies)])
@@ -463,9 +463,12 @@ def test_cli_evaluate_with_the_lstm_forecaster(tiny_lake, capsys, monkeypatch):
     assert "LSTM" in summary["forecasters"]["warmcast_lstm"] and "baseline" in summary["forecasters"]["warmcast"]
     assert len(summary["policies"]["warmcast_lstm"]["curve"]) == len(POLICY_SPECS["warmcast"].grid)
     md = (out / "report.md").read_text()
-    assert "| warmcast_lstm | per-user LSTMs, aggregated + top-down" in md
+    assert "| warmcast_lstm | per-user LSTMs, aggregated + top-down, chosen by score" in md
+    assert "| warmcast_lstm_max | per-user LSTMs, aggregated, never below top-down" in md
     assert "| warmcast_lstm_bottom_up | per-user LSTMs, aggregated |" in md
     assert "reconciled_target" in summary["forecasters"]["warmcast_lstm"]
+    assert "scored best" in summary["forecasters"]["warmcast_lstm"]
+    assert "{history}" not in summary["forecasters"]["warmcast_lstm_max"]
     assert "reconciled_target" not in summary["forecasters"]["warmcast_lstm_bottom_up"]
 
 
@@ -479,9 +482,9 @@ def test_cli_evaluate_lstm_forecaster_errors(tiny_lake, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_the_lstm_policy_sizes_from_the_higher_of_the_sampled_sum_and_the_pipelines_top_down_bound():
+def test_the_lstm_policies_size_from_the_sampled_sum_the_top_down_bound_or_the_better_scoring_of_them():
     from pipeline.topdown import topdown_forecast
-    from scaler.evaluate import LSTM_BOTTOM_UP_POLICY, LSTM_POLICY, lstm_policy_spec, topdown_system_forecast
+    from scaler.evaluate import LSTM_BOTTOM_UP_POLICY, LSTM_MAX_POLICY, LSTM_POLICY, lstm_policy_spec, topdown_system_forecast
     from scaler.sim_policies import SampledForecast
 
     rng = np.random.default_rng(0)
@@ -493,13 +496,32 @@ def test_the_lstm_policy_sizes_from_the_higher_of_the_sampled_sum_and_the_pipeli
     # the pipeline's forecast at issue 350 reads the 288 buckets before it: the replay's is the same
     series = np.stack([cores[::5], cores[::5] * 2.0], axis=1)
     np.testing.assert_allclose(td.upper(0.9)[50], topdown_forecast(series[350 - 288:350], 0.9)[0])
+    np.testing.assert_allclose(td.actual()[50, 2], series[352])  # a bucket's mean of its 5 steps
+    assert np.isnan(td.actual()[99, 1:]).all() and np.isfinite(td.actual()[99, 0]).all()
     n = len(td.issues)
     totals = np.sort(rng.gamma(2.0, 10.0, (n, 50, 6, 2)), axis=1)
+    totals[:, :, :, 1] *= 10.0  # memory: the sampled sum is far too high, the top-down bound should win there
     sampled = SampledForecast(eval_start + 5 * np.arange(n), totals, totals.mean(axis=1))
-    rec, alone = lstm_policy_spec(sampled, td), lstm_policy_spec(sampled)
-    assert (rec.name, alone.name) == (LSTM_POLICY, LSTM_BOTTOM_UP_POLICY)
+    scored = lstm_policy_spec(sampled, td, window=40, min_scored=10)
+    highest, alone = lstm_policy_spec(sampled, td, reconcile="max"), lstm_policy_spec(sampled)
+    assert (scored.name, highest.name, alone.name) == (LSTM_POLICY, LSTM_MAX_POLICY, LSTM_BOTTOM_UP_POLICY)
+    actual = td.actual()
     for level in (0.5, 0.95, 1.0):
-        up_rec, up_alone = rec.make(level).forecast.upper, alone.make(level).forecast.upper
+        up_scored, up_max = scored.make(level).forecast.upper, highest.make(level).forecast.upper
+        up_alone, up_down = alone.make(level).forecast.upper, td.upper(level)
         np.testing.assert_allclose(up_alone, sampled.at(level).upper)
-        np.testing.assert_allclose(up_rec, np.maximum(up_alone, td.upper(level)))
-        assert (up_rec > up_alone).any() and (up_rec == up_alone).any()  # each side wins somewhere
+        np.testing.assert_allclose(up_max, np.maximum(up_alone, up_down))
+        assert (up_max > up_alone).any() and (up_max == up_alone).any()  # each side wins somewhere
+        cands = [up_max, up_down, up_alone]
+        for i in range(n):  # brute force: the lowest mean pinball loss over the 40 latest known issues
+            for j in range(6):
+                for r in range(2):
+                    past = [m for m in range(max(0, i - j - 40), i - j)]
+                    if len(past) < 10:
+                        assert up_scored[i, j, r] == up_max[i, j, r]
+                        continue
+                    d = [actual[past, j, r] - c[past, j, r] for c in cands]
+                    loss = [np.maximum(level * x, (level - 1) * x).mean() for x in d]
+                    assert up_scored[i, j, r] == cands[int(np.argmin(loss))][i, j, r]
+        if level < 1.0:  # memory is sampled far too high: after the first scores, never from the sum alone
+            assert (up_scored[60:, :, 1] < up_alone[60:, :, 1]).all()
