@@ -35,7 +35,7 @@ COLORS = {"reactive": "#d62728", "knative": "#ff7f0e", "aws_predictive": "#8c564
 #: The policies whose forecast ``forecast.png`` shows, and what each forecast's target is.
 FORECAST_PANELS = {"warmcast": ("baseline forecaster (last value of the system sum + past error quantiles)",
                                 "the 5-min bucket's peak step"),
-                   LSTM_POLICY: ("per-user LSTM forecasts aggregated, reconciled with the top-down band by recent score",
+                   LSTM_POLICY: ("per-user LSTMs aggregated, or the top-down band, by recent score",
                                  "the 5-min bucket's average")}
 PLOT_WINDOW_S = 2 * 86_400.0  # the time-series plots show at most the last two days
 
