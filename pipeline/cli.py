@@ -285,7 +285,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     loc = location_from_settings(args.trace if args.source == "trace" else settings.lake, settings)
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else None
     lstm = LstmForecastConfig(epochs=args.epochs, global_epochs=args.global_epochs, val_days=args.val_days,
-                              min_history_days=args.min_history_days, n_paths=args.n_paths)
+                              min_history_days=args.min_history_days, n_paths=args.n_paths, seed=args.lstm_seed)
     paths = run_evaluation(loc, args.source, args.out, since=args.since, until=args.until,
                            step_s=60.0 if args.step == "1min" else 300.0, policies=policies, vcpu=args.vcpu,
                            boot_s=args.boot_s, warmup_s=None if args.warmup_hours is None else args.warmup_hours * 3600,
@@ -476,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-history-days", type=float, help="with --forecaster lstm: history a user needs for its own "
                                                           "model (default 2, or half of what the window leaves before the tail)")
     p.add_argument("--n-paths", type=int, default=1000, help="with --forecaster lstm: sample paths per origin (default 1000)")
+    p.add_argument("--lstm-seed", type=int, default=0, help="with --forecaster lstm: seed of the training and the "
+                                                            "aggregation's sample paths (default 0)")
     p.add_argument("--warm-headroom", type=float, default=0.0,
                    help="warmcast keeps a stopped warm pool of at least this share of its active target (default 0: "
                         "the forecast alone); adds 'reactive_warm', reactive tracking with the same warm pool")

@@ -451,10 +451,10 @@ def test_cli_evaluate_with_the_lstm_forecaster(tiny_lake, capsys, monkeypatch):
     out = tiny_lake / "report-lstm"
     policies = ("reactive", "naive_predictive", "warmcast", "warmcast_lstm", "warmcast_lstm_max", "warmcast_lstm_bottom_up")
     rc = main(["evaluate", "--lake", str(tiny_lake / "lake"), "--out", str(out), "--step", "5min", "--warmup-hours", "18",
-               "--forecaster", "lstm", "--epochs", "1", "--global-epochs", "1", "--n-paths", "100",
+               "--forecaster", "lstm", "--epochs", "1", "--global-epochs", "1", "--n-paths", "100", "--lstm-seed", "3",
                "--policies", ",".join(policies)])
     assert rc == 0, capsys.readouterr().err
-    assert [(c.epochs, c.global_epochs, c.val_days) for c in seen] == [(1, 1, 0.375)]
+    assert [(c.epochs, c.global_epochs, c.val_days, c.seed) for c in seen] == [(1, 1, 0.375, 3)]
     summary = _check_report(out, policies)
     assert summary["meta"]["forecaster"] == "lstm"
     lstm = summary["meta"]["lstm"]
