@@ -18,9 +18,10 @@ picks one):
   buckets (users without a model included): a point (last value or recent peak) plus the
   ``(1 ∓ level)/2`` quantiles of its own past errors; ``mean`` is its mean error added to the point.
 * ``reconciled_target`` (with ``topdown_empirical``; what the scaler sizes from), per horizon and
-  resource one of three candidates (:data:`pipeline.topdown.RECONCILE_CANDIDATES`), with the
+  resource one of four candidates (:data:`pipeline.topdown.RECONCILE_CANDIDATES`), with the
   ``level`` and ``lower`` of the row it comes from: ``max(tiered target, topdown upper)``, the
-  top-down upper alone or the tiered target alone. ``config.reconcile = "max"``: always the first.
+  top-down upper alone, the tiered target alone, or the average of the two (level and lower
+  averaged too). ``config.reconcile = "max"``: always the first.
   ``"score"`` (default), given the earlier issues' ``tiered_target`` and ``topdown_empirical`` rows
   (``past=``, from the forecast store): whichever scored best, by the pinball loss at the band's
   upper level ``(1 + level)/2`` against the system's demand, over the ``reconcile_window`` latest
@@ -84,7 +85,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, QUANTILES, SYSTEM_FORECAST
-from pipeline.topdown import RECONCILE_CANDIDATES, reconcile_choice, topdown_forecast
+from pipeline.topdown import RECONCILE_CANDIDATES, reconcile_candidates, reconcile_choice, topdown_forecast
 
 log = logging.getLogger(__name__)
 
@@ -506,10 +507,10 @@ def _topdown(cube: ForecastCube, system: np.ndarray | None, config: AggregateCon
     upper, mean = hi[0][rows], hi[1][rows]
     lower = np.minimum(lo[0][rows], upper)
     wins = upper > target
-    highest = np.where(wins, upper, target)
-    cands = np.stack([highest, upper, target])  # RECONCILE_CANDIDATES order
-    levels = np.stack([np.where(wins, config.level, target_level), np.full_like(target, config.level), target_level])
-    lowers = np.stack([np.where(wins, lower, target_lower), lower, target_lower])
+    cands = reconcile_candidates(target, upper)  # RECONCILE_CANDIDATES order; their rows' level and lower:
+    levels = np.stack([np.where(wins, config.level, target_level), np.full_like(target, config.level), target_level,
+                       0.5 * (config.level + target_level)])
+    lowers = np.stack([np.where(wins, lower, target_lower), lower, target_lower, 0.5 * (lower + target_lower)])
     pick = np.zeros(target.shape, dtype=np.int64)
     if config.reconcile == "score" and past is not None and past.num_rows and cube.issued_at is not None:
         pick = _reconcile_pick(cube, system[:, cols], past, cands, config, hi_level)
@@ -528,8 +529,7 @@ def _reconcile_pick(cube: ForecastCube, system: np.ndarray, past: pa.Table, cand
     hz, step = len(HORIZONS_MIN), timedelta(seconds=BUCKET_SECONDS)
     n = int(config.reconcile_window) + hz  # issues that can be scored for every horizon
     res_index = {r: i for i, r in enumerate(cube.resources)}
-    bounds = {METHOD_TIERED: np.full((n, hz, len(cube.resources)), np.nan), METHOD_TOPDOWN: None}
-    bounds[METHOD_TOPDOWN] = bounds[METHOD_TIERED].copy()
+    bounds = {m: np.full((n, hz, len(cube.resources)), np.nan) for m in (METHOD_TIERED, METHOD_TOPDOWN)}
     issued = past["issued_at"].to_pylist()
     method, horizon = past["method"].to_pylist(), past["horizon_min"].to_pylist()
     resource, upper = past["resource"].to_pylist(), past["upper"].to_numpy(zero_copy_only=False)
@@ -541,10 +541,9 @@ def _reconcile_pick(cube: ForecastCube, system: np.ndarray, past: pa.Table, cand
         if rem or not 1 <= k <= n:
             continue
         bounds[m][n - k, HORIZONS_MIN.index(h), res_index[r]] = u
-    down, bottom = bounds[METHOD_TOPDOWN], bounds[METHOD_TIERED]
-    full = np.full((3, 1, hz, len(cube.resources)), np.nan)
+    full = np.full((len(cands), 1, hz, len(cube.resources)), np.nan)
     full[:, 0, [HORIZONS_MIN.index(h) for h in cube.horizons]] = cands
-    uppers = np.concatenate([np.stack([np.maximum(bottom, down), down, bottom]), full], axis=1)  # [3, n + 1, H, R]
+    uppers = np.concatenate([reconcile_candidates(bounds[METHOD_TIERED], bounds[METHOD_TOPDOWN]), full], axis=1)  # [C, n + 1, H, R]
     # past issue n - k, horizon j targets the bucket k - j before this issue: system[-(k - j)] when known
     k = n - np.arange(n + 1)[:, None]  # row n (this issue): k = 0
     back = k - np.arange(hz)[None, :]

@@ -194,11 +194,11 @@ class AggregateSettings:
     #: the system's demand over the same buckets.
     history_buckets: int = 288
     #: add the top-down band of the system's own recent errors and size from the reconciled target
-    #: (``max(tiered target, top-down upper)``, see :mod:`pipeline.aggregate`); false: the tiered
+    #: (see ``reconcile`` and :mod:`pipeline.aggregate`); false: the tiered
     #: target alone (the per-user forecasts, summed).
     topdown: bool = True
     #: what the reconciled target sizes from, per horizon and resource: ``"score"`` — whichever of
-    #: max(tiered, top-down), the top-down upper alone or the tiered target alone had the lowest
+    #: max(tiered, top-down), the top-down upper alone, the tiered target alone or their average had the lowest
     #: pinball loss over the ``history_buckets`` latest scored issues (read from the forecast
     #: store; the maximum until 24 are scored or when the store cannot be read); ``"max"`` —
     #: always the maximum.

@@ -171,10 +171,17 @@ def topdown_forecast(history: np.ndarray, level: float, *, widths: Sequence[int]
     return upper[n], mean[n]
 
 
-#: The reconciled upper bound's candidates, in the order a tie is broken (the first wins): the larger
-#: of the bottom-up and top-down bounds (the safe choice, used until enough is scored), the top-down
-#: band alone, the bottom-up target alone.
-RECONCILE_CANDIDATES = ("max", "topdown", "bottom_up")
+#: The reconciled upper bound's candidates (:func:`reconcile_candidates`), in the order a tie is
+#: broken (the first wins): the larger of the bottom-up and top-down bounds (the safe choice, used
+#: until enough is scored), the top-down band alone, the bottom-up target alone, their average.
+RECONCILE_CANDIDATES = ("max", "topdown", "bottom_up", "average")
+
+
+def reconcile_candidates(bottom_up: np.ndarray, topdown: np.ndarray) -> np.ndarray:
+    """``[4, ...]``: the :data:`RECONCILE_CANDIDATES` of two upper bounds of the same shape (NaN in
+    either gives NaN in every candidate but the other's own)."""
+    bottom_up, topdown = np.asarray(bottom_up, dtype=np.float64), np.asarray(topdown, dtype=np.float64)
+    return np.stack([np.maximum(bottom_up, topdown), topdown, bottom_up, 0.5 * (bottom_up + topdown)])
 
 
 def reconcile_choice(uppers: np.ndarray, actual: np.ndarray, level: float, *, window: int,

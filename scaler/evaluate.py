@@ -146,11 +146,11 @@ def lstm_policy_spec(forecast: SampledForecast, topdown: "TopdownForecast | None
     knob ``level`` is the quantile of the sampled system sum, rebuilt for every setting. Without
     ``topdown`` (:data:`LSTM_BOTTOM_UP_POLICY`): the sampled sum alone. With it, as the pipeline's
     ``reconciled_target``: ``reconcile="score"`` (:data:`LSTM_POLICY`) takes, per issue, horizon
-    and resource, whichever of max(bottom-up, top-down), the top-down bound and the bottom-up
-    bound had the lowest pinball loss at ``level`` over the ``window`` latest issues whose demand
-    is known (:func:`pipeline.topdown.reconcile_choice`; the maximum until ``min_scored`` are);
+    and resource, whichever of max(bottom-up, top-down), the top-down bound, the bottom-up bound and
+    their average had the lowest pinball loss at ``level`` over the ``window`` latest issues whose
+    demand is known (:func:`pipeline.topdown.reconcile_choice`; the maximum until ``min_scored`` are);
     ``"max"`` (:data:`LSTM_MAX_POLICY`): always the higher of the two."""
-    from pipeline.topdown import reconcile_choice
+    from pipeline.topdown import reconcile_candidates, reconcile_choice
 
     if reconcile not in RECONCILE_MODES:
         raise ValueError(f"reconcile must be one of {', '.join(RECONCILE_MODES)}, got {reconcile!r}")
@@ -159,13 +159,12 @@ def lstm_policy_spec(forecast: SampledForecast, topdown: "TopdownForecast | None
     def make(level: float) -> Warmcast:
         fc = forecast.at(level)
         if topdown is not None:
-            down = topdown.upper(level)
-            both = np.maximum(fc.upper, down)
+            cands = reconcile_candidates(fc.upper, topdown.upper(level))
             if reconcile == "score":
-                cands = np.stack([both, down, fc.upper])
                 pick = reconcile_choice(cands, topdown.actual(), level, window=window, min_scored=min_scored)
-                both = np.take_along_axis(cands, pick[None], axis=0)[0]
-            fc = replace(fc, upper=both)
+                fc = replace(fc, upper=np.take_along_axis(cands, pick[None], axis=0)[0])
+            else:
+                fc = replace(fc, upper=cands[0])
         pol = Warmcast(level=level, forecast=fc)
         pol.name = name
         return pol
@@ -569,10 +568,10 @@ _TOPDOWN_TEXT = ("the top-down forecast's at the same level (pipeline.topdown: t
                  "value or recent peak plus the quantile of its own errors over the {history} buckets before the "
                  "origin, refit at every origin; users without a model included)")
 RECONCILED_NOTE = ("'warmcast_lstm' sizes as the pipeline's reconciled_target does: per origin, horizon and resource, "
-                   "the upper bound is whichever of three scored best (lowest pinball loss at the level) over the "
+                   "the upper bound is whichever of four scored best (lowest pinball loss at the level) over the "
                    "{history} latest origins whose demand was known by then: the higher of that sampled quantile and "
-                   + _TOPDOWN_TEXT + ", the top-down bound alone, or the sampled quantile alone (the higher of the "
-                   "two until 24 origins are scored).")
+                   + _TOPDOWN_TEXT + ", the top-down bound alone, the sampled quantile alone, or the average of the "
+                   "two (the higher of the two until 24 origins are scored).")
 MAX_NOTE = ("'warmcast_lstm_max' always sizes from the higher of that sampled quantile and " + _TOPDOWN_TEXT
             + " (the pipeline's reconciled_target before it chose by score).")
 

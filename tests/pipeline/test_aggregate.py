@@ -379,6 +379,12 @@ def test_the_reconciled_target_is_the_bound_that_scored_best_on_the_recent_issue
     short = aggregate(_table(q), system=system, config=AggregateConfig(seed=1), past=_past_bounds(system, -50.0, 5.0))
     assert (short.reconciled_from == "max").all()
     np.testing.assert_array_equal(short.reconciled, short.topdown_upper)
+    # one 40 under, the other 40 over: their average hit every bucket
+    mid = aggregate(_table(q), system=system, config=AggregateConfig(seed=1), past=_past_bounds(system, -40.0, 40.0))
+    assert (mid.reconciled_from == "average").all()
+    np.testing.assert_allclose(mid.reconciled, (mid.target + mid.topdown_upper) / 2)
+    np.testing.assert_allclose(mid.reconciled_level, (0.9 + mid.target_level) / 2)
+    assert (mid.reconciled_lower <= mid.reconciled).all()
     # "max" ignores the past; too few scored issues (20 < 24 at 5 min) keep the maximum
     fixed = aggregate(_table(q), system=system, config=AggregateConfig(seed=1, reconcile="max"),
                       past=_past_bounds(system, 1.0, 80.0))

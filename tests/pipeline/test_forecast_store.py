@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from models.contract import to_forecast_table
-from pipeline.aggregate import METHOD_TIERED, aggregate
+from pipeline.aggregate import METHOD_TIERED, METHOD_TOPDOWN, AggregateConfig, aggregate
 from pipeline.forecast_store import ForecastStore, ForecastStoreError, StoreUnavailableError, metadata, schema_ddl
 from pipeline.schemas import SCALING_DECISION, SYSTEM_FORECAST, USER_FORECAST
 
@@ -197,3 +197,17 @@ def test_a_store_without_tables_says_so_rather_than_unreachable(tmp_path):
     with pytest.raises(ForecastStoreError, match="no such table") as err:
         store.write_system_forecast(_system())
     assert not isinstance(err.value, StoreUnavailableError)
+
+
+def test_past_bounds_read_back_from_the_store_drive_the_reconciled_choice(store):
+    """The reconciled target's choice from rows as each backend returns them (time zones included)."""
+    from tests.pipeline.test_aggregate import _past_bounds, _swinging_system, _table
+
+    system = _swinging_system()
+    q = np.repeat(np.linspace(9.5, 10.5, 7)[None, None], 10, axis=0).repeat(4, axis=1)
+    written = _past_bounds(system, 1.0, 80.0)
+    store.write_system_forecast(written)
+    back = store.read_system_forecasts(T0 - timedelta(hours=25), T0)
+    assert back.num_rows == written.num_rows and set(back["method"].to_pylist()) == {METHOD_TIERED, METHOD_TOPDOWN}
+    agg = aggregate(_table(q), system=system, config=AggregateConfig(seed=1), past=back)
+    assert (agg.reconciled_from == "bottom_up").all()

@@ -512,7 +512,7 @@ def test_the_lstm_policies_size_from_the_sampled_sum_the_top_down_bound_or_the_b
         np.testing.assert_allclose(up_alone, sampled.at(level).upper)
         np.testing.assert_allclose(up_max, np.maximum(up_alone, up_down))
         assert (up_max > up_alone).any() and (up_max == up_alone).any()  # each side wins somewhere
-        cands = [up_max, up_down, up_alone]
+        cands = [up_max, up_down, up_alone, (up_alone + up_down) / 2]
         for i in range(n):  # brute force: the lowest mean pinball loss over the 40 latest known issues
             for j in range(6):
                 for r in range(2):
