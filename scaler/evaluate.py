@@ -19,6 +19,10 @@ Pure computation on a :class:`~scaler.simulate.SystemTrace`; rendering lives in
    ``ratio_to_reactive_at_equal_cost`` = interpolated cold core-seconds / reactive's at ``H``
    (``_requests``: the same for cold requests); ``ratio_to_naive_at_equal_cost`` divides by the
    naive heuristic's interpolated value instead.
+   Before that, each policy's curve is refined near ``H`` (:func:`refine_at_cost`): up to two more
+   settings at the knob interpolated to ``H``, until a point lies within 1 % of ``H``, so the
+   interpolation spans a short chord instead of the grid's (with 7 levels the chord between the
+   0.95 and 0.99 settings moved a ratio by tens of per cent on the Azure sample).
 4. **At the reference cost** each policy is replayed once more at the knob interpolated (linearly
    in cost) to ``H``, for the pool-size plots.
 5. **Where the cold demand is** (:func:`where_cold`, ``summary.json`` key ``episodes``). Each
@@ -258,6 +262,36 @@ def value_at_cost(curve: Sequence[SimMetrics], hours: float, metric: str) -> flo
     return float(np.interp(hours, xs, ys))
 
 
+#: Extra replays per policy near the reference cost (:func:`refine_at_cost`), and the share of the
+#: reference cost within which a point is close enough to stop.
+REFINE_STEPS = 2
+REFINE_TOLERANCE = 0.01
+
+
+def refine_at_cost(curve: list[SimMetrics], hours: float, replay: Callable[[float], SimMetrics],
+                   steps: int = REFINE_STEPS, tolerance: float = REFINE_TOLERANCE) -> int:
+    """Add up to ``steps`` points to ``curve`` (in place) at the knob :func:`knob_at_cost` reads at
+    ``hours`` (a secant step in the knob): each ``replay(knob)`` is one more setting of the policy.
+    Stops early when a point already lies within ``tolerance`` × ``hours`` of ``hours``, when
+    ``hours`` is outside the curve (no interpolation to refine) or when the knob is one already
+    replayed. Returns the number of points added. A coarse grid leaves the chord between two
+    settings far apart in cost, and cold demand is not a smooth function of the knob: one more
+    setting near the reference cost bounds the interpolation error far better than the grid."""
+    added = 0
+    for _ in range(max(0, int(steps))):
+        costs = [m.equivalent_instance_hours for m in curve]
+        if not costs or not min(costs) <= hours <= max(costs):
+            break
+        if min(abs(c - hours) for c in costs) <= tolerance * hours:
+            break
+        knob = knob_at_cost(curve, hours)
+        if any(math.isclose(m.knob_value, knob, rel_tol=0.0, abs_tol=1e-12) for m in curve):
+            break
+        curve.append(replay(knob))
+        added += 1
+    return added
+
+
 def knob_at_cost(curve: Sequence[SimMetrics], hours: float) -> float:
     """The knob value whose cost is ``hours``, linear in cost between the points around it
     (clamped to the swept range)."""
@@ -326,10 +360,11 @@ class Evaluation:
                           "equivalent_instance_hours": r(self.reference.equivalent_instance_hours, 3),
                           "cold_core_seconds": r(self.reference.cold_core_seconds, 3),
                           "cold_requests": r(self.reference.cold_requests, 3)},
-            "interpolation": ("each policy's cold demand is interpolated linearly in equivalent instance-hours "
-                              "between the two swept settings around the reference cost (no extrapolation: null "
-                              "outside the curve); ratio = that value / the reference's (or the naive heuristic's "
-                              "interpolated value)"),
+            "interpolation": ("each policy's curve is refined with up to two more settings at the knob interpolated "
+                              "to the reference cost; its cold demand is then interpolated linearly in equivalent "
+                              "instance-hours between the two settings around the reference cost (no extrapolation: "
+                              "null outside the curve); ratio = that value / the reference's (or the naive "
+                              "heuristic's interpolated value)"),
             "forecast": self.forecast_note,
             "forecasters": dict(self.forecasters),
             "policies": {},
@@ -381,8 +416,10 @@ def evaluate(trace: SystemTrace, fleet: FleetModel, *, policies: Sequence[str] =
              specs: dict[str, PolicySpec] | None = None, reference_utilisation: float = 0.7,
              also_utilisations: Sequence[float] = (0.8, 0.9), eval_start: int | None = None,
              forecast_note: str = "", forecasters: dict[str, str] | None = None,
-             progress: Callable[[str], None] | None = None) -> Evaluation:
-    """Sweep every policy, compare at the reference cost, replay each at that cost (module doc)."""
+             progress: Callable[[str], None] | None = None, refine_steps: int = REFINE_STEPS) -> Evaluation:
+    """Sweep every policy, refine each curve near the reference cost (:func:`refine_at_cost`,
+    ``refine_steps`` replays at most; 0: the grid alone), compare at the reference cost, replay each
+    at that cost (module doc)."""
     specs = specs or POLICY_SPECS
     unknown = [p for p in policies if p not in specs]
     if unknown:
@@ -403,13 +440,28 @@ def evaluate(trace: SystemTrace, fleet: FleetModel, *, policies: Sequence[str] =
                                               for v in grid])
     by_u = {m.knob_value: m for m in evals[REFERENCE_POLICY].curve}
     ref = by_u[reference_utilisation]
+    replays: dict[str, dict[float, SimResult]] = {name: {} for name in evals}
+    if refine_steps > 0:
+        for name, pe in evals.items():
+            if name == REFERENCE_POLICY:
+                continue
+
+            def one(knob: float, _pe=pe, _name=name) -> SimMetrics:
+                replays[_name][knob] = simulate(trace, _pe.spec.make(knob), fleet, eval_start=eval_start)
+                return replays[_name][knob].metrics
+
+            added = refine_at_cost(pe.curve, ref.equivalent_instance_hours, one, refine_steps)
+            pe.curve.sort(key=lambda m: m.knob_value)
+            if progress and added:
+                progress(f"{name}: {added} more setting(s) near the reference cost")
     for name, r in _ratios(evals, ref).items():
         pe = evals[name]
         pe.cold_core_seconds_at_cost, pe.cold_requests_at_cost = r["cold_core_seconds"], r["cold_requests"]
         pe.ratio_to_reactive, pe.ratio_to_reactive_requests = r["ratio_to_reactive"], r["ratio_to_reactive_requests"]
         pe.ratio_to_naive, pe.ratio_to_naive_requests = r["ratio_to_naive"], r["ratio_to_naive_requests"]
         pe.knob_at_cost = knob_at_cost(pe.curve, ref.equivalent_instance_hours)
-        pe.at_cost = simulate(trace, pe.spec.make(pe.knob_at_cost), fleet, eval_start=eval_start)
+        pe.at_cost = replays[name].get(pe.knob_at_cost) or simulate(trace, pe.spec.make(pe.knob_at_cost), fleet,
+                                                                     eval_start=eval_start)
     also = {}
     for u in also_utilisations:
         m = by_u[u]

@@ -13,8 +13,8 @@ from pipeline.config import load_settings
 from pipeline.generate import generate_landing
 from pipeline.ingest import ingest_interval
 from pipeline.storage import open_location
-from scaler.evaluate import (POLICY_SPECS, WARM_POLICY, cold_runs, evaluate, knob_at_cost, largest_earlier_rise, value_at_cost,
-                             where_cold, with_warm_headroom)
+from scaler.evaluate import (POLICY_SPECS, WARM_POLICY, cold_runs, evaluate, knob_at_cost, largest_earlier_rise, refine_at_cost,
+                             value_at_cost, where_cold, with_warm_headroom)
 from scaler.policy import InstanceShape
 from scaler.simulate import FleetModel, SimMetrics, SimResult, SystemTrace, shortfall_share, simulate
 
@@ -40,6 +40,31 @@ def test_value_at_cost_interpolates_linearly_between_the_surrounding_points():
     assert value_at_cost([point(10, 1.0, requests=None)], 10, "cold_requests") is None
     assert knob_at_cost(curve, 15.0) == pytest.approx(0.6)
     assert knob_at_cost(curve, 5.0) == 0.5 and knob_at_cost(curve, 50.0) == 0.9  # clamped
+
+
+def test_refining_near_the_reference_cost_replaces_a_long_chord_by_a_short_one():
+    # a policy whose cost is 100·k and whose cold demand falls steeply with the knob k
+    def replay(k: float) -> SimMetrics:
+        calls.append(k)
+        return point(100.0 * k, 1000.0 * np.exp(-20.0 * k), k)
+
+    calls: list[float] = []
+    curve = [replay(k) for k in (0.5, 0.9)]
+    calls.clear()
+    true = 1000.0 * np.exp(-20.0 * 0.8)
+    coarse = value_at_cost(curve, 80.0, "cold_core_seconds")
+    assert coarse > 20 * true  # the chord from k = 0.5 to 0.9 overstates it by far
+    assert refine_at_cost(curve, 80.0, replay, steps=2) == 1  # cost is linear in k: one secant step lands on it
+    assert calls == [pytest.approx(0.8)]
+    assert value_at_cost(curve, 80.0, "cold_core_seconds") == pytest.approx(true)
+    assert refine_at_cost(curve, 80.0, replay, steps=2) == 0  # a point within 1 %: nothing more
+    # outside the curve: nothing to refine; no steps: nothing either
+    assert refine_at_cost([point(50.0, 1.0, 0.5), point(60.0, 0.5, 0.6)], 80.0, replay) == 0
+    assert refine_at_cost([replay(0.5), replay(0.9)], 80.0, replay, steps=0) == 0
+    # a cost that is not linear in the knob takes the second step closer
+    quad = [point(100.0 * k * k, 1.0, k) for k in (0.5, 0.9)]
+    assert refine_at_cost(quad, 49.0, lambda k: point(100.0 * k * k, 1.0, k), steps=2) == 2
+    assert min(abs(m.equivalent_instance_hours - 49.0) for m in quad) < 1.0
 
 
 def daily(days: float, step_s: float = 300.0, seed: int = 0) -> SystemTrace:
@@ -74,6 +99,14 @@ def test_evaluate_summary_schema_and_ratios():
     assert s["policies"]["naive_predictive"]["ratio_to_naive_at_equal_cost"] in (1.0, None)
     assert ref["cold_core_seconds"] > 0  # the comparison is not vacuous
     assert s["policies"]["oracle"]["ratio_to_reactive_at_equal_cost"] < 0.5  # foresight must win clearly
+    # every curve was refined towards the reference cost: a point within 1 % of it, or two more settings
+    hours = ev.reference.equivalent_instance_hours
+    for name in ("naive_predictive", "warmcast", "oracle"):
+        curve = ev.policies[name].curve
+        costs = [m.equivalent_instance_hours for m in curve]
+        if min(costs) <= hours <= max(costs):
+            assert min(abs(c - hours) for c in costs) <= 0.01 * hours or len(curve) == len(POLICY_SPECS[name].grid) + 2
+        assert [m.knob_value for m in curve] == sorted(m.knob_value for m in curve)
     # the pool-size replay sits at (about) the reference cost
     assert ev.policies["warmcast"].at_cost.metrics.equivalent_instance_hours == pytest.approx(
         ev.reference.equivalent_instance_hours, rel=0.15)
@@ -461,7 +494,7 @@ def test_cli_evaluate_with_the_lstm_forecaster(tiny_lake, capsys, monkeypatch):
     assert lstm["train_end"].startswith("2026-03-02T18:00") and lstm["origins"] == 72 and lstm["users"] > 0
     assert "per-user" in summary["policies"]["warmcast_lstm"]["label"]
     assert "LSTM" in summary["forecasters"]["warmcast_lstm"] and "baseline" in summary["forecasters"]["warmcast"]
-    assert len(summary["policies"]["warmcast_lstm"]["curve"]) == len(POLICY_SPECS["warmcast"].grid)
+    assert len(summary["policies"]["warmcast_lstm"]["curve"]) >= len(POLICY_SPECS["warmcast"].grid)  # + refinement
     md = (out / "report.md").read_text()
     assert "| warmcast_lstm | per-user LSTMs, aggregated + top-down, chosen by score" in md
     assert "| warmcast_lstm_max | per-user LSTMs, aggregated, never below top-down" in md
