@@ -84,6 +84,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import RECONCILE_MODES
 from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, QUANTILES, SYSTEM_FORECAST
 from pipeline.topdown import RECONCILE_CANDIDATES, reconcile_candidates, reconcile_choice, topdown_forecast
 
@@ -96,7 +97,6 @@ METHOD_TIERED = "tiered_target"
 METHOD_TOPDOWN = "topdown_empirical"
 METHOD_RECONCILED = "reconciled_target"
 DEFAULT_TIER_LEVELS = {"premium": 0.95, "standard": 0.90, "free": 0.50}
-RECONCILE_MODES = ("score", "max")
 
 TAU = np.asarray(QUANTILES, dtype=np.float64)
 _N_PARAMS = len(QUANTILES) + 2  # q05..q95, lower-tail drop a, upper-tail scale b

@@ -119,7 +119,8 @@ MAX_MAPPED_TASKS = 1024
 FORECAST_FALLBACKS = ("last_value", "seasonal_daily", "seasonal_weekly", "moving_average", "fail")
 #: Sampling methods of :mod:`pipeline.aggregate`: dependence from residual history, or none.
 AGGREGATE_METHODS = ("copula_sample", "independent_sample")
-RECONCILE_MODES = ("score", "max")  # pipeline.aggregate.RECONCILE_MODES (config imports nothing heavy)
+#: How the reconciled target is chosen (:mod:`pipeline.aggregate`): by recent score, or always the maximum.
+RECONCILE_MODES = ("score", "max")
 
 
 def _check_shards(where: str, shard_size: int, max_shards: int) -> None:

@@ -218,5 +218,8 @@ def reconcile_choice(uppers: np.ndarray, actual: np.ndarray, level: float, *, wi
     hj = np.broadcast_to(np.arange(hz), (n, hz))
     total = csum[:, hi, hj] - csum[:, lo, hj]  # [C, N, H, R]
     count = ccount[hi, hj] - ccount[lo, hj]  # [N, H, R]
-    best = np.argmin(total, axis=0)  # the first of equal totals
+    # the first of equal totals; "equal" up to the rounding of the running sums, so a candidate whose
+    # losses matched another's over the window does not win on the sums' rounding
+    low = total.min(axis=0)
+    best = np.argmax(total <= low + 1e-9 * (np.abs(low) + 1e-12), axis=0)
     return np.where(count >= min_scored, best, 0)

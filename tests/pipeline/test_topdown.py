@@ -98,3 +98,18 @@ def test_the_reconciled_choice_scores_only_the_past_and_keeps_the_safe_candidate
         reconcile_choice(uppers, actual[:, :3], 0.9, window=20, min_scored=5)
     with pytest.raises(ValueError, match="min_scored"):
         reconcile_choice(uppers, actual, 0.9, window=0, min_scored=5)
+
+
+def test_candidates_equal_over_the_window_tie_whatever_the_running_sums_rounding():
+    from pipeline.topdown import reconcile_choice
+
+    rng = np.random.default_rng(5)
+    n, hz = 400, 6
+    actual = rng.gamma(3.0, 300.0, (n, hz, 2))
+    first = actual + 1.37 * rng.gamma(2.0, 30.0, (n, hz, 2))
+    second = first.copy()
+    second[:200] = actual[:200] + 0.71 * rng.gamma(2.0, 3.0, (200, hz, 2))  # better before issue 200, then the same
+    uppers = np.stack([first, second, actual - 500.0])
+    # from issue 230 on every window of 24 holds only issues where the two are equal: a tie, the first wins
+    # (plain argmin of the differenced running sums picked the second in most of these cells)
+    assert (reconcile_choice(uppers, actual, 0.9, window=24, min_scored=5)[230:] == 0).all()
