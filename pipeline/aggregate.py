@@ -86,7 +86,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import RECONCILE_MODES
 from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, QUANTILES, SYSTEM_FORECAST
-from pipeline.topdown import RECONCILE_CANDIDATES, reconcile_candidates, reconcile_choice, topdown_forecast
+from pipeline.topdown import RECONCILE_CANDIDATES, RECONCILE_MIN_SCORED, reconcile_candidates, reconcile_choice, topdown_forecast
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class AggregateConfig:
     min_topdown_errors: int = 12  #: fewer past errors of the system series than this -> no top-down band
     reconcile: str = "score"  #: ``reconciled_target``: ``"score"`` (the best-scoring candidate) or ``"max"``
     reconcile_window: int = 288  #: issues scored per horizon for the choice (288: one day)
-    reconcile_min_scored: int = 24  #: fewer scored issues than this -> the maximum of the two
+    reconcile_min_scored: int = RECONCILE_MIN_SCORED  #: fewer scored issues than this -> the maximum of the two
     chunk_mb: float = 24.0  #: memory for one chunk of sampling coefficients, MiB
 
     def __post_init__(self) -> None:
@@ -513,7 +513,7 @@ def _topdown(cube: ForecastCube, system: np.ndarray | None, config: AggregateCon
     lowers = np.stack([np.where(wins, lower, target_lower), lower, target_lower, 0.5 * (lower + target_lower)])
     pick = np.zeros(target.shape, dtype=np.int64)
     if config.reconcile == "score" and past is not None and past.num_rows and cube.issued_at is not None:
-        pick = _reconcile_pick(cube, system[:, cols], past, cands, config, hi_level)
+        pick = _reconcile_pick(cube, rows, system[:, cols], past, cands, config, hi_level)
     chosen = np.take_along_axis(cands, pick[None], axis=0)[0]
     return {"topdown_lower": lower, "topdown_upper": upper, "topdown_mean": mean, "reconciled": chosen,
             "reconciled_level": np.take_along_axis(levels, pick[None], axis=0)[0],
@@ -521,11 +521,12 @@ def _topdown(cube: ForecastCube, system: np.ndarray | None, config: AggregateCon
             "reconciled_from": np.asarray(RECONCILE_CANDIDATES, dtype=object)[pick]}
 
 
-def _reconcile_pick(cube: ForecastCube, system: np.ndarray, past: pa.Table, cands: np.ndarray, config: AggregateConfig,
-                    level: float) -> np.ndarray:
+def _reconcile_pick(cube: ForecastCube, rows: list[int], system: np.ndarray, past: pa.Table, cands: np.ndarray,
+                    config: AggregateConfig, level: float) -> np.ndarray:
     """``[H, R]`` candidate indices for this issue: :func:`pipeline.topdown.reconcile_choice` over the
     earlier issues in ``past`` (rows off the 5-minute grid of this issue, or older than the window
-    needs, are ignored) against ``system [buckets, R]`` (the buckets right before this issue)."""
+    needs, are ignored) against ``system [buckets, R]`` (the buckets right before this issue);
+    ``rows``: the cube's horizons as indices into :data:`HORIZONS_MIN`."""
     hz, step = len(HORIZONS_MIN), timedelta(seconds=BUCKET_SECONDS)
     n = int(config.reconcile_window) + hz  # issues that can be scored for every horizon
     res_index = {r: i for i, r in enumerate(cube.resources)}
@@ -542,7 +543,7 @@ def _reconcile_pick(cube: ForecastCube, system: np.ndarray, past: pa.Table, cand
             continue
         bounds[m][n - k, HORIZONS_MIN.index(h), res_index[r]] = u
     full = np.full((len(cands), 1, hz, len(cube.resources)), np.nan)
-    full[:, 0, [HORIZONS_MIN.index(h) for h in cube.horizons]] = cands
+    full[:, 0, rows] = cands
     uppers = np.concatenate([reconcile_candidates(bounds[METHOD_TIERED], bounds[METHOD_TOPDOWN]), full], axis=1)  # [C, n + 1, H, R]
     # past issue n - k, horizon j targets the bucket k - j before this issue: system[-(k - j)] when known
     k = n - np.arange(n + 1)[:, None]  # row n (this issue): k = 0
@@ -551,7 +552,7 @@ def _reconcile_pick(cube: ForecastCube, system: np.ndarray, past: pa.Table, cand
     actual = np.where(known[..., None], system[np.clip(len(system) - back, 0, len(system) - 1)], np.nan)
     pick = reconcile_choice(uppers, actual, level, window=int(config.reconcile_window),
                             min_scored=int(config.reconcile_min_scored))[-1]
-    return pick[[HORIZONS_MIN.index(h) for h in cube.horizons]]
+    return pick[rows]
 
 
 def _as_utc(t: datetime) -> datetime:

@@ -31,7 +31,7 @@ import io
 import logging
 import posixpath
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +43,9 @@ from pipeline.config import Settings
 from pipeline.intervals import run_interval
 from pipeline.schemas import BUCKET_SECONDS, HORIZONS_MIN, SYSTEM_FORECAST, USER_FORECAST
 from pipeline.storage import Location, location_from_settings, parquet_bytes
+
+if TYPE_CHECKING:
+    from pipeline.aggregate import AggregateConfig
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +187,7 @@ def aggregate_issue(settings: Settings, at: datetime, shards: Sequence[Mapping[s
     return out
 
 
-def _past_bounds(settings: Settings, at: datetime, config: Any) -> pa.Table | None:
+def _past_bounds(settings: Settings, at: datetime, config: "AggregateConfig") -> pa.Table | None:
     """The earlier issues' ``tiered_target`` and ``topdown_empirical`` rows the reconciled target's
     choice scores (the window and the six horizons before ``at``), from the forecast store; None
     (logged: the maximum of the two is used) when the store cannot be read."""

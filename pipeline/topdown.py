@@ -175,6 +175,8 @@ def topdown_forecast(history: np.ndarray, level: float, *, widths: Sequence[int]
 #: broken (the first wins): the larger of the bottom-up and top-down bounds (the safe choice, used
 #: until enough is scored), the top-down band alone, the bottom-up target alone, their average.
 RECONCILE_CANDIDATES = ("max", "topdown", "bottom_up", "average")
+#: Scored issues the choice needs before it leaves the maximum (two hours of 5-minute issues).
+RECONCILE_MIN_SCORED = 24
 
 
 def reconcile_candidates(bottom_up: np.ndarray, topdown: np.ndarray) -> np.ndarray:

@@ -63,7 +63,7 @@ import numpy as np
 
 from pipeline.config import RECONCILE_MODES
 from pipeline.schemas import HORIZONS_MIN
-from pipeline.topdown import topdown_forecast
+from pipeline.topdown import RECONCILE_MIN_SCORED, topdown_forecast
 from scaler.policy import InstanceShape
 from scaler.sim_policies import (AwsPredictive, KnativeAutoscaler, NaivePredictive, Oracle, ReactiveTargetTracking,
                                  SampledForecast, Warmcast)
@@ -145,7 +145,7 @@ def _named(policy: ScalingPolicy, name: str) -> ScalingPolicy:
 
 
 def lstm_policy_spec(forecast: SampledForecast, topdown: "TopdownForecast | None" = None, *, reconcile: str = "score",
-                     window: int = 288, min_scored: int = 24) -> PolicySpec:
+                     window: int = 288, min_scored: int = RECONCILE_MIN_SCORED) -> PolicySpec:
     """warmcast's plan driven by its own per-user LSTM forecasts, aggregated (``forecast``); the
     knob ``level`` is the quantile of the sampled system sum, rebuilt for every setting. Without
     ``topdown`` (:data:`LSTM_BOTTOM_UP_POLICY`): the sampled sum alone. With it, as the pipeline's
@@ -440,15 +440,13 @@ def evaluate(trace: SystemTrace, fleet: FleetModel, *, policies: Sequence[str] =
                                               for v in grid])
     by_u = {m.knob_value: m for m in evals[REFERENCE_POLICY].curve}
     ref = by_u[reference_utilisation]
-    replays: dict[str, dict[float, SimResult]] = {name: {} for name in evals}
     if refine_steps > 0:
         for name, pe in evals.items():
             if name == REFERENCE_POLICY:
                 continue
 
-            def one(knob: float, _pe=pe, _name=name) -> SimMetrics:
-                replays[_name][knob] = simulate(trace, _pe.spec.make(knob), fleet, eval_start=eval_start)
-                return replays[_name][knob].metrics
+            def one(knob: float, _spec=pe.spec) -> SimMetrics:
+                return simulate(trace, _spec.make(knob), fleet, eval_start=eval_start).metrics
 
             added = refine_at_cost(pe.curve, ref.equivalent_instance_hours, one, refine_steps)
             pe.curve.sort(key=lambda m: m.knob_value)
@@ -460,8 +458,7 @@ def evaluate(trace: SystemTrace, fleet: FleetModel, *, policies: Sequence[str] =
         pe.ratio_to_reactive, pe.ratio_to_reactive_requests = r["ratio_to_reactive"], r["ratio_to_reactive_requests"]
         pe.ratio_to_naive, pe.ratio_to_naive_requests = r["ratio_to_naive"], r["ratio_to_naive_requests"]
         pe.knob_at_cost = knob_at_cost(pe.curve, ref.equivalent_instance_hours)
-        pe.at_cost = replays[name].get(pe.knob_at_cost) or simulate(trace, pe.spec.make(pe.knob_at_cost), fleet,
-                                                                     eval_start=eval_start)
+        pe.at_cost = simulate(trace, pe.spec.make(pe.knob_at_cost), fleet, eval_start=eval_start)
     also = {}
     for u in also_utilisations:
         m = by_u[u]
@@ -623,7 +620,7 @@ RECONCILED_NOTE = ("'warmcast_lstm' sizes as the pipeline's reconciled_target do
                    "the upper bound is whichever of four scored best (lowest pinball loss at the level) over the "
                    "{history} latest origins whose demand was known by then: the higher of that sampled quantile and "
                    + _TOPDOWN_TEXT + ", the top-down bound alone, the sampled quantile alone, or the average of the "
-                   "two (the higher of the two until 24 origins are scored).")
+                   f"two (the higher of the two until {RECONCILE_MIN_SCORED} origins are scored).")
 MAX_NOTE = ("'warmcast_lstm_max' always sizes from the higher of that sampled quantile and " + _TOPDOWN_TEXT
             + " (the pipeline's reconciled_target before it chose by score).")
 
