@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     def lstm(table: pa.Table = windowed) -> pa.Table:
         fc = predict(models, table, ISSUED_AT)
         versions = ["lstm:bench+global" if g else "lstm:bench" for g in fc.uses_global]
-        return to_forecast_table(fc.user_ids, fc.issued_at, fc.quantiles, None, versions)
+        return to_forecast_table(fc.user_ids, fc.issued_at, fc.quantiles, None, versions, fc.p_zero)
 
     def baseline() -> pa.Table:
         window = demand.filter(pc.less(demand["ts"], pa.scalar(ISSUED_AT, demand.schema.field("ts").type)))

@@ -43,7 +43,7 @@ import math
 import posixpath
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -53,11 +53,11 @@ import pyarrow.parquet as pq
 import torch
 
 from models.baselines import METHODS, BaselineConfig, forecast_baseline
-from models.contract import enforce_non_crossing, quantile_mean, validate_forecast_table
+from models.contract import enforce_non_crossing, quantile_mean, validate_forecast_table, zero_bounds
 from models.features import BUCKET, BUCKETS_PER_DAY, ChunkBatches, dense_demand
 from models.metrics import (ForecastScores, backtest_table, calibration_bracket, common_mask, compare_to_best, forecast_targets,
                             metrics_json, score_forecast)
-from models.calibration import CALIBRATION_BUFFERS, calibrated, head_quantiles
+from models.calibration import CALIBRATION_BUFFERS, calibrated, head_quantiles, zero_mass
 from models.module import N_HORIZONS, N_QUANTILES, N_RESOURCES, StackedLSTM
 from models.train import TrainConfig, TrainedModels, holdout_batches, train
 from pipeline.demand import demand_from_lake
@@ -212,6 +212,16 @@ def lstm_forecasts(trained: TrainedModels, demand: pa.Table, start: datetime, en
     return {LSTM: batch_quantiles(own, batches), GLOBAL: batch_quantiles(glob, batches)}
 
 
+def lstm_zero_masses(trained: TrainedModels, rows: np.ndarray, quantiles: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """P(demand = 0) ``[len(rows), O, 6, 4]`` of :func:`lstm_forecasts`'s ``quantiles`` (same ``rows``),
+    by each model's ``cal_zero`` (:func:`models.calibration.zero_mass`; the global model's for ``global``)."""
+    rows = np.asarray(rows)
+    own = trained.model.cal_zero[torch.from_numpy(rows)]
+    glob = trained.global_model.cal_zero[:1].expand(len(rows), *own.shape[1:])
+    return {name: zero_mass(torch.from_numpy(quantiles[name]), frac).numpy()
+            for name, frac in ((LSTM, own), (GLOBAL, glob)) if name in quantiles}
+
+
 def forecast_sample(n_users: int, n_origins: int, n_models: int, max_rows: int) -> tuple[np.ndarray, int]:
     """Which users' forecasts to keep, and an origin stride, so at most ``max_rows`` rows are kept.
 
@@ -229,9 +239,9 @@ def forecast_sample(n_users: int, n_origins: int, n_models: int, max_rows: int) 
 
 
 def _forecast_rows(model: str, version: str | Sequence[str], user_ids: Sequence[str], issued: np.ndarray,
-                   quantiles: np.ndarray, mean: np.ndarray, actual: np.ndarray) -> pa.Table:
-    """Forecast rows of one model: ``quantiles [U, O, 6, 4, 7]``, ``mean``/``actual [U, O, 6, 4]``,
-    ``issued`` int64 microseconds ``[O]``; ordered by user, origin, horizon, resource."""
+                   quantiles: np.ndarray, mean: np.ndarray, actual: np.ndarray, p_zero: np.ndarray | None = None) -> pa.Table:
+    """Forecast rows of one model: ``quantiles [U, O, 6, 4, 7]``, ``mean``/``actual``/``p_zero [U, O, 6, 4]``
+    (``p_zero`` None: a null column), ``issued`` int64 microseconds ``[O]``; ordered by user, origin, horizon, resource."""
     n_u, n_o = quantiles.shape[:2]
     per = N_HORIZONS * N_RESOURCES
     q = enforce_non_crossing(quantiles.reshape(-1, N_QUANTILES))
@@ -251,6 +261,8 @@ def _forecast_rows(model: str, version: str | Sequence[str], user_ids: Sequence[
         cols[col] = pa.array(q[:, k])
     cols["mean"] = pa.array(np.maximum(mean.reshape(-1).astype(np.float64), 0.0))
     cols["model_version"] = pa.array(versions, pa.string()).take(pa.array(user_idx))
+    cols["p_zero"] = (pa.nulls(len(user_idx), pa.float64()) if p_zero is None
+                      else pa.array(np.clip(p_zero.reshape(-1).astype(np.float64), *zero_bounds(q))))
     table = pa.table(cols, schema=USER_FORECAST)
     validate_forecast_table(table)
     return table.append_column("model", pa.array([model] * table.num_rows, pa.string())).append_column(
@@ -320,7 +332,8 @@ def evaluate_backtest(trained: TrainedModels, demand: pa.Table, holdout_start: d
     for u0 in range(0, len(users), config.chunk_users):
         rows = np.arange(u0, min(len(users), u0 + config.chunk_users))
         quantiles = lstm_forecasts(trained, demand, holdout_start, end, rows)
-        means = {name: quantile_mean(q).astype(np.float32) for name, q in quantiles.items()}
+        zeros = lstm_zero_masses(trained, rows, quantiles)
+        means = {name: quantile_mean(q, zeros[name]).astype(np.float32) for name, q in quantiles.items()}
         for method in METHODS:
             fc = forecast_baseline(dense.values[rows], method, origins, config.baselines)
             quantiles[method], means[method] = fc.quantiles, fc.point
@@ -328,7 +341,7 @@ def evaluate_backtest(trained: TrainedModels, demand: pa.Table, holdout_start: d
         targets = forecast_targets(dense.values[rows], origins)
         mask = common_mask(targets, quantiles.values())
         for name in MODELS:
-            s = score_forecast(quantiles[name], targets, mask)
+            s = score_forecast(quantiles[name], targets, mask, p_zero=zeros.get(name))
             scores[name] = scores[name] + s if name in scores else s
         sel = keep[(keep >= rows[0]) & (keep <= rows[-1])] - rows[0]
         if len(sel):
@@ -336,8 +349,9 @@ def evaluate_backtest(trained: TrainedModels, demand: pa.Table, holdout_start: d
             for name in MODELS:
                 v = versions[name]
                 v = v if isinstance(v, str) else [v[rows[0] + i] for i in sel]
+                p0 = zeros[name][sel][:, kept_origins] if name in zeros else None
                 parts.append(_forecast_rows(name, v, ids, issued_us, quantiles[name][sel][:, kept_origins],
-                                            means[name][sel][:, kept_origins], targets[sel][:, kept_origins]))
+                                            means[name][sel][:, kept_origins], targets[sel][:, kept_origins], p0))
     table = backtest_table(scores, horizons_min=REPORT_HORIZONS)
     forecasts = pa.concat_tables(parts) if parts else _empty_forecasts()
     return BacktestResult(table, forecasts, trained, train_start or trained.since, holdout_start, end, len(origins), users,

@@ -10,6 +10,12 @@ The table has one row per (user, horizon, resource), in that order. Writing enfo
 contract: quantiles must be finite and non-crossing (a crossing larger than a rounding
 tolerance is an error, not something to hide; within tolerance the levels are made exactly
 monotone), and negative values are clipped to 0 because demand is never negative.
+
+``p_zero [n_users, 6, 4]`` (optional; the column is null without it) is P(demand = 0): it must lie
+in the bracket the zero quantiles give (:data:`pipeline.schemas.P_ZERO_LOW` … ``P_ZERO_HIGH``;
+:func:`zero_bounds`). With it the quantile function is 0 up to level ``p_zero``, then rises
+linearly to the first positive quantile (when ``q05 > 0``: jumps to ``q05``, flat below it as
+without).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, QUANTILES, USER_FORECAST
+from pipeline.schemas import (BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, P_ZERO_HIGH, P_ZERO_LOW, QUANTILE_COLUMNS, QUANTILES,
+                              USER_FORECAST, add_missing_nullable)
 
 _US = 1_000_000
 _H = len(HORIZONS_MIN)
@@ -50,9 +57,32 @@ def _mean_weights() -> np.ndarray:
 MEAN_WEIGHTS = _mean_weights()
 
 
-def quantile_mean(quantiles: np.ndarray) -> np.ndarray:
-    """Approximate mean ``[...]`` of quantile forecasts ``[..., 7]`` (see :func:`_mean_weights`)."""
-    return np.asarray(quantiles, dtype=np.float64) @ MEAN_WEIGHTS
+def quantile_mean(quantiles: np.ndarray, p_zero: np.ndarray | None = None) -> np.ndarray:
+    """Approximate mean ``[...]`` of quantile forecasts ``[..., 7]`` (see :func:`_mean_weights`).
+
+    With ``p_zero [...]`` (P(demand = 0), inside :func:`zero_bounds`), the area its zero segment
+    takes from the quantile function: ``(p_zero − P_ZERO_LOW[m]) · q_m / 2`` for the first positive
+    quantile ``q_m`` (``p_zero · q05`` when ``q05 > 0``)."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    mean = q @ MEAN_WEIGHTS
+    if p_zero is None:
+        return mean
+    m = (q <= 0).sum(axis=-1)
+    first = np.take_along_axis(q, np.minimum(m, _Q - 1)[..., None], -1)[..., 0]
+    extra = np.clip(np.asarray(p_zero, dtype=np.float64) - np.asarray(P_ZERO_LOW)[m], 0.0, None)
+    cut = np.where(m == 0, extra * first, np.where(m < _Q, extra * first / 2, 0.0))
+    return np.maximum(mean - np.nan_to_num(cut), 0.0)
+
+
+def zero_bounds(quantiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high) [...]``: where P(demand = 0) may lie given quantiles ``[..., 7]`` (by how many
+    are 0: :data:`pipeline.schemas.P_ZERO_LOW` / ``P_ZERO_HIGH``); ``low`` is what they alone say."""
+    m = (np.asarray(quantiles) <= 0).sum(axis=-1)
+    return np.asarray(P_ZERO_LOW)[m], np.asarray(P_ZERO_HIGH)[m]
+
+
+#: How far ``p_zero`` may stray outside its bracket (float32 rounding).
+P_ZERO_TOLERANCE = 1e-6
 
 
 def _issued_us(issued_at: datetime) -> int:
@@ -95,14 +125,17 @@ def to_forecast_table(
     quantiles: np.ndarray,
     mean: np.ndarray | None,
     model_version: str | Sequence[str],
+    p_zero: np.ndarray | None = None,
 ) -> pa.Table:
     """Build the per-user forecast table (schema :data:`USER_FORECAST`).
 
     ``quantiles``: ``[n_users, 6, 4, 7]`` in demand units; ``mean``: ``[n_users, 6, 4]`` or ``None``
     (then :func:`quantile_mean` of the quantiles); ``model_version``: one string, or one per user
-    (e.g. ``"fallback:seasonal_daily"`` for a user without a model). Rows are ordered by user,
-    horizon, resource. Raises ``ValueError`` on a shape mismatch, a duplicate user, a non-finite
-    value or crossing quantiles.
+    (e.g. ``"fallback:seasonal_daily"`` for a user without a model); ``p_zero``: ``[n_users, 6, 4]``
+    P(demand = 0) or ``None`` (a null column). Rows are ordered by user, horizon, resource. Raises
+    ``ValueError`` on a shape mismatch, a duplicate user, a non-finite value, crossing quantiles or
+    a ``p_zero`` outside the bracket of its zero quantiles (clipped into it within
+    :data:`P_ZERO_TOLERANCE`).
     """
     users = list(user_ids)
     n = len(users)
@@ -112,8 +145,9 @@ def to_forecast_table(
     if len(set(users)) != n:
         raise ValueError("duplicate user ids in a forecast")
     q = enforce_non_crossing(q, users)
+    p0 = None if p_zero is None else _checked_p_zero(q, p_zero, users)
     if mean is None:
-        m = quantile_mean(q)
+        m = quantile_mean(q, p0)
     else:
         m = np.asarray(mean, dtype=np.float64)
         if m.shape != (n, _H, _R):
@@ -141,23 +175,42 @@ def to_forecast_table(
         columns[col] = pa.array(flat[:, k])
     columns["mean"] = pa.array(m.reshape(rows))
     columns["model_version"] = pa.array(versions, pa.string()).take(user_idx)
+    columns["p_zero"] = pa.nulls(rows, pa.float64()) if p0 is None else pa.array(p0.reshape(rows))
     return pa.table(columns, schema=USER_FORECAST)
+
+
+def _checked_p_zero(q: np.ndarray, p_zero: np.ndarray, users: Sequence[str]) -> np.ndarray:
+    """``p_zero`` as float64, clipped into its bracket within :data:`P_ZERO_TOLERANCE`; raises
+    ``ValueError`` naming the first user whose value is not finite or lies outside it."""
+    p = np.asarray(p_zero, dtype=np.float64)
+    if p.shape != q.shape[:-1]:
+        raise ValueError(f"p_zero must be {list(q.shape[:-1])}, got {list(p.shape)}")
+    low, high = zero_bounds(q)
+    bad = ~np.isfinite(p) | (p < low - P_ZERO_TOLERANCE) | (p > high + P_ZERO_TOLERANCE)
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise ValueError(f"p_zero {p[i]:.6g} for user {users[i[0]]!r} ({HORIZONS_MIN[i[1]]} min, {DEMAND_RESOURCES[i[2]]}) lies "
+                         f"outside [{low[i]:g}, {high[i]:g}], the bracket of its {int((q[i] <= 0).sum())} zero quantiles")
+    return np.clip(p, low, high)
 
 
 @dataclass
 class ForecastArrays:
-    """A forecast table read back: ``quantiles [n_users, 6, 4, 7]``, ``mean [n_users, 6, 4]``."""
+    """A forecast table read back: ``quantiles [n_users, 6, 4, 7]``, ``mean [n_users, 6, 4]``,
+    ``p_zero [n_users, 6, 4]`` (NaN where the table has none)."""
 
     user_ids: list[str]
     issued_at: datetime
     quantiles: np.ndarray
     mean: np.ndarray
     model_version: list[str]
+    p_zero: np.ndarray | None = None
 
 
 def validate_forecast_table(table: pa.Table) -> None:
     """Raise ``ValueError`` listing every way ``table`` breaks the :data:`USER_FORECAST` contract."""
     problems = []
+    table = add_missing_nullable(table, USER_FORECAST)
     missing = [f.name for f in USER_FORECAST if f.name not in table.column_names]
     if missing:
         raise ValueError(f"forecast table lacks columns {missing}")
@@ -180,6 +233,12 @@ def validate_forecast_table(table: pa.Table) -> None:
         problems.append("crossing quantiles (q05 <= q10 <= ... <= q95 violated)")
     if (q < 0).any():
         problems.append("negative quantiles")
+    if "p_zero" in table.column_names and table["p_zero"].null_count < table.num_rows:
+        p = table["p_zero"].to_numpy(zero_copy_only=False).astype(np.float64)
+        low, high = zero_bounds(q)
+        given = ~np.isnan(p)
+        if (given & ((p < low - P_ZERO_TOLERANCE) | (p > high + P_ZERO_TOLERANCE))).any():
+            problems.append("p_zero outside the bracket of its zero quantiles (pipeline.schemas.P_ZERO_LOW / P_ZERO_HIGH)")
     keys = table.group_by(["user_id", "issued_at", "horizon_min", "resource"]).aggregate([([], "count_all")])
     if keys.num_rows != table.num_rows:
         problems.append("duplicate (user_id, issued_at, horizon_min, resource) rows")
@@ -195,7 +254,7 @@ def from_forecast_table(table: pa.Table, issued_at: datetime | None = None) -> F
     lacks a (horizon, resource) row, or if one user's rows carry different model versions.
     """
     validate_forecast_table(table)
-    table = table.select(USER_FORECAST.names).cast(USER_FORECAST)
+    table = add_missing_nullable(table, USER_FORECAST).select(USER_FORECAST.names).cast(USER_FORECAST)
     stamps = pc.unique(table["issued_at"]).to_pylist()
     if issued_at is not None:
         t = pa.scalar(_issued_us(issued_at), pa.int64()).cast(USER_FORECAST.field("issued_at").type)
@@ -221,6 +280,8 @@ def from_forecast_table(table: pa.Table, issued_at: datetime | None = None) -> F
     quantiles[flat] = np.stack([table[c].to_numpy() for c in QUANTILE_COLUMNS], axis=1)
     mean = np.full(n * _H * _R, np.nan)
     mean[flat] = table["mean"].to_numpy()
+    p_zero = np.full(n * _H * _R, np.nan)
+    p_zero[flat] = table["p_zero"].to_numpy(zero_copy_only=False).astype(np.float64)
     mv = table["model_version"].to_numpy(zero_copy_only=False)
     _, first = np.unique(u, return_index=True)  # first row of each user (u codes are 0..n-1)
     versions = mv[first]
@@ -232,4 +293,5 @@ def from_forecast_table(table: pa.Table, issued_at: datetime | None = None) -> F
         quantiles=quantiles.reshape(n, _H, _R, _Q),
         mean=mean.reshape(n, _H, _R),
         model_version=[str(v) for v in versions],
+        p_zero=p_zero.reshape(n, _H, _R),
     )

@@ -104,7 +104,18 @@ def _tie_ends(y: np.ndarray, qs: np.ndarray, levels: np.ndarray) -> tuple[np.nda
     return lo, hi, (n_le > n_lt) & (hi > lo)
 
 
-def pit_interval(y: np.ndarray, quantiles: np.ndarray, levels: Sequence[float] = QUANTILES) -> tuple[np.ndarray, np.ndarray]:
+def _zero_tie_end(y: np.ndarray, hi: np.ndarray, mass: np.ndarray, p_zero: np.ndarray) -> np.ndarray:
+    """``hi`` of :func:`_tie_ends` with ``F(0) = p_zero`` where an actual 0 ties the zero quantiles
+    (``[F(0-), F(0)] = [0, p_zero]`` instead of ``[0, level of the highest zero quantile]``) and
+    ``p_zero`` is given (finite). ``p_zero`` must lie in the bracket of its zero quantiles
+    (:func:`models.contract.zero_bounds`), so nothing else about the forecast changes: an actual
+    between 0 and the first positive quantile keeps the interval it had, and with ``q05 > 0`` an
+    actual 0 stays below every level as before."""
+    return np.where(mass & (y <= 0) & np.isfinite(p_zero), p_zero, hi)
+
+
+def pit_interval(y: np.ndarray, quantiles: np.ndarray, levels: Sequence[float] = QUANTILES,
+                 p_zero: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The randomised PIT of each actual: uniform on ``[F(y-), F(y)]``; returns ``(F(y-), F(y))``.
 
     ``y [...]``, ``quantiles [..., K]`` at ``levels`` (sorted first, so slightly crossing
@@ -120,6 +131,9 @@ def pit_interval(y: np.ndarray, quantiles: np.ndarray, levels: Sequence[float] =
     * ``y`` strictly between knots: the single level ``F(y)`` interpolated linearly between them;
       below the lowest knot 0, above the highest 1.
 
+    ``p_zero [...]`` (the forecast's P(demand = 0), NaN where not given): an actual 0 tied with the
+    zero quantiles gets ``[0, p_zero]`` (:func:`_zero_tie_end`).
+
     NaN where ``y`` or a quantile is not finite.
     """
     y = np.asarray(y, dtype=np.float64)
@@ -128,6 +142,8 @@ def pit_interval(y: np.ndarray, quantiles: np.ndarray, levels: Sequence[float] =
     if qs.shape[-1] != len(tau) or qs.shape[:-1] != y.shape:
         raise ValueError(f"quantiles {qs.shape} do not match actuals {y.shape} and {len(tau)} levels")
     lo, hi, mass = _tie_ends(y, qs, tau)
+    if p_zero is not None:
+        hi = _zero_tie_end(y, hi, mass, np.asarray(p_zero, dtype=np.float64))
     m = (qs < y[..., None]).sum(axis=-1)  # no tie: y lies between knots m-1 and m
     j = np.clip(m, 1, len(tau) - 1)
     q0, q1 = np.take_along_axis(qs, (j - 1)[..., None], -1)[..., 0], np.take_along_axis(qs, j[..., None], -1)[..., 0]
@@ -158,7 +174,7 @@ def _pit_below(y: np.ndarray, qs: np.ndarray, lo: np.ndarray, hi: np.ndarray, ma
 
 
 def interval_coverage_pit(y: np.ndarray, quantiles: np.ndarray, lower: float, upper: float,
-                          levels: Sequence[float] = QUANTILES) -> float:
+                          levels: Sequence[float] = QUANTILES, p_zero: np.ndarray | None = None) -> float:
     """Tie-aware coverage of the central interval ``[q_lower, q_upper]`` (levels, e.g. 0.05 and 0.95).
 
     The mean over finite points of ``P(lower <= PIT <= upper)``, ``PIT`` uniform on
@@ -175,7 +191,8 @@ def interval_coverage_pit(y: np.ndarray, quantiles: np.ndarray, lower: float, up
     Limitation: a mass is only resolved on the knots. A true ``P(Y = 0) = 0.7`` is best told by
     ``q05 … q50 = 0 < q75``, which the linear interpolation reads as ``P(Y = 0) = 0.5``: the
     exact quantiles of such data then score 0.88 / 0.76 tie-aware (a little under nominal), where
-    the inclusive coverage gives 0.95 / 0.90.
+    the inclusive coverage gives 0.95 / 0.90. A forecast that also gives ``p_zero`` (P(Y = 0)) resolves
+    the mass at 0: ``[0, p_zero]`` (:func:`pit_interval`).
     """
     y = np.asarray(y, dtype=np.float64)
     qs = np.sort(np.asarray(quantiles, dtype=np.float64), axis=-1)
@@ -188,6 +205,8 @@ def interval_coverage_pit(y: np.ndarray, quantiles: np.ndarray, lower: float, up
         return float("nan")
     y, qs = y[ok], qs[ok]
     lo, hi, mass = _tie_ends(y, qs, tau)
+    if p_zero is not None:
+        hi = _zero_tie_end(y, hi, mass, np.broadcast_to(np.asarray(p_zero, dtype=np.float64), ok.shape)[ok])
     return float(_pit_coverage(y, qs, lo, hi, mass, i, j, tau).mean())
 
 
@@ -224,13 +243,15 @@ def common_mask(targets: np.ndarray, forecasts: Iterable[np.ndarray]) -> np.ndar
     return mask
 
 
-def score_forecast(quantiles: np.ndarray, targets: np.ndarray, mask: np.ndarray | None = None, chunk_users: int = 256) -> ForecastScores:
+def score_forecast(quantiles: np.ndarray, targets: np.ndarray, mask: np.ndarray | None = None, chunk_users: int = 256,
+                   p_zero: np.ndarray | None = None) -> ForecastScores:
     """Score ``quantiles [n_users, n_origins, 6, R, 7]`` against ``targets [n_users, n_origins, 6, R]``.
 
     Only points where ``mask`` (default :func:`common_mask` of this model alone) is true count.
     Works on ``chunk_users`` users at a time in float32 (sums in float64). The inclusive
     coverages use the quantiles as given; the tie-aware ones and the per-level shares use them
-    sorted along the levels (:func:`pit_interval`).
+    sorted along the levels (:func:`pit_interval`), and ``p_zero`` (P(demand = 0), shaped like
+    ``targets``; NaN or None: the quantiles alone) where the forecast gives it.
     """
     y = np.asarray(targets)
     n_u, _, n_h, n_r = y.shape
@@ -257,6 +278,8 @@ def score_forecast(quantiles: np.ndarray, targets: np.ndarray, mask: np.ndarray 
         n += mc.sum(axis=0)
         qs = np.sort(np.where(mc[..., None], qc, np.float32(0.0)), axis=-1)
         lo, hi, mass = _tie_ends(yc, qs, _LEVELS)
+        if p_zero is not None:
+            hi = _zero_tie_end(yc, hi, mass, p_zero[sl].reshape(-1, cells))
         p80 += np.where(mc, _pit_coverage(yc, qs, lo, hi, mass, _I10, _I90, _LEVELS), 0.0).sum(axis=0)
         p90 += np.where(mc, _pit_coverage(yc, qs, lo, hi, mass, _I05, _I95, _LEVELS), 0.0).sum(axis=0)
         for k in range(n_q):

@@ -32,7 +32,9 @@ N_QUANTILES = len(QUANTILES)
 N_OUTPUTS = N_HORIZONS * N_RESOURCES * N_QUANTILES
 MID = N_QUANTILES // 2  # index of the median (0.5) in QUANTILES
 #: Recalibration buffers (models/calibration.py) and their identity value.
-CALIBRATION = {"cal_shift": 0.0, "cal_spread": 1.0, "cal_floor": 0.0}
+CALIBRATION = {"cal_shift": 0.0, "cal_spread": 1.0, "cal_floor": 0.0, "cal_zero": 0.0}
+#: Brackets of the zero-mass estimate: 0 … 7 quantile levels forecast as exactly 0 (``cal_zero``).
+N_ZERO_BRACKETS = N_QUANTILES + 1
 #: Smallest gap between neighbouring quantiles a prior sets (scaled units); keeps softplus⁻¹ finite.
 MIN_SPREAD = 1e-4
 
@@ -284,7 +286,9 @@ class StackedLSTM(nn.Module):
     ``log_mean`` and ``log_std`` standardise ``log1p(demand)`` inputs, ``scale`` (real units)
     divides demand into the model's target units; ``cal_shift``, ``cal_floor`` ``[U, 6, 4]`` and
     ``cal_spread`` ``[U, 6, 4, 7]``, the post-hoc recalibration applied at inference (:mod:`models.calibration`;
-    identity until fitted, and never applied by :meth:`forward` or the training loss).
+    identity until fitted, and never applied by :meth:`forward` or the training loss); ``cal_zero``
+    ``[U, 6, 4, 8]``, where P(demand = 0) lies between the levels the zero quantiles bound
+    (:func:`models.calibration.zero_mass`; 0: at the lower end, what the quantiles alone say).
 
     The head predicts *corrections to the last-value forecast*: every quantile is the last
     observed value plus a learnt offset, so an untrained model is the last-value forecast
@@ -322,6 +326,7 @@ class StackedLSTM(nn.Module):
         self.register_buffer("cal_shift", torch.zeros(n_users, N_HORIZONS, N_RESOURCES))
         self.register_buffer("cal_spread", torch.ones(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES))
         self.register_buffer("cal_floor", torch.zeros(n_users, N_HORIZONS, N_RESOURCES))
+        self.register_buffer("cal_zero", torch.zeros(n_users, N_HORIZONS, N_RESOURCES, N_ZERO_BRACKETS))
 
     @torch.no_grad()
     def set_prior(self, prior: Tensor, users: Tensor | None = None) -> None:

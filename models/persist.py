@@ -175,7 +175,7 @@ def forecast_from_lake(lake: Location, at: datetime, version: str | None = None)
     version, trained = loaded
     fc = predict(trained, forecast_demand(lake, at, trained.config), at)
     versions = [f"lstm:{version}+global" if g else f"lstm:{version}" for g in fc.uses_global]
-    return to_forecast_table(fc.user_ids, fc.issued_at, fc.quantiles, None, versions)
+    return to_forecast_table(fc.user_ids, fc.issued_at, fc.quantiles, None, versions, fc.p_zero)
 
 
 def user_metrics_summary(m: UserMetrics) -> dict[str, float | None]:
@@ -371,4 +371,4 @@ def forecast_users(lake: Location, at: datetime, user_ids: Sequence[str], versio
     assert loaded is not None
     fc = predict(loaded[1], forecast_demand(lake, at, loaded[1].config, users), at, users=users)
     versions = [f"lstm:{version}+global" if g else f"lstm:{version}" for g in fc.uses_global]
-    return to_forecast_table(fc.user_ids, fc.issued_at, fc.quantiles, None, versions)
+    return to_forecast_table(fc.user_ids, fc.issued_at, fc.quantiles, None, versions, fc.p_zero)

@@ -45,7 +45,7 @@ from pytorch_lightning.loggers import CSVLogger
 from models.features import (BUCKET, BUCKETS_PER_DAY, BUCKETS_PER_WEEK, LAG_INPUTS, N_HORIZONS, N_INPUTS, N_RESOURCES, ChunkBatches,
                              DenseDemand, Normaliser,
                              dense_demand, fit_normaliser, input_features, last_value_error_quantiles, typical_scale)
-from models.calibration import CALIBRATION_BUFFERS, calibrated, fit_calibration
+from models.calibration import CALIBRATION_BUFFERS, calibrated, fit_calibration, zero_mass
 from models.lightning_module import StackedForecaster, per_user_loss
 from models.module import CALIBRATION, N_QUANTILES, StackedLSTM
 
@@ -136,12 +136,14 @@ class TrainedModels:
 @dataclass
 class Forecast:
     """Quantile forecasts ``[n_users, 6, 4, 7]`` (horizon, ``DEMAND_RESOURCES``, ``QUANTILES``),
-    real units, non-negative and non-decreasing in the quantile, for the buckets after ``issued_at``."""
+    real units, non-negative and non-decreasing in the quantile, for the buckets after ``issued_at``;
+    ``p_zero`` ``[n_users, 6, 4]``: P(demand = 0) (:func:`models.calibration.zero_mass`)."""
 
     user_ids: list[str]
     issued_at: datetime
     quantiles: np.ndarray
     uses_global: np.ndarray  # bool [n_users]
+    p_zero: np.ndarray | None = None
 
 
 _freed_memory_kept = False
@@ -540,6 +542,7 @@ def _predict(models: TrainedModels, demand: pa.Table, at: datetime | None, users
     weights = own.get_all()
     glob = models.global_model.get_all()
     q = torch.empty(len(rows), N_HORIZONS, N_RESOURCES, N_QUANTILES)
+    p_zero = torch.empty(len(rows), N_HORIZONS, N_RESOURCES)
     for a in range(0, len(rows), block_users):
         sl = slice(a, a + block_users)
         idx, fresh = torch.from_numpy(rows[sl].clip(0)), torch.from_numpy(new[sl])
@@ -557,5 +560,6 @@ def _predict(models: TrainedModels, demand: pa.Table, at: datetime | None, users
         model.inference_workers = workers
         raw = calibrated(model, model(x[sl], last[sl], burn_in=steps - 1)[:, 0, 0])
         q[sl] = raw * model.scale[:, None, :, None]
+        p_zero[sl] = zero_mass(raw, model.cal_zero)
     uses_global = new | np.array([models.uses_global[r] if r >= 0 else True for r in rows.tolist()], dtype=bool)
-    return Forecast(list(dense.user_ids), at, q.clamp_min(0).numpy(), uses_global)
+    return Forecast(list(dense.user_ids), at, q.clamp_min(0).numpy(), uses_global, p_zero.numpy())

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import Settings
 from pipeline.intervals import run_interval
-from pipeline.schemas import BUCKET_SECONDS, HORIZONS_MIN, SYSTEM_FORECAST, USER_FORECAST
+from pipeline.schemas import BUCKET_SECONDS, HORIZONS_MIN, SYSTEM_FORECAST, USER_FORECAST, add_missing_nullable
 from pipeline.storage import Location, location_from_settings, parquet_bytes
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def _read_parquet(lake: Location, path: str, schema: pa.Schema) -> pa.Table:
         data = lake.read_bytes(path)
     except (FileNotFoundError, OSError) as exc:
         raise FileNotFoundError(f"{lake.display(path)} is missing ({exc}); re-run the step that writes it") from exc
-    return pq.read_table(io.BytesIO(data)).cast(schema)
+    return add_missing_nullable(pq.read_table(io.BytesIO(data)), schema).select(schema.names).cast(schema)
 
 
 def plan_issue(settings: Settings, at: datetime) -> list[dict[str, Any]]:

@@ -48,7 +48,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from pipeline.config import mask_url_password
-from pipeline.schemas import QUANTILE_COLUMNS, SCALING_DECISION, SYSTEM_FORECAST, USER_FORECAST, check_id
+from pipeline.schemas import QUANTILE_COLUMNS, SCALING_DECISION, SYSTEM_FORECAST, USER_FORECAST, add_missing_nullable, check_id
 from pipeline.storage import Location, open_location, parquet_bytes
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -93,6 +93,7 @@ user_forecasts = sa.Table(
     *[sa.Column(c, _F, nullable=False) for c in QUANTILE_COLUMNS],
     sa.Column("mean", _F, nullable=False),
     sa.Column("model_version", sa.String(256), nullable=False),
+    sa.Column("p_zero", _F),  # P(demand = 0); null: not estimated (added later: create_schema adds it)
 )
 system_forecasts = sa.Table(
     "system_forecasts", metadata,
@@ -161,6 +162,7 @@ def _sqlite_column(col: pa.ChunkedArray) -> list[Any]:
 
 def _conform(table: pa.Table, schema: pa.Schema, key: Sequence[str], what: str) -> pa.Table:
     """``table`` as exactly ``schema`` (columns, order, types); raises on missing columns, nulls, duplicate keys."""
+    table = add_missing_nullable(table, schema)
     missing = [n for n in schema.names if n not in table.column_names]
     if missing:
         raise ForecastStoreError(f"{what}: missing columns {missing}")
@@ -168,12 +170,30 @@ def _conform(table: pa.Table, schema: pa.Schema, key: Sequence[str], what: str) 
         table = table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
         raise ForecastStoreError(f"{what}: columns do not match the contract: {exc}") from exc
-    nulls = [n for n in schema.names if table[n].null_count]
+    nulls = [n for n in schema.names if not schema.field(n).nullable and table[n].null_count]
     if nulls:
         raise ForecastStoreError(f"{what}: null values in {nulls}")
     if table.num_rows and table.group_by(list(key)).aggregate([([], "count_all")]).num_rows != table.num_rows:
         raise ForecastStoreError(f"{what}: duplicate rows for the key {tuple(key)}")
     return table
+
+
+def _add_new_columns(conn, schema: str | None) -> None:
+    """Add the nullable columns a table created by an older version lacks (``ALTER TABLE … ADD
+    COLUMN``; e.g. ``user_forecasts.p_zero``): ``create_all`` only creates missing tables."""
+    inspector = sa.inspect(conn)
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in inspector.get_columns(table.name, schema=schema)}
+        for col in table.columns:
+            if col.name in have:
+                continue
+            if not col.nullable:
+                raise ForecastStoreError(f"table {table.name} lacks column {col.name}, which cannot be added to existing rows "
+                                         "(NOT NULL): migrate it by hand")
+            name = conn.dialect.identifier_preparer.format_table(table) if schema is None else \
+                f"{conn.dialect.identifier_preparer.quote_schema(schema)}.{conn.dialect.identifier_preparer.quote(table.name)}"
+            kind = col.type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {name} ADD COLUMN {conn.dialect.identifier_preparer.quote(col.name)} {kind}"))
 
 
 class ForecastStore:
@@ -228,6 +248,7 @@ class ForecastStore:
             if self.schema:
                 conn.execute(sa.schema.CreateSchema(self.schema, if_not_exists=True))
             metadata.create_all(conn)
+            _add_new_columns(conn, self.schema)
         if self.dialect == "sqlite":
             db = sa.engine.make_url(self.url).database
             if db and db != ":memory:" and not db.startswith("file:"):

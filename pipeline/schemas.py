@@ -71,6 +71,13 @@ USER_PROFILE = pa.schema(
 QUANTILES = (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)
 QUANTILE_COLUMNS = tuple(f"q{round(q * 100):02d}" for q in QUANTILES)
 HORIZONS_MIN = (5, 10, 15, 20, 25, 30)
+#: ``p_zero`` (P(demand = 0) in the bucket) lies in ``[P_ZERO_LOW[m], P_ZERO_HIGH[m]]`` where ``m`` of
+#: the 7 quantiles are 0: the quantile function is 0 up to level ``p_zero`` and rises from there to
+#: the first positive quantile. ``P_ZERO_LOW[m]`` is what the quantiles alone say (their knots
+#: linearly interpolated: 0 when ``q05 > 0``; 1 when every quantile is 0, the tail above ``q95``
+#: collapsed onto it).
+P_ZERO_LOW = (0.0, *QUANTILES[:-1], 1.0)
+P_ZERO_HIGH = (*QUANTILES, 1.0)
 
 #: target bucket is [target_start, target_start + 5 min), target_start = issued_at + horizon - 5 min.
 USER_FORECAST = pa.schema(
@@ -85,6 +92,8 @@ USER_FORECAST = pa.schema(
     + [
         pa.field("mean", pa.float64(), nullable=False),
         pa.field("model_version", pa.string(), nullable=False),
+        # P(demand = 0), see P_ZERO_LOW; null: not estimated (the quantiles alone: P_ZERO_LOW)
+        pa.field("p_zero", pa.float64(), nullable=True),
     ]
 )
 
@@ -131,3 +140,12 @@ def check_id(value: str, what: str = "id") -> str:
     if not is_valid_id(value):
         raise ValueError(f"{what} {value!r} is not a well-formed identifier (pattern {ID_PATTERN}, no '..')")
     return value
+
+
+def add_missing_nullable(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with a null column for every nullable field of ``schema`` it lacks (a table written
+    before that column existed, e.g. ``USER_FORECAST``'s ``p_zero``). Other columns are left as they are."""
+    for f in schema:
+        if f.nullable and f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table

@@ -64,5 +64,6 @@ CREATE TABLE user_forecasts (
 	q95 DOUBLE PRECISION NOT NULL,
 	mean DOUBLE PRECISION NOT NULL,
 	model_version VARCHAR(256) NOT NULL,
+	p_zero DOUBLE PRECISION,
 	PRIMARY KEY (issued_at, user_id, horizon_min, resource)
 );

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from models.baselines import DAY, METHODS, WEEK, BaselineConfig, forecast_baseline, forecast_baselines
 from models.contract import from_forecast_table, quantile_mean, to_forecast_table, validate_forecast_table
 from models.metrics import backtest_table, forecast_targets
-from pipeline.schemas import DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, USER_FORECAST
+from pipeline.schemas import DEMAND_RESOURCES, HORIZONS_MIN, P_ZERO_LOW, QUANTILE_COLUMNS, USER_FORECAST
 
 UTC = timezone.utc
 T0 = datetime(2026, 3, 2, tzinfo=UTC)
@@ -187,6 +187,38 @@ def test_contract_enforces_non_crossing_and_grid():
         to_forecast_table(["a", "b"], T0, np.where(q > 0.99, np.nan, q), None, "v")
     neg = to_forecast_table(["a", "b"], T0, q - 0.5, None, "v")
     assert min(neg[c].to_numpy().min() for c in QUANTILE_COLUMNS) == 0.0
+
+
+def test_contract_carries_p_zero_inside_the_bracket_of_the_zero_quantiles():
+    # user a: q05 = q10 = 0 < q25 (P(0) in [0.10, 0.25]); user b: q05 > 0 (P(0) in [0, 0.05])
+    q = np.tile(np.array([0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0]), (2, 6, 4, 1))
+    q[1] += 0.5
+    p0 = np.full((2, 6, 4), 0.2)
+    p0[1] = 0.03
+    table = to_forecast_table(["a", "b"], T0, q, None, "lstm:v", p0)
+    validate_forecast_table(table)
+    back = from_forecast_table(table)
+    np.testing.assert_allclose(back.p_zero, p0)
+    # the mean: the zero segment now reaches level 0.2 instead of 0.10: (0.2 - 0.1) * q25 / 2 less;
+    # with q05 > 0 the atom takes p_zero * q05 from the flat part below q05
+    np.testing.assert_allclose(back.mean[0], quantile_mean(q[0]) - 0.1 * 1.0 / 2)
+    np.testing.assert_allclose(back.mean[1], quantile_mean(q[1]) - 0.03 * 0.5)
+    np.testing.assert_allclose(quantile_mean(q, np.array(P_ZERO_LOW)[(q <= 0).sum(-1)]), quantile_mean(q))  # the bracket's low end: no change
+    bad = p0.copy()
+    bad[0, 2, 1] = 0.3  # above 0.25 with only two zero quantiles
+    with pytest.raises(ValueError, match=r"p_zero 0.3 for user 'a' \(15 min, cpu_cores\) lies outside \[0.1, 0.25\]"):
+        to_forecast_table(["a", "b"], T0, q, None, "v", bad)
+    with pytest.raises(ValueError, match="p_zero must be"):
+        to_forecast_table(["a", "b"], T0, q, None, "v", p0[:, :3])
+    broken = table.set_column(table.schema.get_field_index("p_zero"), "p_zero", pa.array(np.full(table.num_rows, 0.6)))
+    with pytest.raises(ValueError, match="p_zero outside the bracket"):
+        validate_forecast_table(broken)
+    # without it (a producer that does not estimate it, or a table written before the column): null / NaN
+    plain = to_forecast_table(["a", "b"], T0, q, None, "v")
+    assert plain["p_zero"].null_count == plain.num_rows and np.isnan(from_forecast_table(plain).p_zero).all()
+    old = plain.drop_columns(["p_zero"])
+    validate_forecast_table(old)
+    assert np.isnan(from_forecast_table(old).p_zero).all()
 
 
 def test_contract_reader_rejects_broken_tables():

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from models.calibration import (SHIFT_GRID, SPREAD_GRID, _blocks, _choose, _masked, _pinball_sums, apply_calibration, calibrated, fit_calibration,
-                                head_quantiles)
+                                fit_zero_mass, head_quantiles, zero_brackets, zero_mass)
 from models.features import BUCKET, N_INPUTS, ChunkBatches, dense_demand
 from models.module import StackedLSTM, pinball
 from models.persist import load_trained, save_trained
 from models.train import TrainConfig, predict, prepare_data, train, training_batches
-from pipeline.schemas import DEMAND
+from pipeline.schemas import DEMAND, P_ZERO_HIGH, P_ZERO_LOW
 from pipeline.storage import open_location
 
 T0 = datetime(2026, 3, 2, tzinfo=timezone.utc)
@@ -133,20 +133,22 @@ def test_train_fits_the_calibration_on_its_window_only_and_it_survives_the_store
     assert not torch.equal(changed.model.cal_spread, trained.model.cal_spread)
     off = train(demand, until=cut, config=dataclasses.replace(CFG, calibrate=False))
     for m in (off.model, off.global_model):
-        assert (m.cal_spread == 1).all() and (m.cal_shift == 0).all() and (m.cal_floor == 0).all()
+        assert (m.cal_spread == 1).all() and (m.cal_shift == 0).all() and (m.cal_floor == 0).all() and (m.cal_zero == 0).all()
     assert off.calibration_loss is None
     assert not np.array_equal(predict(off, demand, cut).quantiles, predict(trained, demand, cut).quantiles)
 
     lake = open_location(str(tmp_path / "lake"))
     _, loaded = load_trained(lake, save_trained(lake, trained))
-    for name in ("cal_shift", "cal_spread", "cal_floor"):
+    for name in ("cal_shift", "cal_spread", "cal_floor", "cal_zero"):
         assert torch.equal(getattr(loaded.model, name), getattr(trained.model, name))
         assert torch.equal(getattr(loaded.global_model, name), getattr(g, name))
+    assert (trained.model.cal_zero > 0).any()  # gpus are 0 half of the time: somewhere above the knots' own level
     np.testing.assert_array_equal(predict(loaded, demand, cut).quantiles, predict(trained, demand, cut).quantiles)
+    np.testing.assert_array_equal(predict(loaded, demand, cut).p_zero, predict(trained, demand, cut).p_zero)
     # a version saved before recalibration existed (no such weights) loads as the identity
     weights = {k: v for k, v in trained.model.get_all().items() if not k.startswith("cal_")}
     old = StackedLSTM.from_weights(weights)
-    assert (old.cal_spread == 1).all() and (old.cal_shift == 0).all() and (old.cal_floor == 0).all()
+    assert (old.cal_spread == 1).all() and (old.cal_shift == 0).all() and (old.cal_floor == 0).all() and (old.cal_zero == 0).all()
 
 
 def test_an_idle_users_small_positive_quantiles_snap_to_zero():
@@ -176,6 +178,52 @@ def test_an_idle_users_small_positive_quantiles_snap_to_zero():
     q = torch.randn(3, 10, 6, 4, 7, generator=gen).sort(dim=-1).values
     out = apply_calibration(q, torch.zeros(3, 6, 4), torch.ones(3, 6, 4, 7), torch.rand(3, 6, 4, generator=gen))
     assert (out.diff(dim=-1) >= 0).all() and (out == 0).any() and ((out == 0) | (out == q)).all()
+
+
+def test_zero_mass_by_hand():
+    # one horizon/resource cell that matters, bracket 1 (q05 = 0 < q10: P(0) in [0.05, 0.10]) and 3 ([0.25, 0.5])
+    zeros, points = torch.zeros(2, 6, 4, 8), torch.zeros(2, 6, 4, 8)
+    zeros[0, 0, 0, 1], points[0, 0, 0, 1] = 40, 100  # user 0: 40 % zeros, pooled (40 + 5) / 200 = 22.5 %
+    zeros[1, 0, 0, 1], points[1, 0, 0, 1] = 5, 100  # user 1: 5 %
+    zeros[0, 0, 0, 3], points[0, 0, 0, 3] = 30, 100  # only user 0 in bracket 3
+    frac = fit_zero_mass(zeros, points, prior_points=100.0)
+    # user 0: (40 + 100 · 0.225) / 200 = 0.3125 -> above 0.10: the bracket's top; user 1: (5 + 22.5) / 200 = 0.1375 -> top too
+    assert frac[0, 0, 0, 1] == 1.0 and frac[1, 0, 0, 1] == 1.0
+    # bracket 3: user 0 (30 + 100 · 0.3) / 200 = 0.3 -> (0.3 - 0.25) / 0.25 = 0.2; user 1 has no point there: the pooled 0.3 too
+    torch.testing.assert_close(frac[:, 0, 0, 3], torch.tensor([0.2, 0.2]))
+    assert (frac[:, 1:] == 0).all() and (frac[:, 0, 1:] == 0).all()  # no tail point: the knots' own level
+    assert fit_zero_mass(zeros, points, prior_points=0.0)[1, 0, 0, 1] == 0.0  # 5 % alone: below the bracket, its low end
+    q = torch.tensor([[0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]).expand(6, 4, 2, 7).permute(2, 0, 1, 3)
+    p = zero_mass(q[:, None], frac)  # [U, 1, 6, 4]
+    torch.testing.assert_close(p[:, 0, 0, 0], torch.tensor([0.3, 0.10]))
+    assert p[1, 0, 0, 1] == pytest.approx(0.05)  # frac 0: the level of the highest zero quantile
+
+
+def test_zero_mass_fit_counts_the_tails_zeros_per_bracket():
+    """The vectorised fit against a plain count over the recalibrated tail, point by point."""
+    demand = noise_demand(users=3)
+    dense = dense_demand(demand, T0, T0 + timedelta(days=3))
+    data = prepare_data(dense, CFG)
+    model = StackedLSTM(dense.n_users, N_INPUTS, 8, prior=data.prior, seed=0)
+    _, val_b = training_batches(data, CFG, pooled=False)
+    fit = fit_calibration(model, val_b, prior_points=20.0, floor=True, block_points=500)
+    assert torch.equal(model.cal_zero, fit.zero)
+    zeros, points = torch.zeros(3, 6, 4, 8), torch.zeros(3, 6, 4, 8)
+    for b, q in head_quantiles(model, val_b):
+        q = calibrated(model, q)
+        for u in range(3):
+            for h in range(6):
+                for r in range(4):
+                    w, y, qq = b["weight"][u, ..., h].reshape(-1), b["target"][u, ..., h, r].reshape(-1), q[u, ..., h, r, :].reshape(-1, 7)
+                    for i in torch.nonzero(w).ravel().tolist():
+                        m = int((qq[i] <= 0).sum())
+                        points[u, h, r, m] += 1
+                        zeros[u, h, r, m] += float(y[i] <= 0)
+    assert points[..., 1:7].sum() > 0 and zeros.sum() > 0  # brackets between the ends occur, and zeros
+    torch.testing.assert_close(model.cal_zero, fit_zero_mass(zeros, points, 20.0))
+    p = zero_mass(calibrated(model, next(head_quantiles(model, val_b))[1]), model.cal_zero)
+    lo, hi = (torch.tensor(v)[zero_brackets(calibrated(model, next(head_quantiles(model, val_b))[1]))] for v in (P_ZERO_LOW, P_ZERO_HIGH))
+    assert ((p >= lo - 1e-6) & (p <= hi + 1e-6)).all()
 
 
 def test_grid_loss_sums_equal_the_textbook_pinball_and_unscored_points_count_nothing():

@@ -62,6 +62,39 @@ def test_pit_interval_by_hand():
     assert np.isnan(pit_interval(np.array(np.nan), Q)).all()
 
 
+def test_p_zero_resolves_the_mass_at_zero_and_changes_nothing_else():
+    q1 = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # only q05 = 0: P(0) in [0.05, 0.10]
+    # the knots alone say P(0) = 0.05: an actual 0 is below the 90 % interval for sure
+    np.testing.assert_allclose(pit_interval(np.array(0.0), q1), (0.0, 0.05))
+    assert interval_coverage_pit(np.array([0.0]), q1[None], 0.05, 0.95) == 0.0
+    # with p_zero = 0.08 the PIT is uniform on [0, 0.08]: covered (0.08 - 0.05) / 0.08 of the time
+    np.testing.assert_allclose(pit_interval(np.array(0.0), q1, p_zero=np.array(0.08)), (0.0, 0.08))
+    assert interval_coverage_pit(np.array([0.0]), q1[None], 0.05, 0.95, p_zero=np.array([0.08])) == pytest.approx(0.375)
+    q3 = np.array([0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0])  # P(0) in [0.25, 0.5]
+    assert interval_coverage_pit(np.array([0.0]), q3[None], 0.10, 0.90, p_zero=np.array([0.4])) == pytest.approx(0.75)
+    # NaN (not given), positive actuals, and a forecast with q05 > 0: as without
+    y = np.array([0.0, 0.5, 2.5, 0.0])
+    q = np.stack([q1, q1, q3, q1 + 1.0])
+    p0 = np.array([np.nan, 0.08, 0.4, 0.02])
+    lo, hi = pit_interval(y, q, p_zero=p0)
+    lo0, hi0 = pit_interval(y, q)
+    np.testing.assert_allclose(np.stack([lo, hi]), np.stack([lo0, hi0]))
+    # score_forecast applies it point by point, as interval_coverage_pit does
+    rng = np.random.default_rng(3)
+    yy = np.where(rng.random((3, 4, 6, 4)) < 0.5, 0.0, rng.random((3, 4, 6, 4)) * 4)
+    qq = np.sort(np.maximum(rng.normal(1.0, 2.0, (3, 4, 6, 4, 7)), 0.0), axis=-1)
+    m = (qq <= 0).sum(-1)
+    low, high = np.array([0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]), np.array([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0])
+    pz = low[m] + rng.random(m.shape) * (high[m] - low[m])
+    table = backtest_table({"m": score_forecast(qq, yy, p_zero=pz)})
+    for h, hm in enumerate((5, 10, 15, 20, 25, 30)):
+        for r, res in enumerate(DEMAND_RESOURCES):
+            row = table[(table["horizon_min"] == hm) & (table["resource"] == res)].iloc[0]
+            expect = interval_coverage_pit(yy[:, :, h, r].ravel(), qq[:, :, h, r].reshape(-1, 7), 0.05, 0.95, p_zero=pz[:, :, h, r].ravel())
+            assert row["coverage90_pit"] == pytest.approx(expect)
+    assert (table["coverage90_pit"] > backtest_table({"m": qq}, yy)["coverage90_pit"]).any()
+
+
 def test_tie_aware_coverage_equals_the_inclusive_one_without_ties():
     rng = np.random.default_rng(3)
     y = rng.gamma(2.0, 3.0, (6, 5, 6, 4))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
@@ -90,6 +91,27 @@ def test_user_forecasts_round_trip_and_reruns_replace_rows(store):
     np.testing.assert_allclose(again["q50"].to_numpy(), back["q50"].to_numpy() + 1.0)
     store.write_user_forecasts(_users(issued_at=T0 + timedelta(minutes=5)))
     assert store.count("user_forecasts") == 2 * first.num_rows
+
+
+def test_p_zero_round_trips_and_an_older_table_gains_the_column(store):
+    q = np.tile(np.array([0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0]), (2, 6, 4, 1))
+    with_p0 = to_forecast_table(["a", "b"], T0, q, None, "lstm:v", np.full((2, 6, 4), 0.2))
+    store.write_user_forecasts(with_p0)
+    np.testing.assert_allclose(store.read_user_forecasts(T0)["p_zero"].to_numpy(), 0.2)
+    # a store created before the column existed: drop it, as an old deployment's table lacks it
+    table = f'"{store.schema}".user_forecasts' if store.schema else "user_forecasts"
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN p_zero"))
+    with pytest.raises(ForecastStoreError, match="p_zero"):
+        store.write_user_forecasts(with_p0)
+    store.create_schema()  # adds the missing nullable column; the rows already there keep theirs as null
+    old = store.read_user_forecasts(T0)
+    assert old.schema == USER_FORECAST and old["p_zero"].null_count == old.num_rows
+    store.write_user_forecasts(with_p0.drop_columns(["p_zero"]).filter(pc.equal(with_p0["user_id"], "a")))  # an old writer
+    store.write_user_forecasts(with_p0.filter(pc.equal(with_p0["user_id"], "b")))
+    back = store.read_user_forecasts(T0)
+    assert back.filter(pc.equal(back["user_id"], "a"))["p_zero"].null_count == 24
+    np.testing.assert_allclose(back.filter(pc.equal(back["user_id"], "b"))["p_zero"].to_numpy(), 0.2)
 
 
 def test_system_forecasts_upsert_and_range_reads(store):
