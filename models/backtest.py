@@ -136,7 +136,8 @@ class BacktestResult:
                             "coverage80": "share of actuals in [q10, q90]", "coverage90": "share of actuals in [q05, q95]",
                             "coverage80_pit": "tie-aware coverage of [q10, q90]: mean of P(0.10 <= PIT <= 0.90), the PIT uniform on "
                                               "[F(y-), F(y)] of the forecast's quantile function (knots linearly interpolated, "
-                                              "constant beyond q05 and q95); equals coverage80 where no actual ties a quantile",
+                                              "constant beyond q05 and q95; F(0) = the forecast's p_zero where it gives one: "
+                                              "lstm and global); equals coverage80 where no actual ties a quantile",
                             "coverage90_pit": "as coverage80_pit, for [q05, q95]",
                             "calibration": "per quantile level: below = share of y < q, at_or_below = share of y <= q, "
                                            "pit = mean P(PIT <= level); calibrated: below <= level <= at_or_below, pit ~ level",
@@ -445,8 +446,9 @@ def render(result: BacktestResult) -> str:
     for r in cmp.itertuples(index=False):
         lines.append(f"{r.horizon_min:>4} min {r.resource:<10} {r.pinball:>11.4g} {r.best_reference:<16} "
                      f"{r.best_pinball:>11.4g} {r.improvement:>+11.1%}")
-    lines += ["", "calibration per level (cells with share(y < q) <= level <= share(y <= q); the ties at 0 bound the "
-                  "interval coverages: inclusive cov above, tie-aware pit below):"]
+    lines += ["", "calibration per level (cells with share(y < q) <= level <= share(y <= q)); cov counts every 0 under "
+                  "q05 = 0 as covered, pit spreads it over [0, P(0)] (lstm, global: their p_zero; baselines: the highest "
+                  "zero quantile's level):"]
     for r in calibration_bracket(result.table).itertuples(index=False):
         worst = f"worst miss {r.worst_miss:.3f} ({r.worst_cell})" if r.worst_cell else "every level inside"
         lines.append(f"  {r.model:<20} {r.inside:>3}/{r.cells:<3} {worst}")

@@ -16,7 +16,9 @@ Definitions, for an actual ``y`` and a quantile forecast ``q_τ`` at levels ``τ
   randomised PIT, see :func:`pit_interval`. It equals the inclusive coverage when no actual ties
   a quantile, and stops counting every 0 under ``q05 = 0`` as covered: on data that is mostly
   exactly 0 the inclusive coverage of any forecast with ``q05 = 0`` is at least the share of zeros,
-  whatever the forecast's calibration;
+  whatever the forecast's calibration. The 7 levels only bracket P(demand = 0); a forecast that
+  also gives it (``p_zero``, the LSTMs do) has its mass at 0 placed there, else at the level of the
+  highest zero quantile;
 * per-level calibration: for each level ``τ`` the shares of actuals with ``y < q_τ``
   (``below``), ``y <= q_τ`` (``at_or_below``) and the randomised-PIT share ``P(PIT <= τ)``
   (``pit``). For a calibrated forecast ``below <= τ <= at_or_below`` and ``pit ≈ τ``.
