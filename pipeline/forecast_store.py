@@ -190,10 +190,9 @@ def _add_new_columns(conn, schema: str | None) -> None:
             if not col.nullable:
                 raise ForecastStoreError(f"table {table.name} lacks column {col.name}, which cannot be added to existing rows "
                                          "(NOT NULL): migrate it by hand")
-            name = conn.dialect.identifier_preparer.format_table(table) if schema is None else \
-                f"{conn.dialect.identifier_preparer.quote_schema(schema)}.{conn.dialect.identifier_preparer.quote(table.name)}"
-            kind = col.type.compile(dialect=conn.dialect)
-            conn.execute(sa.text(f"ALTER TABLE {name} ADD COLUMN {conn.dialect.identifier_preparer.quote(col.name)} {kind}"))
+            quote = conn.dialect.identifier_preparer.quote
+            name = quote(table.name) if schema is None else f"{quote(schema)}.{quote(table.name)}"
+            conn.execute(sa.text(f"ALTER TABLE {name} ADD COLUMN {quote(col.name)} {col.type.compile(dialect=conn.dialect)}"))
 
 
 class ForecastStore:
