@@ -726,7 +726,7 @@ def lstm_system_forecast(trained, demand, trace: SystemTrace, eval_start: int, *
     import time
     from datetime import timedelta
 
-    from models.backtest import LSTM, lstm_forecasts
+    from models.backtest import LSTM, lstm_forecasts, lstm_zero_masses
     from models.contract import quantile_mean
     from pipeline.aggregate import AggregateConfig, ForecastCube, ResidualHistory, sample_totals
     from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN
@@ -746,14 +746,16 @@ def lstm_system_forecast(trained, demand, trace: SystemTrace, eval_start: int, *
     res = [DEMAND_RESOURCES.index("cpu_cores"), DEMAND_RESOURCES.index("memory_gb")]
     t0 = time.perf_counter()
     q = np.empty((len(users), n_orig, 6, 2, 7), dtype=np.float32)
+    p_zero = np.empty((len(users), n_orig, 6, 2), dtype=np.float32)
     for u0 in range(0, len(users), chunk_users):
         rows = np.arange(u0, min(len(users), u0 + chunk_users))
-        part = lstm_forecasts(trained, demand, start, end, rows)[LSTM]
-        if part.shape[1] != n_orig:
-            raise RuntimeError(f"lstm_forecasts gave {part.shape[1]} origins for the {n_orig} buckets of the scored period")
-        q[rows] = part[:, :, :, res, :]
+        part = lstm_forecasts(trained, demand, start, end, rows)
+        if part[LSTM].shape[1] != n_orig:
+            raise RuntimeError(f"lstm_forecasts gave {part[LSTM].shape[1]} origins for the {n_orig} buckets of the scored period")
+        q[rows] = part[LSTM][:, :, :, res, :]
+        p_zero[rows] = lstm_zero_masses(trained, rows, {LSTM: part[LSTM]})[LSTM][:, :, :, res]
     q.sort(axis=-1)  # non-crossing, as read_user_forecast repairs a stored forecast
-    mean = quantile_mean(q)  # [U, O, 6, 2]
+    mean = quantile_mean(q, p_zero)  # [U, O, 6, 2], as the published forecast's mean (models.contract.to_forecast_table)
     if progress:
         progress(f"{LSTM_POLICY}: per-user forecasts of {len(users)} users at {n_orig} origins in "
                  f"{time.perf_counter() - t0:.1f} s")

@@ -380,8 +380,8 @@ def lstm_setup():
 
 
 def test_lstm_system_forecast_is_the_pipelines_aggregate_issued_at_every_origin(lstm_setup):
-    from models.backtest import lstm_forecasts
-    from models.contract import quantile_mean
+    from models.backtest import lstm_forecasts, lstm_zero_masses
+    from models.contract import from_forecast_table, quantile_mean, to_forecast_table
     from pipeline.aggregate import AggregateConfig, ForecastCube, residual_history, sample_totals
     from pipeline.schemas import HORIZONS_MIN
     from scaler.evaluate import lstm_system_forecast
@@ -402,7 +402,12 @@ def test_lstm_system_forecast_is_the_pipelines_aggregate_issued_at_every_origin(
     paths, dependent = sample_totals(cube, residual_history(demand, cube.issued_at), AggregateConfig(n_paths=200, seed=o))
     assert dependent
     np.testing.assert_allclose(fc.totals[o], np.sort(paths, axis=0), rtol=1e-5)
-    np.testing.assert_allclose(fc.mean[o], quantile_mean(q).sum(axis=0), rtol=1e-5)
+    # the mean: what the pipeline publishes (the forecast table's, with the users' P(demand = 0))
+    full = lstm_forecasts(trained, demand, scored, scored + n * BUCKET)["lstm"]
+    p0 = lstm_zero_masses(trained, np.arange(3), {"lstm": full})["lstm"][:, o]
+    published = from_forecast_table(to_forecast_table(trained.user_ids, scored + o * BUCKET, full[:, o], None, "lstm:t", p0))
+    assert np.isfinite(published.p_zero).all()
+    np.testing.assert_allclose(fc.mean[o], published.mean[:, :, [1, 2]].sum(axis=0), rtol=1e-5)
     # the level knob: the quantile of the sampled sum, rebuilt per level
     lo, hi = fc.at(0.5), fc.at(0.99)
     assert (hi.upper >= lo.upper).all() and (hi.upper > lo.upper).any()
