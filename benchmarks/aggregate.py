@@ -8,7 +8,9 @@ SQLite file and lake folder.
 Timed, once each, in order:
 
 * ``forecast``  — the last-value baseline's quantiles (:func:`models.baselines.forecast_baseline`,
-  empirical error quantiles over the history) and the USER_FORECAST table;
+  empirical error quantiles over the history) and the USER_FORECAST table, with a ``p_zero`` (P(demand
+  = 0)) in the middle of each row's bracket as the LSTM's forecasts carry one (the sample paths then
+  place that mass at 0: more work than a table without it; ``--no-p-zero``: without);
 * ``aggregate`` — residual ranks of the last day (one-step demand changes) and
   :func:`pipeline.aggregate.aggregate` with ``--paths`` joint sample paths (empirical copula, per
   resource), the naive sum and the tiered provisioning target;
@@ -40,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.baselines import DAY, forecast_baseline  # noqa: E402
-from models.contract import to_forecast_table  # noqa: E402
+from models.contract import to_forecast_table, zero_bounds  # noqa: E402
 from pipeline.aggregate import AggregateConfig, ResidualHistory, aggregate  # noqa: E402
 from pipeline.forecast_store import ForecastStore  # noqa: E402
 from pipeline.generate import user_profiles  # noqa: E402
@@ -83,6 +85,7 @@ def main() -> None:
     ap.add_argument("--paths", type=int, default=1000, help="joint sample paths")
     ap.add_argument("--days", type=float, default=2.0, help="history, days of 5-minute buckets")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--no-p-zero", action="store_true", help="a forecast table without p_zero (as the baselines write)")
     args = ap.parse_args()
 
     buckets = int(args.days * DAY)
@@ -95,7 +98,8 @@ def main() -> None:
 
         t0 = time.perf_counter()
         fc = forecast_baseline(values, "last_value", origins=np.array([buckets]))
-        table = to_forecast_table(ids, ISSUED_AT, fc.quantiles[:, 0], fc.point[:, 0], fc.model_version)
+        p_zero = None if args.no_p_zero else np.mean(zero_bounds(fc.quantiles[:, 0]), axis=0)
+        table = to_forecast_table(ids, ISSUED_AT, fc.quantiles[:, 0], fc.point[:, 0], fc.model_version, p_zero)
         t1 = time.perf_counter()
         history = ResidualHistory(ids, np.diff(values[:, buckets - DAY - 1 :], axis=1))
         agg = aggregate(table, profiles=profiles, history=history, config=AggregateConfig(n_paths=args.paths, seed=args.seed))
@@ -120,6 +124,7 @@ def main() -> None:
         "unit": "s",
         "users": args.size,
         "paths": args.paths,
+        "p_zero": not args.no_p_zero,
         "history_buckets": buckets,
         "user_forecast_rows": table.num_rows,
         "system_rows": system.num_rows,

@@ -85,7 +85,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import RECONCILE_MODES
-from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, QUANTILES, SYSTEM_FORECAST
+from pipeline.schemas import (BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, P_ZERO_HIGH, P_ZERO_LOW, QUANTILE_COLUMNS, QUANTILES,
+                              SYSTEM_FORECAST)
 from pipeline.topdown import RECONCILE_CANDIDATES, RECONCILE_MIN_SCORED, reconcile_candidates, reconcile_choice, topdown_forecast
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,8 @@ class ResidualHistory:
 
 @dataclass
 class ForecastCube:
-    """One issue of the per-user forecast as arrays: ``quantiles [U, H, R, 7]``, ``mean [U, H, R]``."""
+    """One issue of the per-user forecast as arrays: ``quantiles [U, H, R, 7]``, ``mean [U, H, R]``,
+    ``p_zero [U, H, R]`` (P(demand = 0); NaN or None where the forecast does not give it)."""
 
     issued_at: datetime
     user_ids: list[str]  # sorted
@@ -152,6 +154,7 @@ class ForecastCube:
     resources: tuple[str, ...]
     quantiles: np.ndarray
     mean: np.ndarray
+    p_zero: np.ndarray | None = None
 
 
 @dataclass
@@ -300,6 +303,10 @@ def read_user_forecast(table: pa.Table, issued_at: datetime | None = None) -> Fo
     q[flat] = np.stack([table[c].to_numpy(zero_copy_only=False) for c in QUANTILE_COLUMNS], axis=1)
     m = np.empty(n * nh * nr)
     m[flat] = table["mean"].to_numpy(zero_copy_only=False)
+    p0 = None
+    if "p_zero" in table.column_names and table["p_zero"].null_count < table.num_rows:
+        p0 = np.full(n * nh * nr, np.nan)
+        p0[flat] = table["p_zero"].to_numpy(zero_copy_only=False).astype(np.float64)
     bad = ~(np.isfinite(q).all(axis=1) & np.isfinite(m))
     if bad.any():
         raise ValueError(f"non-finite quantile or mean for {where(int(np.argmax(bad)))} ({int(bad.sum())} rows)")
@@ -309,7 +316,10 @@ def read_user_forecast(table: pa.Table, issued_at: datetime | None = None) -> Fo
                     when, int(crossing.sum()), int(negative.sum()), len(q), where(int(np.argmax(crossing | negative))))
         q = np.maximum(np.sort(q, axis=1), 0.0)
         m = np.maximum(m, 0.0)
-    return ForecastCube(when, users.to_pylist(), tuple(hs), tuple(rs), q.reshape(n, nh, nr, -1), m.reshape(n, nh, nr))
+    if p0 is not None:  # inside the bracket of the (possibly repaired) zero quantiles
+        zeros = (q <= 0).sum(axis=1)
+        p0 = np.clip(p0, np.asarray(P_ZERO_LOW)[zeros], np.asarray(P_ZERO_HIGH)[zeros]).reshape(n, nh, nr)
+    return ForecastCube(when, users.to_pylist(), tuple(hs), tuple(rs), q.reshape(n, nh, nr, -1), m.reshape(n, nh, nr), p0)
 
 
 def _pit_bounds(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -372,6 +382,46 @@ def _uniforms(x: np.ndarray, rows: np.ndarray, dates: np.ndarray, v0: np.ndarray
     return out
 
 
+def _zero_segments(cube: ForecastCube) -> tuple[np.ndarray, ...] | None:
+    """Where the forecast's P(demand = 0) moves its quantile function: ``(moved, p_zero, low, top,
+    first)``, each ``[U, R, H]`` (float32; ``moved`` bool): ``low``/``top`` the levels of the last
+    zero / first positive quantile, ``first`` that quantile's value. None when nothing moves."""
+    if cube.p_zero is None:
+        return None
+    q = cube.quantiles
+    k = (q <= 0).sum(axis=-1)  # zero quantiles
+    low = np.asarray(P_ZERO_LOW)[k]
+    moved = np.isfinite(cube.p_zero) & (cube.p_zero > low + 1e-9) & (k < len(QUANTILES))
+    if not moved.any():
+        return None
+    top = TAU[np.minimum(k, len(QUANTILES) - 1)]
+    first = np.take_along_axis(q, np.minimum(k, len(QUANTILES) - 1)[..., None], -1)[..., 0]
+    p0 = np.where(moved, cube.p_zero, low)
+    return tuple(np.ascontiguousarray(a.transpose(0, 2, 1), dtype=np.bool_ if a is moved else np.float32)
+                 for a in (moved, p0, low, top, first))
+
+
+def _apply_zero_mass(draw: np.ndarray, u: np.ndarray, moved: np.ndarray, p0: np.ndarray, low: np.ndarray, top: np.ndarray,
+                     first: np.ndarray) -> None:
+    """The quantile function with P(demand = 0) = ``p0`` (:data:`pipeline.schemas.USER_FORECAST`'s
+    ``p_zero``): 0 up to ``p0``, then linear to the first positive quantile ``first`` at level ``top``
+    (with ``q05 > 0``: 0 below ``p0``, the tail model above). ``draw [Uc, N, H]`` in place, for the
+    users' uniforms ``u [Uc, N]``; the other arguments ``[Uc, H]``; only where ``moved``. Only draws
+    whose level lies between ``low`` and ``top`` change (a few % of them): the (user, path) pairs
+    inside a user's widest such range are gathered first, then their horizons."""
+    lo_u = np.where(moved, low, np.inf).min(axis=1)  # [Uc]
+    hi_u = np.where(moved, top, -np.inf).max(axis=1)
+    iu, ip = np.nonzero((u >= lo_u[:, None]) & (u < hi_u[:, None]))
+    v = u[iu, ip][:, None]  # [K, 1]
+    p, hi, lo, f, mv = p0[iu], top[iu], low[iu], first[iu], moved[iu]  # [K, H]
+    old = draw[iu, ip]  # [K, H]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ramp = f * np.clip((v - p) / (hi - p), 0.0, 1.0)
+    # no zero quantile (low = 0): only the atom below p0 is new; else the ramp from (p0, 0) to (top, first)
+    new = np.where(lo == 0.0, np.where(v < p, 0.0, old), ramp)
+    draw[iu, ip] = np.where(mv & (v >= lo) & (v < hi), new, old)
+
+
 def sample_totals(cube: ForecastCube, history: ResidualHistory | None = None,
                   config: AggregateConfig = AggregateConfig()) -> tuple[np.ndarray, bool]:
     """Joint sample paths of Σ users' demand: ``([n_paths, H, R] totals, dependence used)``.
@@ -393,6 +443,7 @@ def sample_totals(cube: ForecastCube, history: ResidualHistory | None = None,
     per_resource = hist is not None and x.shape[2] > 1  # one uniform per resource, else shared
     # [U, R, 9, H]: a user's parameters per resource; a draw gathers two of the 9 rows.
     params = np.ascontiguousarray(_tail_params(cube.quantiles).transpose(0, 2, 3, 1), dtype=np.float32)
+    zero = _zero_segments(cube)
     chunk = max(1, int(config.chunk_mb * 2**20 // (n_paths * nh * 4 * 3)))
     for u0 in range(0, n, chunk):
         u1 = min(n, u0 + chunk)
@@ -408,6 +459,8 @@ def sample_totals(cube: ForecastCube, history: ResidualHistory | None = None,
             draw = np.take(p, at_a, axis=0)  # [Uc, N, H]
             draw *= wa[..., None]
             draw += np.take(p, at_b, axis=0) * wb[..., None]
+            if zero is not None and zero[0][u0:u1, ri].any():
+                _apply_zero_mass(draw, vs[rcol[ri]] if per_resource else vs[0], *(z[u0:u1, ri] for z in zero))
             totals[:, :, ri] += draw.sum(axis=0)
     return totals, hist is not None
 

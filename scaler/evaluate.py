@@ -767,7 +767,7 @@ def lstm_system_forecast(trained, demand, trace: SystemTrace, eval_start: int, *
         issued_at = start + o * timedelta(seconds=BUCKET_SECONDS)
         changes = np.diff(grid[:, o:o + history_buckets + 1], axis=1)  # the buckets before issued_at only
         cube = ForecastCube(issued_at, users, HORIZONS_MIN, ("cpu_cores", "memory_gb"),
-                            q[:, o].astype(np.float64), mean[:, o])
+                            q[:, o].astype(np.float64), mean[:, o], p_zero[:, o].astype(np.float64))
         paths, _ = sample_totals(cube, ResidualHistory(users, changes), AggregateConfig(n_paths=n_paths, seed=seed + o))
         totals[o] = np.sort(paths, axis=0)
     if progress:

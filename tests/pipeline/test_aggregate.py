@@ -424,3 +424,43 @@ def test_system_history_sums_every_user_before_the_issue_only():
     cpu, mem = DEMAND_RESOURCES.index("cpu_cores"), DEMAND_RESOURCES.index("memory_gb")
     np.testing.assert_allclose(hist[:, cpu], [0.0, 7 + 14, 8, 9 + 18])  # bucket -4 empty, b missing at -2
     np.testing.assert_allclose(hist[:, mem], [0.0, 2.0, 1.0, 2.0])
+
+
+def _one_user(q: list[float], p_zero: float | None) -> "ForecastCube":
+    from pipeline.aggregate import ForecastCube
+
+    quantiles = np.tile(np.array(q, dtype=np.float64), (1, 6, 1, 1))
+    p0 = None if p_zero is None else np.full((1, 6, 1), p_zero)
+    return ForecastCube(T0, ["u"], HORIZONS_MIN, ("cpu_cores",), quantiles, np.ones((1, 6, 1)), p0)
+
+
+def test_sample_paths_put_the_forecasts_zero_mass_at_zero():
+    from pipeline.aggregate import sample_totals
+
+    cfg = AggregateConfig(n_paths=40_000, seed=3)
+    q2 = [0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0]  # two zero quantiles: P(0) in [0.10, 0.25]
+    draws = sample_totals(_one_user(q2, 0.2), config=cfg)[0][:, :, 0]
+    plain = sample_totals(_one_user(q2, None), config=cfg)[0][:, :, 0]
+    assert abs((plain == 0).mean() - 0.10) < 0.01 and abs((draws == 0).mean() - 0.20) < 0.01
+    # from level 0.2 linear up to q25 = 1 at 0.25: P(draw <= 0.5) = 0.225; above q25 nothing moves
+    assert abs((draws <= 0.5).mean() - 0.225) < 0.01
+    np.testing.assert_array_equal(draws[draws > 1.0 + 1e-6].size, plain[plain > 1.0 + 1e-6].size)
+    np.testing.assert_array_equal(np.sort(draws[draws > 1.0 + 1e-6]), np.sort(plain[plain > 1.0 + 1e-6]))
+    # p_zero at its bracket's low end (what the quantiles alone say), or NaN: the same draws
+    np.testing.assert_array_equal(sample_totals(_one_user(q2, 0.10), config=cfg)[0], sample_totals(_one_user(q2, None), config=cfg)[0])
+    np.testing.assert_array_equal(sample_totals(_one_user(q2, float("nan")), config=cfg)[0], plain[:, :, None])
+    # q05 > 0: an atom at 0 below p_zero, the tail model above it
+    q0 = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]
+    atom = sample_totals(_one_user(q0, 0.03), config=cfg)[0][:, :, 0]
+    plain0 = sample_totals(_one_user(q0, None), config=cfg)[0][:, :, 0]
+    assert (plain0 == 0).mean() == 0 and abs((atom == 0).mean() - 0.03) < 0.005
+    assert abs((atom < 1.0).mean() - 0.05) < 0.006  # below q05: 5 % in all, as before
+
+
+def test_read_user_forecast_reads_p_zero_and_keeps_it_in_the_bracket():
+    q = np.tile(np.array([0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0]), (2, 6, 4, 1))
+    table = to_forecast_table(["a", "b"], T0, q, None, "lstm:v", np.full((2, 6, 4), 0.2))
+    cube = read_user_forecast(table)
+    np.testing.assert_allclose(cube.p_zero, 0.2)
+    assert read_user_forecast(to_forecast_table(["a", "b"], T0, q, None, "v")).p_zero is None
+    assert read_user_forecast(table.drop_columns(["p_zero"])).p_zero is None

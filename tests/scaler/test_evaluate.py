@@ -396,15 +396,15 @@ def test_lstm_system_forecast_is_the_pipelines_aggregate_issued_at_every_origin(
     assert trained.user_ids == ["flat", "noisy", "pulse"]  # "late" has no model
     # origin 17 by hand, through the pipeline's own functions
     o = 17
-    q = np.sort(lstm_forecasts(trained, demand, scored, scored + n * BUCKET)["lstm"][:, o][:, :, [1, 2], :], axis=-1)
+    full = lstm_forecasts(trained, demand, scored, scored + n * BUCKET)["lstm"]
+    p0 = lstm_zero_masses(trained, np.arange(3), {"lstm": full})["lstm"][:, o]
+    q = np.sort(full[:, o][:, :, [1, 2], :], axis=-1)
     cube = ForecastCube(scored + o * BUCKET, trained.user_ids, HORIZONS_MIN, ("cpu_cores", "memory_gb"),
-                        q.astype(np.float64), quantile_mean(q))
+                        q.astype(np.float64), quantile_mean(q), p0[:, :, [1, 2]].astype(np.float64))
     paths, dependent = sample_totals(cube, residual_history(demand, cube.issued_at), AggregateConfig(n_paths=200, seed=o))
     assert dependent
     np.testing.assert_allclose(fc.totals[o], np.sort(paths, axis=0), rtol=1e-5)
     # the mean: what the pipeline publishes (the forecast table's, with the users' P(demand = 0))
-    full = lstm_forecasts(trained, demand, scored, scored + n * BUCKET)["lstm"]
-    p0 = lstm_zero_masses(trained, np.arange(3), {"lstm": full})["lstm"][:, o]
     published = from_forecast_table(to_forecast_table(trained.user_ids, scored + o * BUCKET, full[:, o], None, "lstm:t", p0))
     assert np.isfinite(published.p_zero).all()
     np.testing.assert_allclose(fc.mean[o], published.mean[:, :, [1, 2]].sum(axis=0), rtol=1e-5)
