@@ -39,7 +39,11 @@ Per-user distribution: ``Q(u)`` interpolates linearly between q05 … q95 at τ 
 flattened so ``Q(0) >= 0``) and ``Q(u) = q95 + b·ln(0.05/(1 - u))`` with ``b = (q95 - q90)/ln 2`` (an
 exponential tail matching the q90–q95 spacing; ``u <= 1 - 2^-23``, so at most ~12.9·b above q95).
 Both are linear in ``params = (q05 … q95, a, b)``: a draw is ``wa(u)·params[i] + wb(u)·params[j]``
-(two of the nine), computed for a chunk of users at once (float32 draws, float64 totals).
+(two of the nine), computed for a chunk of users at once (float32 draws, float64 totals). A
+forecast row with ``p_zero`` (P(demand = 0), :data:`pipeline.schemas.USER_FORECAST`) above what its
+zero quantiles say puts that mass at 0: ``Q(u) = 0`` up to ``p_zero``, then linear to the first
+positive quantile (``q05 > 0``: 0 below ``p_zero``, the lower tail above); only the few draws in that
+segment are recomputed (:func:`_apply_zero_mass`).
 
 Dependence (empirical copula, a Schaake-shuffle variant): path ``j`` is tied to a date ``t_j`` of
 ``M`` recent past time points (each used ``n_paths/M`` times, seeded order); user ``u``'s uniform on
