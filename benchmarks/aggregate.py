@@ -42,9 +42,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.baselines import DAY, forecast_baseline  # noqa: E402
-from models.contract import to_forecast_table, zero_bounds  # noqa: E402
+from models.contract import to_forecast_table  # noqa: E402
 from pipeline.aggregate import AggregateConfig, ResidualHistory, aggregate  # noqa: E402
 from pipeline.forecast_store import ForecastStore  # noqa: E402
+from pipeline.schemas import zero_bounds  # noqa: E402
 from pipeline.generate import user_profiles  # noqa: E402
 
 ISSUED_AT = datetime(2026, 11, 2, 14, 0, tzinfo=timezone.utc)

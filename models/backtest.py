@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 import torch
 
 from models.baselines import METHODS, BaselineConfig, forecast_baseline
-from models.contract import enforce_non_crossing, quantile_mean, validate_forecast_table, zero_bounds
+from models.contract import enforce_non_crossing, quantile_mean, validate_forecast_table
 from models.features import BUCKET, BUCKETS_PER_DAY, ChunkBatches, dense_demand
 from models.metrics import (ForecastScores, backtest_table, calibration_bracket, common_mask, compare_to_best, forecast_targets,
                             metrics_json, score_forecast)
@@ -61,7 +61,7 @@ from models.calibration import CALIBRATION_BUFFERS, calibrated, head_quantiles, 
 from models.module import N_HORIZONS, N_QUANTILES, N_RESOURCES, StackedLSTM
 from models.train import TrainConfig, TrainedModels, holdout_batches, train
 from pipeline.demand import demand_from_lake
-from pipeline.schemas import DEMAND, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, USER_FORECAST
+from pipeline.schemas import DEMAND, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, USER_FORECAST, zero_bounds
 from pipeline.storage import Location
 
 LSTM, GLOBAL = "lstm", "global"

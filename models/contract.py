@@ -13,7 +13,7 @@ monotone), and negative values are clipped to 0 because demand is never negative
 
 ``p_zero [n_users, 6, 4]`` (optional; the column is null without it) is P(demand = 0): it must lie
 in the bracket the zero quantiles give (:data:`pipeline.schemas.P_ZERO_LOW` … ``P_ZERO_HIGH``;
-:func:`zero_bounds`). With it the quantile function is 0 up to level ``p_zero``, then rises
+:func:`pipeline.schemas.zero_bounds`). With it the quantile function is 0 up to level ``p_zero``, then rises
 linearly to the first positive quantile (when ``q05 > 0``: jumps to ``q05``, flat below it as
 without).
 """
@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.schemas import (BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, P_ZERO_HIGH, P_ZERO_LOW, QUANTILE_COLUMNS, QUANTILES,
-                              USER_FORECAST, add_missing_nullable)
+from pipeline.schemas import (BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, QUANTILES, USER_FORECAST,
+                              add_missing_nullable, zero_bounds)
 
 _US = 1_000_000
 _H = len(HORIZONS_MIN)
@@ -60,7 +60,7 @@ MEAN_WEIGHTS = _mean_weights()
 def quantile_mean(quantiles: np.ndarray, p_zero: np.ndarray | None = None) -> np.ndarray:
     """Approximate mean ``[...]`` of quantile forecasts ``[..., 7]`` (see :func:`_mean_weights`).
 
-    With ``p_zero [...]`` (P(demand = 0), inside :func:`zero_bounds`), the area its zero segment
+    With ``p_zero [...]`` (P(demand = 0), inside :func:`pipeline.schemas.zero_bounds`), the area its zero segment
     takes from the quantile function: ``(p_zero − P_ZERO_LOW[m]) · q_m / 2`` for the first positive
     quantile ``q_m`` (``p_zero · q05`` when ``q05 > 0``)."""
     q = np.asarray(quantiles, dtype=np.float64)
@@ -69,16 +69,9 @@ def quantile_mean(quantiles: np.ndarray, p_zero: np.ndarray | None = None) -> np
         return mean
     m = (q <= 0).sum(axis=-1)
     first = np.take_along_axis(q, np.minimum(m, _Q - 1)[..., None], -1)[..., 0]
-    extra = np.clip(np.asarray(p_zero, dtype=np.float64) - np.asarray(P_ZERO_LOW)[m], 0.0, None)
+    extra = np.clip(np.asarray(p_zero, dtype=np.float64) - zero_bounds(q)[0], 0.0, None)
     cut = np.where(m == 0, extra * first, np.where(m < _Q, extra * first / 2, 0.0))
     return np.maximum(mean - np.nan_to_num(cut), 0.0)
-
-
-def zero_bounds(quantiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(low, high) [...]``: where P(demand = 0) may lie given quantiles ``[..., 7]`` (by how many
-    are 0: :data:`pipeline.schemas.P_ZERO_LOW` / ``P_ZERO_HIGH``); ``low`` is what they alone say."""
-    m = (np.asarray(quantiles) <= 0).sum(axis=-1)
-    return np.asarray(P_ZERO_LOW)[m], np.asarray(P_ZERO_HIGH)[m]
 
 
 #: How far ``p_zero`` may stray outside its bracket (float32 rounding).
@@ -179,14 +172,21 @@ def to_forecast_table(
     return pa.table(columns, schema=USER_FORECAST)
 
 
+def _outside_bracket(q: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(low, high, outside)``: the bracket of each row's zero quantiles and where ``p`` lies outside
+    it by more than :data:`P_ZERO_TOLERANCE` (NaN: not outside)."""
+    low, high = zero_bounds(q)
+    return low, high, (p < low - P_ZERO_TOLERANCE) | (p > high + P_ZERO_TOLERANCE)
+
+
 def _checked_p_zero(q: np.ndarray, p_zero: np.ndarray, users: Sequence[str]) -> np.ndarray:
     """``p_zero`` as float64, clipped into its bracket within :data:`P_ZERO_TOLERANCE`; raises
     ``ValueError`` naming the first user whose value is not finite or lies outside it."""
     p = np.asarray(p_zero, dtype=np.float64)
     if p.shape != q.shape[:-1]:
         raise ValueError(f"p_zero must be {list(q.shape[:-1])}, got {list(p.shape)}")
-    low, high = zero_bounds(q)
-    bad = ~np.isfinite(p) | (p < low - P_ZERO_TOLERANCE) | (p > high + P_ZERO_TOLERANCE)
+    low, high, outside = _outside_bracket(q, p)
+    bad = ~np.isfinite(p) | outside
     if bad.any():
         i = tuple(np.argwhere(bad)[0])
         raise ValueError(f"p_zero {p[i]:.6g} for user {users[i[0]]!r} ({HORIZONS_MIN[i[1]]} min, {DEMAND_RESOURCES[i[2]]}) lies "
@@ -234,10 +234,7 @@ def validate_forecast_table(table: pa.Table) -> None:
     if (q < 0).any():
         problems.append("negative quantiles")
     if "p_zero" in table.column_names and table["p_zero"].null_count < table.num_rows:
-        p = table["p_zero"].to_numpy(zero_copy_only=False).astype(np.float64)
-        low, high = zero_bounds(q)
-        given = ~np.isnan(p)
-        if (given & ((p < low - P_ZERO_TOLERANCE) | (p > high + P_ZERO_TOLERANCE))).any():
+        if _outside_bracket(q, table["p_zero"].to_numpy(zero_copy_only=False).astype(np.float64))[2].any():
             problems.append("p_zero outside the bracket of its zero quantiles (pipeline.schemas.P_ZERO_LOW / P_ZERO_HIGH)")
     keys = table.group_by(["user_id", "issued_at", "horizon_min", "resource"]).aggregate([([], "count_all")])
     if keys.num_rows != table.num_rows:

@@ -110,7 +110,7 @@ def _zero_tie_end(y: np.ndarray, hi: np.ndarray, mass: np.ndarray, p_zero: np.nd
     """``hi`` of :func:`_tie_ends` with ``F(0) = p_zero`` where an actual 0 ties the zero quantiles
     (``[F(0-), F(0)] = [0, p_zero]`` instead of ``[0, level of the highest zero quantile]``) and
     ``p_zero`` is given (finite). ``p_zero`` must lie in the bracket of its zero quantiles
-    (:func:`models.contract.zero_bounds`), so nothing else about the forecast changes: an actual
+    (:func:`pipeline.schemas.zero_bounds`), so nothing else about the forecast changes: an actual
     between 0 and the first positive quantile keeps the interval it had, and with ``q05 > 0`` an
     actual 0 stays below every level as before."""
     return np.where(mass & (y <= 0) & np.isfinite(p_zero), p_zero, hi)

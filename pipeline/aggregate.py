@@ -89,8 +89,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import RECONCILE_MODES
-from pipeline.schemas import (BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, P_ZERO_HIGH, P_ZERO_LOW, QUANTILE_COLUMNS, QUANTILES,
-                              SYSTEM_FORECAST)
+from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, QUANTILES, SYSTEM_FORECAST, zero_bounds
 from pipeline.topdown import RECONCILE_CANDIDATES, RECONCILE_MIN_SCORED, reconcile_candidates, reconcile_choice, topdown_forecast
 
 log = logging.getLogger(__name__)
@@ -321,8 +320,7 @@ def read_user_forecast(table: pa.Table, issued_at: datetime | None = None) -> Fo
         q = np.maximum(np.sort(q, axis=1), 0.0)
         m = np.maximum(m, 0.0)
     if p0 is not None:  # inside the bracket of the (possibly repaired) zero quantiles
-        zeros = (q <= 0).sum(axis=1)
-        p0 = np.clip(p0, np.asarray(P_ZERO_LOW)[zeros], np.asarray(P_ZERO_HIGH)[zeros]).reshape(n, nh, nr)
+        p0 = np.clip(p0, *zero_bounds(q)).reshape(n, nh, nr)
     return ForecastCube(when, users.to_pylist(), tuple(hs), tuple(rs), q.reshape(n, nh, nr, -1), m.reshape(n, nh, nr), p0)
 
 
@@ -394,7 +392,7 @@ def _zero_segments(cube: ForecastCube) -> tuple[np.ndarray, ...] | None:
         return None
     q = cube.quantiles
     k = (q <= 0).sum(axis=-1)  # zero quantiles
-    low = np.asarray(P_ZERO_LOW)[k]
+    low = zero_bounds(q)[0]
     moved = np.isfinite(cube.p_zero) & (cube.p_zero > low + 1e-9) & (k < len(QUANTILES))
     if not moved.any():
         return None

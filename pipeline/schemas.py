@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pyarrow as pa
 
 TS = pa.timestamp("us", tz="UTC")
@@ -149,3 +150,10 @@ def add_missing_nullable(table: pa.Table, schema: pa.Schema) -> pa.Table:
         if f.nullable and f.name not in table.column_names:
             table = table.append_column(f, pa.nulls(table.num_rows, f.type))
     return table
+
+
+def zero_bounds(quantiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high) [...]``: where P(demand = 0) may lie given quantiles ``[..., 7]`` (by how many
+    are 0: :data:`P_ZERO_LOW` / :data:`P_ZERO_HIGH`); ``low`` is what they alone say."""
+    m = (np.asarray(quantiles) <= 0).sum(axis=-1)
+    return np.asarray(P_ZERO_LOW)[m], np.asarray(P_ZERO_HIGH)[m]
