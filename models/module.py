@@ -32,7 +32,7 @@ N_QUANTILES = len(QUANTILES)
 N_OUTPUTS = N_HORIZONS * N_RESOURCES * N_QUANTILES
 MID = N_QUANTILES // 2  # index of the median (0.5) in QUANTILES
 #: Recalibration buffers (models/calibration.py) and their identity value.
-CALIBRATION = {"cal_shift": 0.0, "cal_spread": 1.0, "cal_floor": 0.0, "cal_zero": 0.0}
+CALIBRATION = {"cal_shift": 0.0, "cal_spread": 1.0, "cal_floor": 0.0, "cal_zero": 0.0, "cal_widen": 0.0}
 #: Brackets of the zero-mass estimate: 0 … 7 quantile levels forecast as exactly 0 (``cal_zero``).
 N_ZERO_BRACKETS = N_QUANTILES + 1
 #: Smallest gap between neighbouring quantiles a prior sets (scaled units); keeps softplus⁻¹ finite.
@@ -284,8 +284,8 @@ class StackedLSTM(nn.Module):
     Buffers (they travel with the user's row): ``b_prior`` ``[U, O]``, the head bias of the
     prior (see :meth:`reset_head`); per resource in ``DEMAND_RESOURCES`` order, ``[U, 4]``:
     ``log_mean`` and ``log_std`` standardise ``log1p(demand)`` inputs, ``scale`` (real units)
-    divides demand into the model's target units; ``cal_shift``, ``cal_floor`` ``[U, 6, 4]`` and
-    ``cal_spread`` ``[U, 6, 4, 7]``, the post-hoc recalibration applied at inference (:mod:`models.calibration`;
+    divides demand into the model's target units; ``cal_shift``, ``cal_floor`` ``[U, 6, 4]``,
+    ``cal_spread`` and ``cal_widen`` ``[U, 6, 4, 7]``, the post-hoc recalibration applied at inference (:mod:`models.calibration`;
     identity until fitted, and never applied by :meth:`forward` or the training loss); ``cal_zero``
     ``[U, 6, 4, 8]``, where P(demand = 0) lies between the levels the zero quantiles bound
     (:func:`models.calibration.zero_mass`; 0: at the lower end, what the quantiles alone say).
@@ -327,6 +327,7 @@ class StackedLSTM(nn.Module):
         self.register_buffer("cal_spread", torch.ones(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES))
         self.register_buffer("cal_floor", torch.zeros(n_users, N_HORIZONS, N_RESOURCES))
         self.register_buffer("cal_zero", torch.zeros(n_users, N_HORIZONS, N_RESOURCES, N_ZERO_BRACKETS))
+        self.register_buffer("cal_widen", torch.zeros(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES))
 
     @torch.no_grad()
     def set_prior(self, prior: Tensor, users: Tensor | None = None) -> None:

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from models.calibration import (SHIFT_GRID, SPREAD_GRID, _blocks, _choose, _masked, _pinball_sums, apply_calibration, calibrated, fit_calibration,
+from models.calibration import (SHIFT_GRID, SPREAD_GRID, WIDEN_GRID, _blocks, _choose, _masked, _pinball_sums, apply_calibration, calibrated, fit_calibration,
                                 fit_zero_mass, head_quantiles, zero_brackets, zero_mass)
 from models.features import BUCKET, N_INPUTS, ChunkBatches, dense_demand
 from models.module import StackedLSTM, pinball
@@ -41,6 +41,20 @@ def noise_demand(days: float = 3.0, users: int = 4, seed: int = 0) -> pa.Table:
         cols["memory_gb"] += list(2 * cpu)
         cols["gpus"] += list(np.where(rng.random(steps) < 0.5, 1.0, 0.0))
     return pa.table(cols, schema=DEMAND)
+
+
+def idle_and_busy() -> tuple:
+    """Two busy users (:func:`noise_demand`) and one always idle whose prior quantiles sit a little
+    above 0 (3 % of its floored scale): ``(dense, data, index of the idle user, prior)``."""
+    demand = noise_demand(users=2)
+    idle = pa.table({"user_id": ["idle"] * 864, "ts": pa.array(T0 + np.arange(864) * BUCKET, DEMAND.field("ts").type),
+                     "requests": [0] * 864, "cpu_cores": [0.0] * 864, "memory_gb": [0.0] * 864, "gpus": [0.0] * 864}, schema=DEMAND)
+    dense = dense_demand(pa.concat_tables([demand, idle]), T0, T0 + timedelta(days=3))
+    data = prepare_data(dense, CFG)
+    k = dense.user_ids.index("idle")
+    prior = data.prior.clone()
+    prior[k] += 0.03
+    return dense, data, k, prior
 
 
 def _coverage_and_loss(model: StackedLSTM, batches: ChunkBatches, recalibrate: bool) -> tuple[float, float, float]:
@@ -107,6 +121,10 @@ def test_users_with_few_tail_points_take_the_pooled_choice():
     # no tail points at all: the pooled choice; a flat loss keeps the identity
     assert _choose(sums * torch.tensor([100.0, 100, 100, 0]), torch.tensor([100.0, 100, 100, 0]), 1, 50.0)[3] == 2
     assert _choose(torch.ones(3, 2, dtype=torch.float64), torch.ones(2), 1, 10.0).tolist() == [1, 1]
+    # a user with no loss at its identity (user 3: 0 forecasts of 0 demand) keeps it against the pooled choice
+    perfect = (sums * count).clone()
+    perfect[:, 3] = torch.tensor([0.3, 0.0, 0.2])
+    assert _choose(perfect, count, 1, prior_points=50.0).tolist() == [2, 2, 2, 1]
 
 
 def test_train_fits_the_calibration_on_its_window_only_and_it_survives_the_store(tmp_path):
@@ -134,12 +152,13 @@ def test_train_fits_the_calibration_on_its_window_only_and_it_survives_the_store
     off = train(demand, until=cut, config=dataclasses.replace(CFG, calibrate=False))
     for m in (off.model, off.global_model):
         assert (m.cal_spread == 1).all() and (m.cal_shift == 0).all() and (m.cal_floor == 0).all() and (m.cal_zero == 0).all()
+        assert (m.cal_widen == 0).all()
     assert off.calibration_loss is None
     assert not np.array_equal(predict(off, demand, cut).quantiles, predict(trained, demand, cut).quantiles)
 
     lake = open_location(str(tmp_path / "lake"))
     _, loaded = load_trained(lake, save_trained(lake, trained))
-    for name in ("cal_shift", "cal_spread", "cal_floor", "cal_zero"):
+    for name in ("cal_shift", "cal_spread", "cal_floor", "cal_zero", "cal_widen"):
         assert torch.equal(getattr(loaded.model, name), getattr(trained.model, name))
         assert torch.equal(getattr(loaded.global_model, name), getattr(g, name))
     assert (trained.model.cal_zero > 0).any()  # gpus are 0 half of the time: somewhere above the knots' own level
@@ -149,19 +168,15 @@ def test_train_fits_the_calibration_on_its_window_only_and_it_survives_the_store
     weights = {k: v for k, v in trained.model.get_all().items() if not k.startswith("cal_")}
     old = StackedLSTM.from_weights(weights)
     assert (old.cal_spread == 1).all() and (old.cal_shift == 0).all() and (old.cal_floor == 0).all() and (old.cal_zero == 0).all()
+    assert (old.cal_widen == 0).all()  # and one saved before the outward step: no step
+    before_widen = StackedLSTM.from_weights({k: v for k, v in trained.model.get_all().items() if k != "cal_widen"})
+    assert (before_widen.cal_widen == 0).all() and torch.equal(before_widen.cal_spread, trained.model.cal_spread)
 
 
 def test_an_idle_users_small_positive_quantiles_snap_to_zero():
     """Demand exactly 0 with quantiles a little above 0: every bucket falls below the interval at
     a tiny pinball cost. The fitted floor sends them to 0 (and leaves the busy users alone)."""
-    demand = noise_demand(users=2)
-    idle = pa.table({"user_id": ["idle"] * 864, "ts": pa.array(T0 + np.arange(864) * BUCKET, DEMAND.field("ts").type),
-                     "requests": [0] * 864, "cpu_cores": [0.0] * 864, "memory_gb": [0.0] * 864, "gpus": [0.0] * 864}, schema=DEMAND)
-    dense = dense_demand(pa.concat_tables([demand, idle]), T0, T0 + timedelta(days=3))
-    data = prepare_data(dense, CFG)
-    k = dense.user_ids.index("idle")
-    prior = data.prior.clone()
-    prior[k] += 0.03  # scaled units: 3 % of the idle user's (floored) scale
+    dense, data, k, prior = idle_and_busy()  # scaled units: 3 % of the idle user's (floored) scale
     model = StackedLSTM(dense.n_users, N_INPUTS, 8, prior=prior, seed=0)
     _, val_b = training_batches(data, CFG, pooled=False)
     fit_calibration(model, val_b, prior_points=1.0)  # the floor is off by default
@@ -170,10 +185,12 @@ def test_an_idle_users_small_positive_quantiles_snap_to_zero():
     assert (model.cal_floor[k] > 0.03).all()
     _, q = next(head_quantiles(model, val_b))
     busy = [i for i in range(dense.n_users) if i != k]
-    no_floor = apply_calibration(q, model.cal_shift, model.cal_spread)
+    no_floor = apply_calibration(q, model.cal_shift, model.cal_spread, None, model.cal_widen)
     assert (q[k] > 0).all() and (calibrated(model, q)[k] == 0).all()
     moved = calibrated(model, q)[busy] != no_floor[busy].clamp_min(0)
-    assert moved.float().mean() < 0.01  # a busy user's forecasts are (almost) never below the floor
+    # a busy user's forecasts are (almost) never below the floor; its 0/1 GPU demand's low quantiles
+    # lie near 0, where the outward step of a level (cal_widen, fitted after the floor) can cross it
+    assert moved.float().mean() < 0.02 and moved[..., 1:3, :].float().mean() < 0.01
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(3, 10, 6, 4, 7, generator=gen).sort(dim=-1).values
     out = apply_calibration(q, torch.zeros(3, 6, 4), torch.ones(3, 6, 4, 7), torch.rand(3, 6, 4, generator=gen))
@@ -261,3 +278,42 @@ def test_the_global_models_pooled_tail_is_fitted_in_pieces_with_the_same_result(
     assert pieces.loss_after == pytest.approx(whole.loss_after, rel=1e-6)
     assert pieces.loss_after <= pieces.loss_before
     assert list(_blocks(3, 0, 500)) == []  # an empty tail: no block (and no zero range step)
+
+
+def test_widen_moves_levels_outwards_by_hand_and_the_identity_is_exact():
+    q = torch.tensor([0.1, 0.2, 0.4, 1.0, 1.5, 2.0, 2.5]).expand(1, 6, 4, 7).clone()
+    zeros, ones = torch.zeros(1, 6, 4), torch.ones(1, 6, 4, 7)
+    assert apply_calibration(q, zeros, ones, None, torch.zeros(1, 6, 4, 7)) is q
+    widen = torch.tensor([0.3, 0.05, 0.0, 0.0, 0.0, 0.1, 0.2]).expand(1, 6, 4, 7)
+    out = apply_calibration(q, zeros, ones, None, widen)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 0.15, 0.4, 1.0, 1.5, 2.1, 2.7]))  # q05 clipped at 0
+    # a larger step on a higher lower level re-sorts: q10 − 0.5 < q05 − 0
+    out = apply_calibration(q, zeros, ones, None, torch.tensor([0.0, 0.5, 0, 0, 0, 0, 0]).expand(1, 6, 4, 7))
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 0.1, 0.4, 1.0, 1.5, 2.0, 2.5]))
+
+
+def test_widen_fit_is_each_levels_best_grid_step_by_a_plain_sum():
+    """With no shrinkage (``prior_points=0``) each user's step per horizon, resource and level is the
+    grid value with the lowest plain Σ pinball over the scored tail (ties: no step); an idle user's 0
+    forecasts stay 0."""
+    dense, data, k, prior = idle_and_busy()
+    model = StackedLSTM(dense.n_users, N_INPUTS, 8, prior=prior, seed=0)
+    _, val_b = training_batches(data, CFG, pooled=False)
+    fit = fit_calibration(model, val_b, prior_points=0.0, floor=True)
+    assert torch.equal(model.cal_widen, fit.widen) and (model.cal_widen[..., 3] == 0).all()
+    assert (model.cal_widen[k] == 0).all() and (model.cal_widen > 0).any()
+    tau = torch.tensor([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95], dtype=torch.float64)
+    sign = torch.sign(tau - 0.5)
+    grid = torch.tensor(WIDEN_GRID, dtype=torch.float64)
+    loss = torch.zeros(len(grid), dense.n_users, 6, 4, 7, dtype=torch.float64)
+    for b, q in head_quantiles(model, val_b):
+        qf = apply_calibration(q, model.cal_shift, model.cal_spread, model.cal_floor).double()
+        w = b["weight"].double()[..., None, None]  # [U, K, C, 6, 1, 1]
+        y = b["target"].double()[..., None]
+        for g, a in enumerate(grid):
+            u = y - (qf + a * sign).clamp_min(0)
+            loss[g] += (torch.maximum(tau * u, (tau - 1) * u) * w).sum((1, 2))
+    best = torch.where(loss.min(0).values < loss[0] * (1 - 1e-6), loss.argmin(0), 0)
+    agree = grid.float()[best] == model.cal_widen
+    assert agree.float().mean() >= 0.97  # float32 sums can flip a choice between two steps of (almost) equal loss
+    assert fit.loss_after < fit.loss_before

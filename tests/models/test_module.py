@@ -100,7 +100,7 @@ def test_export_and_import_one_user():
     torch.testing.assert_close(dst(x[[0, 2, 1]], last[[0, 2, 1]], 2)[1], src(x, last, 2)[2])
     assert dst.scale[1].tolist() == [2.0] * 4 and dst.scale[0].tolist() == [1.0] * 4
     assert set(src.get_user(0)) == {"w_in", "w_rec", "b", "w_out", "b_out", "b_prior", "log_mean", "log_std", "scale",
-                                       "cal_shift", "cal_spread", "cal_floor", "cal_zero"}
+                                       "cal_shift", "cal_spread", "cal_floor", "cal_zero", "cal_widen"}
     bad = src.get_user(0)
     bad["w_rec"] = bad["w_rec"][:-1]
     with pytest.raises(ValueError, match="w_rec"):
