@@ -20,6 +20,11 @@ epochs, the global model's counted on the users it trains on (at most ``global_m
 each loop's extrapolated time and speed-up, and the held-out (test-day) pinball loss of every
 model and of the last-value baseline (mean over users of Σ_resources pinball / user scale).
 Targets on the 2-core CPU: speed-up >= 100x at equal or better loss; <= 3 us per user-step.
+``compute_floor``: the matrix products' floating-point operations per user-step of that segment
+(counted by torch as they run) over this machine's float32 matrix-product rate (a 2048² product,
+measured in the same run): the time per user-step below which no trainer of this model can go
+here, and ``speedup_bound_at_peak``, each loop's time over the stacked run's user-steps at that
+floor: the largest speed-up over that loop the machine allows.
 The machine's 1-minute load average is in the output: timings on a shared 2-core VM vary by
 several times with other processes' load.
 
@@ -213,6 +218,34 @@ def _kernel_us(models, data: TrainingData, config: TrainConfig, reps: int = 5) -
     return best / (model.n_users * batch["last"].shape[1] * batch["last"].shape[2]) * 1e6
 
 
+def _kernel_flops(models, data: TrainingData, config: TrainConfig) -> float:
+    """Floating-point operations of the matrix products (``aten.bmm`` / ``baddbmm``, counted by
+    torch's ``FlopCounterMode`` as they run) in the forward + backward of the segment
+    :func:`_kernel_us` times, per user-step: the work no implementation of this model avoids
+    (the element-wise gates, softplus and pinball terms are left out, so it is a lower bound)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = models.model
+    batch = training_batches(data, config, pooled=False)[0][1 if config.segment_steps < config.chunk_steps else 0]
+    with FlopCounterMode(display=False) as counter:
+        train_backward(model, batch, None, config.train_block_users, lambda loss: loss.backward())
+    model.zero_grad()
+    return counter.get_total_flops() / (model.n_users * batch["last"].shape[1] * batch["last"].shape[2])
+
+
+def _peak_gflops(size: int = 2048, reps: int = 5) -> float:
+    """This machine's float32 matrix-product rate (GFLOP/s, best of ``reps``) on a large square
+    product at torch's current thread count: the fastest any of the products above can run."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
 def _scaled_mean(loss: np.ndarray, scale: np.ndarray) -> float:
     return float(np.nanmean((loss / scale).sum(axis=1)))
 
@@ -257,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     own = np.flatnonzero(~models.uses_global)  # users with their own model, spread over the population
     eligible = own[np.unique(np.linspace(0, len(own) - 1, min(args.loop_users, len(own))).round().astype(int))].tolist()
     kernel = _kernel_us(models, data, config)
+    flops, peak = _kernel_flops(models, data, config), _peak_gflops()
+    floor_us = flops / (peak * 1e3)  # us per user-step if every product ran at the peak rate and nothing else took time
     loops = {}
     for style in ("chunks", "windows"):
         loop_s, loop_models, loop_epochs = _run_loop(data, config, eligible, style)
@@ -269,6 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "users_per_s": round(1 / per_user, 3), "epochs_run": loop_epochs,
                         "us_per_user_step": round(loop_s / max(origins * loop_epochs, 1) * 1e6, 2),
                         "speedup_stacked": round(per_user * n_users / stacked_s, 1),
+                        # the most any trainer of this model could reach over this loop here: the
+                        # stacked run's user-steps at the compute floor
+                        "speedup_bound_at_peak": round(per_user * n_users / (floor_us * 1e-6 * stacked_steps), 1),
                         "heldout_pinball_scaled": round(_scaled_mean(test, scale[eligible]), 4)}
     stacked_loop_users = _scaled_mean(lstm_test[eligible], scale[eligible])
     out = {
@@ -278,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
         "stacked": {"train_s": round(stacked_s, 2), "users_per_s": round(n_users / stacked_s, 1),
                     "epochs_run": list(models.epochs_run), "us_per_user_step": round(stacked_s / stacked_steps * 1e6, 3),
                     "kernel_us_per_user_step": round(kernel, 3)},
+        "compute_floor": {"matmul_flops_per_user_step": round(flops), "peak_matmul_gflops": round(peak, 1),
+                          "floor_us_per_user_step": round(floor_us, 3), "kernel_share_of_peak": round(floor_us / kernel, 3)},
         "loop_chunks": loops["chunks"], "loop_windows": loops["windows"],
         "heldout_pinball_scaled": {"stacked_all_users": round(_scaled_mean(lstm_test, scale), 4),
                                    "last_value_all_users": round(_scaled_mean(last_test, scale), 4),

@@ -116,7 +116,6 @@ class _HeadPinball(torch.autograd.Function):
         b_lv = b_out.view(n_users, cells, k).transpose(1, 2).reshape(n_users, k * cells)
         raw = torch.baddbmm(b_lv.unsqueeze(1), h, w_lv).view(n_users, n, k, cells)  # level-major
         tau = torch.tensor(QUANTILES, dtype=h.dtype, device=h.device).view(k, 1)
-        above, below = -tau, 1.0 - tau  # d pinball / d q where y > q, and where y < q
         y = (target - last[:, :, None, :]).reshape(n_users, n, 1, cells)  # demand - last, per (horizon, resource)
         w = weight[..., None].expand(n_users, n, N_HORIZONS, N_RESOURCES).reshape(n_users, n, 1, cells)
         sums = h.new_zeros(n_users, N_RESOURCES, dtype=torch.float64)
@@ -126,13 +125,19 @@ class _HeadPinball(torch.autograd.Function):
             r = raw[:, a : a + step]
             d = fn.softplus(r)  # the gaps; level 0: the median's offset minus the gaps below it
             d[:, :, 0] = r[:, :, 0] - d[:, :, 1 : MID + 1].sum(2)
-            u = torch.sub(y[:, a : a + step], d.cumsum(2))  # y - q
-            g = torch.where(u < 0, below, above).mul_(w[:, a : a + step])  # weight · d pinball / d q
+            for j in range(1, k):  # the running sum over the 7 levels, in place (cumsum over a
+                d[:, :, j] += d[:, :, j - 1]  # strided axis of 7 cost a tenth of the head)
+            u = torch.sub(y[:, a : a + step], d)  # y - q
+            # weight · d pinball / d q: 1 - tau where y < q, -tau where y > q (a where() between
+            # two broadcast [7, 1] tensors cost more than these three passes)
+            g = torch.lt(u, 0).to(u.dtype).sub_(tau).mul_(w[:, a : a + step])
             part = u.mul_(g).view(n_users, -1, k * N_HORIZONS, N_RESOURCES).sum(2)
             sums -= part.sum(1, dtype=torch.float64)
             if not with_grad:
                 continue
-            g_d = (g - g.cumsum(2)).add_(g.sum(2, keepdim=True))  # increment j moves every level >= j
+            g_d = g  # increment j moves every level >= j: the sum of g from level j up, in place
+            for j in range(k - 2, -1, -1):
+                g_d[:, :, j] += g_d[:, :, j + 1]
             g_d[:, :, 1 : MID + 1] -= g_d[:, :, :1]  # a gap below the median also lowers increment 0
             r.sigmoid_()  # d softplus / d raw; the median's offset enters as is
             r[:, :, 0] = 1.0
@@ -158,17 +163,19 @@ class _HeadPinball(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
-def _cell_step(xp_t: Tensor, h: Tensor, c: Tensor, w_rec: Tensor, gates: Tensor, c_out: Tensor | None, h_out: Tensor) -> Tensor:
+def _cell_step(xp_t: Tensor, h: Tensor, c: Tensor, w_rec: Tensor, gates: Tensor, c_out: Tensor | None, h_out: Tensor,
+               tanh_out: Tensor | None = None) -> Tensor:
     """One LSTM step for ``[U, C]`` cells: the gate activations into ``gates`` ``[U, C, G]``,
-    the new cell state into ``c_out`` (a new tensor when None, which is returned) and the new
-    h into ``h_out``. Gate order (input, forget, output, cell)."""
+    the new cell state into ``c_out`` (a new tensor when None, which is returned), its tanh into
+    ``tanh_out`` (if given: the backward pass needs it) and the new h into ``h_out``. Gate order
+    (input, forget, output, cell)."""
     hidden = w_rec.shape[1]
     torch.baddbmm(xp_t, h, w_rec, out=gates)
     gates[..., : 3 * hidden].sigmoid_()
     gates[..., 3 * hidden :].tanh_()
     i, f, o, g = gates.split(hidden, dim=-1)
     c_new = torch.addcmul(f * c, i, g) if c_out is None else torch.addcmul(f * c, i, g, out=c_out)
-    torch.mul(o, torch.tanh(c_new), out=h_out)
+    torch.mul(o, torch.tanh(c_new) if tanh_out is None else torch.tanh(c_new, out=tanh_out), out=h_out)
     return c_new
 
 
@@ -186,27 +193,34 @@ class _LSTMRecurrence(torch.autograd.Function):
         hidden = gates // 4
         acts = xp.new_empty(steps, n_users, chunks, gates)  # gate activations, time-major
         cells = xp.new_empty(steps + 1, n_users, chunks, hidden)
+        tanh_c = xp.new_empty(steps, n_users, chunks, hidden)  # kept: recomputing it cost the backward a pass
         hs = xp.new_empty(steps + 1, n_users, chunks, hidden)
         hs[0], cells[0] = h0, c0
         for t in range(steps):
-            _cell_step(xp[:, t], hs[t], cells[t], w_rec, acts[t], cells[t + 1], hs[t + 1])
-        ctx.save_for_backward(acts, cells, hs, w_rec)
+            _cell_step(xp[:, t], hs[t], cells[t], w_rec, acts[t], cells[t + 1], hs[t + 1], tanh_c[t])
+        ctx.save_for_backward(acts, cells, tanh_c, hs, w_rec)
         c_last = cells[steps].clone()
         ctx.mark_non_differentiable(c_last)
         return hs[1:].permute(1, 0, 2, 3), c_last
 
     @staticmethod
     def backward(ctx, grad_h: Tensor, _grad_c: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
-        acts, cells, hs, w_rec = ctx.saved_tensors
+        acts, cells, tc, hs, w_rec = ctx.saved_tensors
         steps, n_users, chunks, gates = acts.shape
         hidden = gates // 4
         i, f, o, g = acts.split(hidden, dim=-1)
-        tc = torch.tanh(cells[1:])
         # Every factor that does not depend on the recurrence, for all steps at once:
-        # d pre-activation of (i, f, o, g) = (dc·A_i, dc·A_f, dh·A_o, dc·A_g);  dc += dh·K.
-        fac = torch.cat([g * i * (1 - i), cells[:-1] * f * (1 - f), tc * o * (1 - o), i * (1 - g * g)], dim=-1)
-        k = o * (1 - tc * tc)
-        del tc
+        # d pre-activation of (i, f, o, g) = (dc·A_i, dc·A_f, dh·A_o, dc·A_g);  dc += dh·K, with
+        # A_i = g·i(1 − i), A_f = c_prev·f(1 − f), A_o = tanh(c)·o(1 − o), A_g = i(1 − g²) and
+        # K = o(1 − tanh²(c)), written in place (x(1 − x) = x − x·x: one pass, no temporaries)
+        fac = torch.empty_like(acts)
+        a_i, a_f, a_o, a_g = fac.split(hidden, dim=-1)
+        one = acts.new_ones(())
+        torch.addcmul(i, i, i, value=-1, out=a_i).mul_(g)
+        torch.addcmul(f, f, f, value=-1, out=a_f).mul_(cells[:-1])
+        torch.addcmul(o, o, o, value=-1, out=a_o).mul_(tc)
+        torch.addcmul(one, g, g, value=-1, out=a_g).mul_(i)
+        k = torch.addcmul(one, tc, tc, value=-1).mul_(o)
         grad_h = grad_h.permute(1, 0, 2, 3)
         dgates = torch.empty_like(acts)
         dh = acts.new_zeros(n_users, chunks, hidden)
@@ -217,7 +231,7 @@ class _LSTMRecurrence(torch.autograd.Function):
             dc.addcmul_(dh, k[t])
             d = dgates[t].view(n_users, chunks, 4, hidden)
             torch.mul(fac[t].view(n_users, chunks, 4, hidden), dc.unsqueeze(-2), out=d)
-            d[..., 2, :] = fac[t, ..., 2 * hidden : 3 * hidden] * dh
+            torch.mul(a_o[t], dh, out=d[..., 2, :])  # the output gate's is dh's, not dc's
             dc.mul_(f[t])
             if t:
                 dh = torch.bmm(dgates[t], w_t)
