@@ -183,9 +183,9 @@ def batch_quantiles(model: StackedLSTM, batches: ChunkBatches) -> np.ndarray:
     n = batches.origin_hi - batches.origin_lo
     out = np.full((model.n_users, n, N_HORIZONS, N_RESOURCES, N_QUANTILES), np.nan, dtype=np.float32)
     scale = model.scale[:, None, None, None, :, None]
-    for j, (_, q) in enumerate(head_quantiles(model, batches)):
+    for j, (b, q) in enumerate(head_quantiles(model, batches)):
         steps = q.shape[1]
-        q = (calibrated(model, q) * scale).clamp_min(0)
+        q = (calibrated(model, q, b["last"]) * scale).clamp_min(0)
         a = j * batches.segment_steps
         origins = batches.starts[None, :] + torch.arange(a, a + steps)[:, None]  # [K, C]
         ok = (origins >= batches.origin_lo) & (origins < batches.origin_hi)

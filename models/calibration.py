@@ -23,6 +23,14 @@ seeds; README "Backtest"). Identity: ``shift = 0``,
 ``spread = 1``, ``floor = 0``, ``widen = 0``, which leaves the quantiles bit for bit as they were
 (up to the clipping at 0 done anyway).
 
+Regimes. Every parameter above exists twice per user, horizon and resource: one set for origins
+where the user's last observed requests are 0 (idle now) and one where they are above 0 (active
+now), each fitted on its own origins (:func:`regimes`, :func:`apply_regimes`). One set for both let
+the idle origins, most of the tail, set the upper levels: an idle origin's demand is almost never
+above its q90, so the pooled pinball optimum left the active origins' q90 exceeded 21-22 % of the
+time on ServeGen's holdout (two seeds; 14-15 % with the regimes, and pinball loss 1.2-4.1 % lower on
+every horizon and resource: README "Backtest"). A user with no tail origin in a regime takes the users' pooled choice there.
+
 Fitting (:func:`fit_calibration`), on the held-out tail of :func:`models.train.train` (the last
 ``val_days`` of the *training* window): ``shift`` is chosen from :data:`SHIFT_GRID` by the
 median's pinball loss, then every ``spread_k`` from :data:`SPREAD_GRID` by level k's pinball loss
@@ -47,9 +55,10 @@ the bracket's width (0: its lower end, what the quantiles alone say). The quanti
 the pinball loss is not affected.
 
 The parameters live in the :class:`~models.module.StackedLSTM` buffers ``cal_shift``,
-``cal_floor`` ``[U, 6, 4]``, ``cal_spread``, ``cal_widen`` ``[U, 6, 4, 7]`` and ``cal_zero``
-``[U, 6, 4, 8]``, so they
-travel with each user's weights (model store, shards, ``predict``).
+``cal_floor`` ``[U, 2, 6, 4]``, ``cal_spread``, ``cal_widen`` ``[U, 2, 6, 4, 7]`` (regime after the
+user) and ``cal_zero`` ``[U, 6, 4, 8]`` (one for both regimes: fitted on the final quantiles, whose
+zero count already tells the states apart), so they travel with each user's weights (model store,
+shards, ``predict``); a version saved before the regimes loads with its one fit in both.
 """
 
 from __future__ import annotations
@@ -62,8 +71,8 @@ from torch import Tensor
 from torch.nn import functional as fn
 
 from models.features import ChunkBatches
-from models.module import CALIBRATION, MID, N_HORIZONS, N_QUANTILES, N_RESOURCES, N_ZERO_BRACKETS, StackedLSTM, quantiles_from_head
-from pipeline.schemas import P_ZERO_HIGH, P_ZERO_LOW, QUANTILES
+from models.module import CALIBRATION, MID, N_HORIZONS, N_QUANTILES, N_REGIMES, N_RESOURCES, N_ZERO_BRACKETS, StackedLSTM, quantiles_from_head
+from pipeline.schemas import DEMAND_RESOURCES, P_ZERO_HIGH, P_ZERO_LOW, QUANTILES
 
 #: Median shifts, in inter-quartile ranges.
 SHIFT_GRID = (-0.5, -0.3, -0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -76,6 +85,7 @@ FLOOR_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 #: Outward steps of each level (scaled units, like the floor).
 WIDEN_GRID = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
 Q25, Q75 = QUANTILES.index(0.25), QUANTILES.index(0.75)
+REQUESTS = DEMAND_RESOURCES.index("requests")
 CALIBRATION_BUFFERS = tuple(CALIBRATION)
 
 
@@ -84,13 +94,13 @@ class CalibrationFit:
     """What :func:`fit_calibration` found: per-user parameters and the tail's mean pinball loss
     (scaled units, mean over users with tail points) before and after (in-sample: fitted there)."""
 
-    shift: Tensor  # [U, 6, 4]
-    spread: Tensor  # [U, 6, 4, 7]
-    floor: Tensor  # [U, 6, 4]
+    shift: Tensor  # [U, 2, 6, 4]: per regime (idle now, active now)
+    spread: Tensor  # [U, 2, 6, 4, 7]
+    floor: Tensor  # [U, 2, 6, 4]
     loss_before: float
     loss_after: float
     zero: Tensor | None = None  # [U, 6, 4, 8] (cal_zero)
-    widen: Tensor | None = None  # [U, 6, 4, 7] (cal_widen)
+    widen: Tensor | None = None  # [U, 2, 6, 4, 7] (cal_widen)
 
 
 def apply_calibration(q: Tensor, shift: Tensor, spread: Tensor, floor: Tensor | None = None,
@@ -119,9 +129,27 @@ def _outwards(q: Tensor) -> Tensor:
     return torch.sign(torch.tensor(QUANTILES, dtype=q.dtype, device=q.device) - 0.5)
 
 
-def calibrated(model: StackedLSTM, q: Tensor) -> Tensor:
-    """:func:`apply_calibration` with ``model``'s recalibration buffers."""
-    return apply_calibration(q, model.cal_shift, model.cal_spread, model.cal_floor, model.cal_widen)
+def regimes(last: Tensor) -> Tensor:
+    """The recalibration regime of each origin (:data:`models.module.N_REGIMES`) from ``last``
+    ``[..., 4]``, the demand observed at it (any units): 1 where its requests are above 0 (the user
+    is active now), 0 where they are 0 (idle now). Returns ``[...]`` (long)."""
+    return (last[..., REQUESTS] > 0).long()
+
+
+def apply_regimes(q: Tensor, regime: Tensor, shift: Tensor, spread: Tensor, floor: Tensor | None = None,
+                  widen: Tensor | None = None) -> Tensor:
+    """:func:`apply_calibration` with each origin's regime's parameters: ``q`` ``[U, ..., 6, 4, 7]``,
+    ``regime`` ``[U, ...]`` (0/1, :func:`regimes`), ``shift`` and ``floor`` ``[U, 2, 6, 4]``, ``spread``
+    and ``widen`` ``[U, 2, 6, 4, 7]``."""
+    out = [apply_calibration(q, shift[:, r], spread[:, r], None if floor is None else floor[:, r],
+                             None if widen is None else widen[:, r]) for r in range(N_REGIMES)]
+    return torch.where(regime.bool()[..., None, None, None], out[1], out[0])
+
+
+def calibrated(model: StackedLSTM, q: Tensor, last: Tensor) -> Tensor:
+    """:func:`apply_regimes` with ``model``'s recalibration buffers, the regimes from ``last``
+    ``[U, ..., 4]`` (the demand observed at each origin of ``q`` ``[U, ..., 6, 4, 7]``)."""
+    return apply_regimes(q, regimes(last), model.cal_shift, model.cal_spread, model.cal_floor, model.cal_widen)
 
 
 def zero_brackets(q: Tensor) -> Tensor:
@@ -174,16 +202,17 @@ def head_quantiles(model: StackedLSTM, batches: ChunkBatches) -> Iterator[tuple[
         yield b, quantiles_from_head(raw.view(model.n_users, steps, chunks, N_HORIZONS, N_RESOURCES, N_QUANTILES), b["last"])
 
 
-def _tail(model: StackedLSTM, batches: ChunkBatches) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantiles ``[U, N, 6, 4, 7]``, targets ``[U, N, 6, 4]`` and weights ``[U, N, 6]`` of every
-    origin of ``batches`` (scaled units)."""
-    qs, ys, ws = [], [], []
+def _tail(model: StackedLSTM, batches: ChunkBatches) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Quantiles ``[U, N, 6, 4, 7]``, targets ``[U, N, 6, 4]``, weights ``[U, N, 6]`` and the demand
+    at the origin ``[U, N, 4]`` of every origin of ``batches`` (scaled units)."""
+    qs, ys, ws, lasts = [], [], [], []
     for b, q in head_quantiles(model, batches):
         n = model.n_users
         qs.append(q.reshape(n, -1, N_HORIZONS, N_RESOURCES, N_QUANTILES))
         ys.append(b["target"].reshape(n, -1, N_HORIZONS, N_RESOURCES))
         ws.append(b["weight"].reshape(n, -1, N_HORIZONS))
-    return torch.cat(qs, 1), torch.cat(ys, 1), torch.cat(ws, 1)
+        lasts.append(b["last"].reshape(n, -1, N_RESOURCES))
+    return torch.cat(qs, 1), torch.cat(ys, 1), torch.cat(ws, 1), torch.cat(lasts, 1)
 
 
 def _masked(q: Tensor, y: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -245,75 +274,119 @@ def _blocks(n_users: int, n_points: int, block_points: int) -> Iterator[tuple[sl
             yield slice(a, a + users), slice(b, b + points)
 
 
-@torch.no_grad()
-def fit_calibration(model: StackedLSTM, batches: ChunkBatches, prior_points: float = 288.0, block_points: int = 1 << 14,
-                    device: torch.device | str | None = None, floor: bool = False) -> CalibrationFit:
-    """Fit the recalibration of ``model`` on the origins of ``batches`` (training's held-out tail)
-    and store it in the model's ``cal_shift`` / ``cal_spread`` / ``cal_floor`` / ``cal_widen`` / ``cal_zero``. ``prior_points``: tail points a
-    user's own choice is weighed against the pooled one with. Runs on ``device`` (default:
-    where the model is), leaving the model there. ``floor``: also fit the zero floor (off by
-    default, see :data:`FLOOR_GRID`); without it the floor stays 0. The grid's loss sums are
-    formed ``block_points`` user-origins at a time (cache-sized temporaries)."""
-    home = next(model.parameters()).device
-    device = home if device is None else torch.device(device)
-    model.to(device)
-    q, y, w = _tail(model, _on(batches, device))
-    model.to(home)
-    q, y, w = q.cpu(), y.cpu(), w.cpu()
-    q, y = _masked(q, y, w)
-    n_users = model.n_users
-    tau = torch.tensor(QUANTILES, dtype=q.dtype)
+class _Points:
+    """One block of a regime's points, flattened user-major: ``user`` ``[P]`` (non-decreasing) and
+    sums over the block's points per user, into the rows ``lo … hi - 1`` of a ``[U, ...]`` total."""
+
+    def __init__(self, user: Tensor) -> None:
+        self.user = user
+        self.lo, self.hi = int(user[0]), int(user[-1]) + 1
+        self.local = user - self.lo
+
+    def sums(self, values: Tensor) -> Tensor:
+        """Σ per user of ``values`` ``[P, ...]``: ``[hi - lo, ...]``, in the values' float32. A block of
+        one user (the global model's pooled tail) is summed in torch's cascade, as accurate as a
+        float64 sum here; several users' by ``index_add_``, a running sum per user, over at most one
+        tail's points each (a running float32 sum over the global model's 16k points flipped choices)."""
+        if self.hi - self.lo == 1:
+            return values.sum(0, keepdim=True)
+        return values.new_zeros(self.hi - self.lo, *values.shape[1:]).index_add_(0, self.local, values)
+
+    def pinball(self, pred: Tensor, y: Tensor, y_sum: Tensor, tau: Tensor) -> Tensor:
+        """:func:`_pinball_sums` per user of the block: ``pred`` ``[P, 6, 4, L]`` (overwritten),
+        ``y`` ``[P, 6, 4]``, ``y_sum`` its :meth:`sums` -> ``[hi - lo, 6, 4, L]`` float64."""
+        top = self.sums(torch.maximum(pred, y[..., None])).double()
+        positive = self.sums(pred.clamp_min_(0)).double()
+        return top - tau.double() * positive - (1 - tau.double()) * y_sum.double()[..., None]
+
+
+def _fit_regime(q: Tensor, y: Tensor, w: Tensor, prior_points: float, block_points: int,
+                fit_floor: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One regime's grid fits (shift, then spread, floor, widen; see the module docstring) on the
+    points ``w`` (0/1 ``[U, N, 6]``) marks: ``(shift [U, 6, 4], spread [U, 6, 4, 7], floor [U, 6, 4],
+    widen [U, 6, 4, 7])``. ``q`` ``[U, N, 6, 4, 7]`` and ``y`` ``[U, N, 6, 4]`` scaled units. Only the
+    regime's origins are taken (flattened, ``block_points`` at a time), so the two regimes' fits
+    together cost about what one fit on every origin does."""
+    n_users = q.shape[0]
     count = w.sum(1, dtype=torch.float64)[..., None]  # [U, 6, 1] points per user and horizon
+    taken = w.bool().any(-1)  # [U, N]
+    user = torch.arange(n_users).unsqueeze(1).expand_as(taken)[taken]
+    q, y = _masked(q[taken], y[taken], w[taken])  # [P, 6, 4, 7], [P, 6, 4]; unscored horizons 0
+    keep = w[taken][..., None, None]  # [P, 6, 1, 1]
+    blocks = [(slice(a, a + block_points), _Points(user[a : a + block_points])) for a in range(0, len(user), block_points)]
+    y_sums = [pts.sums(y[sl]) for sl, pts in blocks]
+    tau = torch.tensor(QUANTILES, dtype=q.dtype)
     shifts = torch.tensor(SHIFT_GRID, dtype=q.dtype)
     spreads = torch.tensor(SPREAD_GRID, dtype=q.dtype)
     levels = [k for k in range(N_QUANTILES) if k != MID]
     # loss sums per grid value: [G, U, 6, 4] (median shift, floor) and [G, U, 6, 4, 6] (spread of each other level)
     shift_sums = torch.zeros(len(shifts), n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
     spread_sums = torch.zeros(len(spreads), n_users, N_HORIZONS, N_RESOURCES, len(levels), dtype=torch.float64)
-    before = torch.zeros(n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
-    blocks = list(_blocks(n_users, q.shape[1], block_points))
-    for us, ps in blocks:
-        qb, yb = q[us, ps], y[us, ps]
+    for (sl, pts), ys in zip(blocks, y_sums):
+        qb, yb, rows = q[sl], y[sl], slice(pts.lo, pts.hi)
         iqr, mid = qb[..., Q75] - qb[..., Q25], qb[..., MID]
         for g, c in enumerate(shifts):
-            shift_sums[g, us] += _pinball_sums(torch.add(mid, iqr, alpha=float(c))[..., None], yb, tau[MID : MID + 1], consume=True)[..., 0]
-        before[us] += _pinball_sums(qb, yb, tau).sum(-1)
-    shift_idx = _choose(shift_sums, count, SHIFT_GRID.index(0.0), prior_points)
-    shift = shifts[shift_idx]
-    for us, ps in blocks:
-        qb, yb = q[us, ps], y[us, ps]
+            shift_sums[g, rows] += pts.pinball(torch.add(mid, iqr, alpha=float(c))[..., None], yb, ys, tau[MID : MID + 1])[..., 0]
+    shift = shifts[_choose(shift_sums, count, SHIFT_GRID.index(0.0), prior_points)]
+    for (sl, pts), ys in zip(blocks, y_sums):
+        qb, yb, rows = q[sl], y[sl], slice(pts.lo, pts.hi)
         mid = qb[..., MID : MID + 1]
-        new_mid = mid + shift[us][:, None, ..., None] * (qb[..., Q75 : Q75 + 1] - qb[..., Q25 : Q25 + 1])
+        new_mid = mid + shift[pts.user][..., None] * (qb[..., Q75 : Q75 + 1] - qb[..., Q25 : Q25 + 1])
         dist = qb[..., levels] - mid
         for g, s in enumerate(spreads):
-            spread_sums[g, us] += _pinball_sums(torch.add(new_mid, dist, alpha=float(s)), yb, tau[levels], consume=True)
+            spread_sums[g, rows] += pts.pinball(torch.add(new_mid, dist, alpha=float(s)), yb, ys, tau[levels])
     spread_idx = _choose(spread_sums, count[..., None], SPREAD_GRID.index(1.0), prior_points)
     spread = torch.ones(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES)
     spread[..., levels] = spreads[spread_idx]
-    floors = torch.tensor(FLOOR_GRID if floor else (0.0,), dtype=q.dtype)
+    floors = torch.tensor(FLOOR_GRID if fit_floor else (0.0,), dtype=q.dtype)
     floor_sums = torch.zeros(len(floors), n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
-    for us, ps in blocks:
-        qc = apply_calibration(q[us, ps], shift[us], spread[us])
+    for (sl, pts), ys in zip(blocks, y_sums):
+        qc = apply_calibration(q[sl, None], shift[pts.user], spread[pts.user])[:, 0]  # each point its user's parameters
         for g, f in enumerate(floors):
-            floor_sums[g, us] += _pinball_sums(torch.where(qc < f, 0.0, qc), y[us, ps], tau, consume=True).sum(-1)
-    floor_idx = _choose(floor_sums, count, 0, prior_points)
-    floor = floors[floor_idx]
+            floor_sums[g, slice(pts.lo, pts.hi)] += pts.pinball(torch.where(qc < f, 0.0, qc), y[sl], ys, tau).sum(-1)
+    floor = floors[_choose(floor_sums, count, 0, prior_points)]
     widens = torch.tensor(WIDEN_GRID, dtype=q.dtype)
     outwards = _outwards(q)[levels]
     widen_sums = torch.zeros(len(widens), n_users, N_HORIZONS, N_RESOURCES, len(levels), dtype=torch.float64)
-    for us, ps in blocks:
-        qc = apply_calibration(q[us, ps], shift[us], spread[us], floor[us])[..., levels]
-        keep = w[us, ps, :, None, None]  # an unscored point's upper levels would move off 0: keep it at 0
-        for g, a in enumerate(widens):
-            widen_sums[g, us] += _pinball_sums(torch.add(qc, outwards, alpha=float(a)).mul_(keep), y[us, ps], tau[levels],
-                                               consume=True)
+    for (sl, pts), ys in zip(blocks, y_sums):
+        qc = apply_calibration(q[sl, None], shift[pts.user], spread[pts.user], floor[pts.user])[:, 0, ..., levels]
+        for g, a in enumerate(widens):  # an unscored horizon's upper levels would move off 0: kept at 0
+            widen_sums[g, slice(pts.lo, pts.hi)] += pts.pinball(torch.add(qc, outwards, alpha=float(a)).mul_(keep[sl]), y[sl], ys,
+                                                                tau[levels])
     widen = torch.zeros(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES)
     widen[..., levels] = widens[_choose(widen_sums, count[..., None], 0, prior_points)]
+    return shift, spread, floor, widen
+
+
+@torch.no_grad()
+def fit_calibration(model: StackedLSTM, batches: ChunkBatches, prior_points: float = 288.0, block_points: int = 1 << 14,
+                    device: torch.device | str | None = None, floor: bool = False) -> CalibrationFit:
+    """Fit the recalibration of ``model`` on the origins of ``batches`` (training's held-out tail)
+    and store it in the model's ``cal_shift`` / ``cal_spread`` / ``cal_floor`` / ``cal_widen`` / ``cal_zero``:
+    each regime's (:func:`regimes`) parameters on that regime's origins only, the zero mass on
+    every origin's final quantiles. ``prior_points``: tail points a user's own choice is weighed
+    against the pooled one with (per regime). Runs on ``device`` (default: where the model is), leaving the model there.
+    ``floor``: also fit the zero floor (off by default, see :data:`FLOOR_GRID`); without it the floor stays 0.
+    The grid's loss sums are formed ``block_points`` user-origins at a time (cache-sized temporaries)."""
+    home = next(model.parameters()).device
+    device = home if device is None else torch.device(device)
+    model.to(device)
+    q, y, w, last = _tail(model, _on(batches, device))
+    model.to(home)
+    q, y, w, regime = q.cpu(), y.cpu(), w.cpu(), regimes(last.cpu())
+    q, y = _masked(q, y, w)
+    n_users = model.n_users
+    tau = torch.tensor(QUANTILES, dtype=q.dtype)
+    blocks = list(_blocks(n_users, q.shape[1], block_points))
+    fits = [_fit_regime(q, y, w * (regime == r)[..., None], prior_points, block_points, floor) for r in range(N_REGIMES)]
+    shift, spread, floor_, widen = (torch.stack(p, 1) for p in zip(*fits))  # [U, 2, ...]
     zeros = torch.zeros(n_users, N_HORIZONS, N_RESOURCES, N_ZERO_BRACKETS, dtype=torch.float64)
     points_m = torch.zeros_like(zeros)
-    after = torch.zeros(n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)  # the recalibrated loss
+    before = torch.zeros(n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
+    after = torch.zeros_like(before)  # the recalibrated loss
     for us, ps in blocks:
-        final = apply_calibration(q[us, ps], shift[us], spread[us], floor[us], widen[us]) * w[us, ps, :, None, None]
+        before[us] += _pinball_sums(q[us, ps], y[us, ps], tau).sum(-1)
+        final = apply_regimes(q[us, ps], regime[us, ps], shift[us], spread[us], floor_[us], widen[us]) * w[us, ps, :, None, None]
         after[us] += _pinball_sums(final, y[us, ps], tau).sum(-1)
         m = fn.one_hot(zero_brackets(final), N_ZERO_BRACKETS)
         scored = w[us, ps, :, None, None].expand(-1, -1, -1, N_RESOURCES, 1).double()  # [u, n, 6, 4, 1]
@@ -322,13 +395,13 @@ def fit_calibration(model: StackedLSTM, batches: ChunkBatches, prior_points: flo
     zero = fit_zero_mass(zeros, points_m, prior_points)
     model.cal_shift.copy_(shift)
     model.cal_spread.copy_(spread)
-    model.cal_floor.copy_(floor)
+    model.cal_floor.copy_(floor_)
     model.cal_widen.copy_(widen)
     model.cal_zero.copy_(zero)
-    points = count[..., 0].sum(-1)  # [U]
+    points = w.sum((1, 2), dtype=torch.float64)  # [U]
     per_user = lambda s: s.sum((1, 2)) / (N_QUANTILES * N_RESOURCES * points.clamp_min(1))  # noqa: E731
     ok = points > 0
-    return CalibrationFit(shift, spread, floor, float(per_user(before)[ok].mean()) if ok.any() else float("nan"),
+    return CalibrationFit(shift, spread, floor_, float(per_user(before)[ok].mean()) if ok.any() else float("nan"),
                           float(per_user(after)[ok].mean()) if ok.any() else float("nan"), zero, widen)
 
 

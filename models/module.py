@@ -33,6 +33,11 @@ N_OUTPUTS = N_HORIZONS * N_RESOURCES * N_QUANTILES
 MID = N_QUANTILES // 2  # index of the median (0.5) in QUANTILES
 #: Recalibration buffers (models/calibration.py) and their identity value.
 CALIBRATION = {"cal_shift": 0.0, "cal_spread": 1.0, "cal_floor": 0.0, "cal_zero": 0.0, "cal_widen": 0.0}
+#: The recalibration's regimes: 0 while the user's last observed requests are 0 (idle now), 1 while
+#: they are above 0 (active now); each has its own parameters (``cal_shift``, ``cal_spread``,
+#: ``cal_floor``, ``cal_widen`` carry the regime after the user: ``[U, 2, ...]``).
+N_REGIMES = 2
+REGIME_CALIBRATION = ("cal_shift", "cal_spread", "cal_floor", "cal_widen")
 #: Brackets of the zero-mass estimate: 0 … 7 quantile levels forecast as exactly 0 (``cal_zero``).
 N_ZERO_BRACKETS = N_QUANTILES + 1
 #: Smallest gap between neighbouring quantiles a prior sets (scaled units); keeps softplus⁻¹ finite.
@@ -285,6 +290,15 @@ def recurrence_no_grad(xp: Tensor, w_rec: Tensor, h0: Tensor, c0: Tensor, worker
     return hs, c_last
 
 
+def _one_fit_per_regime(name: str, value: Tensor, shape: torch.Size) -> Tensor:
+    """``value`` of a recalibration buffer saved before the regimes existed (no regime axis after
+    the user: one fit for every regime) as ``shape``, the same parameters in each regime; any
+    other value as it is."""
+    if name in REGIME_CALIBRATION and len(shape) == value.dim() + 1 and value.shape == shape[:1] + shape[2:]:
+        return value.unsqueeze(1).expand(shape).clone()
+    return value
+
+
 class StackedLSTM(nn.Module):
     """One single-layer LSTM with a quantile head per user, all users stacked.
 
@@ -298,8 +312,9 @@ class StackedLSTM(nn.Module):
     Buffers (they travel with the user's row): ``b_prior`` ``[U, O]``, the head bias of the
     prior (see :meth:`reset_head`); per resource in ``DEMAND_RESOURCES`` order, ``[U, 4]``:
     ``log_mean`` and ``log_std`` standardise ``log1p(demand)`` inputs, ``scale`` (real units)
-    divides demand into the model's target units; ``cal_shift``, ``cal_floor`` ``[U, 6, 4]``,
-    ``cal_spread`` and ``cal_widen`` ``[U, 6, 4, 7]``, the post-hoc recalibration applied at inference (:mod:`models.calibration`;
+    divides demand into the model's target units; ``cal_shift``, ``cal_floor`` ``[U, 2, 6, 4]``,
+    ``cal_spread`` and ``cal_widen`` ``[U, 2, 6, 4, 7]``, the post-hoc recalibration applied at inference, one set per
+    regime (:data:`N_REGIMES`; :mod:`models.calibration`;
     identity until fitted, and never applied by :meth:`forward` or the training loss); ``cal_zero``
     ``[U, 6, 4, 8]``, where P(demand = 0) lies between the levels the zero quantiles bound
     (:func:`models.calibration.zero_mass`; 0: at the lower end, what the quantiles alone say).
@@ -337,11 +352,11 @@ class StackedLSTM(nn.Module):
         self.register_buffer("log_std", torch.ones(n_users, N_RESOURCES))
         self.register_buffer("scale", torch.ones(n_users, N_RESOURCES))
         # post-hoc recalibration of the quantiles (models/calibration.py); identity until fitted
-        self.register_buffer("cal_shift", torch.zeros(n_users, N_HORIZONS, N_RESOURCES))
-        self.register_buffer("cal_spread", torch.ones(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES))
-        self.register_buffer("cal_floor", torch.zeros(n_users, N_HORIZONS, N_RESOURCES))
+        self.register_buffer("cal_shift", torch.zeros(n_users, N_REGIMES, N_HORIZONS, N_RESOURCES))
+        self.register_buffer("cal_spread", torch.ones(n_users, N_REGIMES, N_HORIZONS, N_RESOURCES, N_QUANTILES))
+        self.register_buffer("cal_floor", torch.zeros(n_users, N_REGIMES, N_HORIZONS, N_RESOURCES))
         self.register_buffer("cal_zero", torch.zeros(n_users, N_HORIZONS, N_RESOURCES, N_ZERO_BRACKETS))
-        self.register_buffer("cal_widen", torch.zeros(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES))
+        self.register_buffer("cal_widen", torch.zeros(n_users, N_REGIMES, N_HORIZONS, N_RESOURCES, N_QUANTILES))
 
     @torch.no_grad()
     def set_prior(self, prior: Tensor, users: Tensor | None = None) -> None:
@@ -432,7 +447,7 @@ class StackedLSTM(nn.Module):
             if name in CALIBRATION and name not in weights:  # saved before recalibration existed: identity
                 state[name] = torch.full(t.shape, CALIBRATION[name])
                 continue
-            value = torch.as_tensor(weights[name], dtype=t.dtype, device="cpu")
+            value = _one_fit_per_regime(name, torch.as_tensor(weights[name], dtype=t.dtype, device="cpu"), t.shape)
             if value.shape != t.shape:
                 raise ValueError(f"{name}: expected shape {tuple(t.shape)}, got {tuple(value.shape)}")
             state[name] = value.clone() if copy else value
@@ -455,7 +470,7 @@ class StackedLSTM(nn.Module):
         if missing:
             raise KeyError(f"user state lacks {sorted(missing)}")
         for name, t in state.items():
-            row = torch.as_tensor(user_state[name], dtype=t.dtype)
+            row = _one_fit_per_regime(name, torch.as_tensor(user_state[name], dtype=t.dtype)[None], torch.Size((1, *t.shape[1:])))[0]
             if row.shape != t.shape[1:]:
                 raise ValueError(f"{name}: expected shape {tuple(t.shape[1:])}, got {tuple(row.shape)}")
             t[k] = row

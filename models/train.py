@@ -558,7 +558,7 @@ def _predict(models: TrainedModels, demand: pa.Table, at: datetime | None, users
             block[k] = torch.from_numpy(stats[k][sl])
         model = StackedLSTM.from_weights(block, copy=False)  # copies or views; inference changes none
         model.inference_workers = workers
-        raw = calibrated(model, model(x[sl], last[sl], burn_in=steps - 1)[:, 0, 0])
+        raw = calibrated(model, model(x[sl], last[sl], burn_in=steps - 1)[:, 0, 0], last[sl][:, 0, 0])
         q[sl] = (raw * model.scale[:, None, :, None]).clamp_min(0)
         p_zero[sl] = zero_mass(q[sl], model.cal_zero)  # of the quantiles as published: the same zero count
     uses_global = new | np.array([models.uses_global[r] if r >= 0 else True for r in rows.tolist()], dtype=bool)

@@ -11,8 +11,9 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from models.calibration import (SHIFT_GRID, SPREAD_GRID, WIDEN_GRID, _blocks, _choose, _masked, _pinball_sums, apply_calibration, calibrated, fit_calibration,
-                                fit_zero_mass, head_quantiles, zero_brackets, zero_mass)
+from models import calibration
+from models.calibration import (SHIFT_GRID, SPREAD_GRID, WIDEN_GRID, _blocks, _choose, _masked, _pinball_sums, apply_calibration, apply_regimes,
+                                calibrated, fit_calibration, fit_zero_mass, head_quantiles, regimes, zero_brackets, zero_mass)
 from models.features import BUCKET, N_INPUTS, ChunkBatches, dense_demand
 from models.module import StackedLSTM, pinball
 from models.persist import load_trained, save_trained
@@ -64,7 +65,7 @@ def _coverage_and_loss(model: StackedLSTM, batches: ChunkBatches, recalibrate: b
     tau = torch.tensor([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95])
     for b, q in head_quantiles(model, batches):
         if recalibrate:
-            q = calibrated(model, q)
+            q = calibrated(model, q, b["last"])
         assert (q.diff(dim=-1) >= 0).all()  # never crossing
         q = q.clamp_min(0)
         y, w = b["target"], b["weight"][..., None]
@@ -182,12 +183,12 @@ def test_an_idle_users_small_positive_quantiles_snap_to_zero():
     fit_calibration(model, val_b, prior_points=1.0)  # the floor is off by default
     assert (model.cal_floor == 0).all()
     fit_calibration(model, val_b, prior_points=1.0, floor=True)  # each user on its own evidence
-    assert (model.cal_floor[k] > 0.03).all()
-    _, q = next(head_quantiles(model, val_b))
+    assert (model.cal_floor[k, 0] > 0.03).all()  # its idle regime: every one of its points (never active: no point in the other)
+    b, q = next(head_quantiles(model, val_b))
     busy = [i for i in range(dense.n_users) if i != k]
-    no_floor = apply_calibration(q, model.cal_shift, model.cal_spread, None, model.cal_widen)
-    assert (q[k] > 0).all() and (calibrated(model, q)[k] == 0).all()
-    moved = calibrated(model, q)[busy] != no_floor[busy].clamp_min(0)
+    no_floor = apply_regimes(q, regimes(b["last"]), model.cal_shift, model.cal_spread, None, model.cal_widen)
+    assert (q[k] > 0).all() and (calibrated(model, q, b["last"])[k] == 0).all()
+    moved = calibrated(model, q, b["last"])[busy] != no_floor[busy].clamp_min(0)
     # a busy user's forecasts are (almost) never below the floor; its 0/1 GPU demand's low quantiles
     # lie near 0, where the outward step of a level (cal_widen, fitted after the floor) can cross it
     assert moved.float().mean() < 0.02 and moved[..., 1:3, :].float().mean() < 0.01
@@ -227,7 +228,7 @@ def test_zero_mass_fit_counts_the_tails_zeros_per_bracket():
     assert torch.equal(model.cal_zero, fit.zero)
     zeros, points = torch.zeros(3, 6, 4, 8), torch.zeros(3, 6, 4, 8)
     for b, q in head_quantiles(model, val_b):
-        q = calibrated(model, q)
+        q = calibrated(model, q, b["last"])
         for u in range(3):
             for h in range(6):
                 for r in range(4):
@@ -238,8 +239,9 @@ def test_zero_mass_fit_counts_the_tails_zeros_per_bracket():
                         zeros[u, h, r, m] += float(y[i] <= 0)
     assert points[..., 1:7].sum() > 0 and zeros.sum() > 0  # brackets between the ends occur, and zeros
     torch.testing.assert_close(model.cal_zero, fit_zero_mass(zeros, points, 20.0))
-    p = zero_mass(calibrated(model, next(head_quantiles(model, val_b))[1]), model.cal_zero)
-    lo, hi = (torch.tensor(v)[zero_brackets(calibrated(model, next(head_quantiles(model, val_b))[1]))] for v in (P_ZERO_LOW, P_ZERO_HIGH))
+    b, q = next(head_quantiles(model, val_b))
+    p = zero_mass(calibrated(model, q, b["last"]), model.cal_zero)
+    lo, hi = (torch.tensor(v)[zero_brackets(calibrated(model, q, b["last"]))] for v in (P_ZERO_LOW, P_ZERO_HIGH))
     assert ((p >= lo - 1e-6) & (p <= hi + 1e-6)).all()
 
 
@@ -293,27 +295,126 @@ def test_widen_moves_levels_outwards_by_hand_and_the_identity_is_exact():
 
 
 def test_widen_fit_is_each_levels_best_grid_step_by_a_plain_sum():
-    """With no shrinkage (``prior_points=0``) each user's step per horizon, resource and level is the
-    grid value with the lowest plain Σ pinball over the scored tail (ties: no step); an idle user's 0
-    forecasts stay 0."""
+    """With no shrinkage (``prior_points=0``) each user's step per regime, horizon, resource and level
+    is the grid value with the lowest plain Σ pinball over the regime's scored tail origins (ties: no
+    step); an idle user's 0 forecasts stay 0."""
     dense, data, k, prior = idle_and_busy()
     model = StackedLSTM(dense.n_users, N_INPUTS, 8, prior=prior, seed=0)
     _, val_b = training_batches(data, CFG, pooled=False)
-    fit = fit_calibration(model, val_b, prior_points=0.0, floor=True)
+    fit = fit_calibration(model, val_b, prior_points=0.0, floor=True, block_points=100)  # blocks cut through users' tails
     assert torch.equal(model.cal_widen, fit.widen) and (model.cal_widen[..., 3] == 0).all()
     assert (model.cal_widen[k] == 0).all() and (model.cal_widen > 0).any()
     tau = torch.tensor([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95], dtype=torch.float64)
     sign = torch.sign(tau - 0.5)
     grid = torch.tensor(WIDEN_GRID, dtype=torch.float64)
-    loss = torch.zeros(len(grid), dense.n_users, 6, 4, 7, dtype=torch.float64)
+    loss = torch.zeros(len(grid), dense.n_users, 2, 6, 4, 7, dtype=torch.float64)  # per regime
     for b, q in head_quantiles(model, val_b):
-        qf = apply_calibration(q, model.cal_shift, model.cal_spread, model.cal_floor).double()
-        w = b["weight"].double()[..., None, None]  # [U, K, C, 6, 1, 1]
+        regime = regimes(b["last"])
+        qf = apply_regimes(q, regime, model.cal_shift, model.cal_spread, model.cal_floor).double()
         y = b["target"].double()[..., None]
-        for g, a in enumerate(grid):
-            u = y - (qf + a * sign).clamp_min(0)
-            loss[g] += (torch.maximum(tau * u, (tau - 1) * u) * w).sum((1, 2))
+        for r in range(2):
+            w = (b["weight"] * (regime == r)[..., None]).double()[..., None, None]  # [U, K, C, 6, 1, 1]
+            for g, a in enumerate(grid):
+                u = y - (qf + a * sign).clamp_min(0)
+                loss[g, :, r] += (torch.maximum(tau * u, (tau - 1) * u) * w).sum((1, 2))
     best = torch.where(loss.min(0).values < loss[0] * (1 - 1e-6), loss.argmin(0), 0)
     agree = grid.float()[best] == model.cal_widen
     assert agree.float().mean() >= 0.97  # float32 sums can flip a choice between two steps of (almost) equal loss
     assert fit.loss_after < fit.loss_before
+
+
+def test_each_origin_takes_its_regimes_parameters_by_its_last_requests():
+    q = torch.tensor([0.0, 0.1, 0.3, 1.0, 1.5, 2.0, 2.5]).expand(2, 3, 6, 4, 7).clone()  # [U, N, 6, 4, 7]
+    last = torch.zeros(2, 3, 4)
+    last[0, 1, 0] = 2.0  # user 0, origin 1: requests above 0 -> active
+    last[1, 2, 1] = 5.0  # user 1, origin 2: cpu but no requests -> idle
+    regime = regimes(last)
+    assert regime.tolist() == [[0, 1, 0], [0, 0, 0]]
+    shift, spread, floor, widen = torch.zeros(2, 2, 6, 4), torch.ones(2, 2, 6, 4, 7), torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 6, 4, 7)
+    widen[:, 1, ..., 6] = 0.5  # active: q95 up by 0.5
+    floor[:, 0] = 0.2  # idle: quantiles below 0.2 to 0
+    out = apply_regimes(q, regime, shift, spread, floor, widen)
+    torch.testing.assert_close(out[0, 1, 0, 0], torch.tensor([0.0, 0.1, 0.3, 1.0, 1.5, 2.0, 3.0]))
+    for u, n in ((0, 0), (0, 2), (1, 0), (1, 1), (1, 2)):
+        torch.testing.assert_close(out[u, n, 0, 0], torch.tensor([0.0, 0.0, 0.3, 1.0, 1.5, 2.0, 2.5]))
+
+
+def on_off_demand(days: float = 3.0, users: int = 3, seed: int = 0) -> pa.Table:
+    """Users idle (all demand 0) for about 4 hours at a time and active for about one; while active
+    their demand jumps around a level with a long upper tail, so the next bucket's spread differs by
+    far between an idle and an active origin (and idle origins are the most)."""
+    rng = np.random.default_rng(seed)
+    steps = int(days * 288)
+    ts = T0 + np.arange(steps) * BUCKET
+    cols: dict[str, list] = {k: [] for k in DEMAND.names}
+    for u in range(users):
+        on = np.zeros(steps, bool)
+        t, state = 0, False
+        while t < steps:
+            n = int(rng.geometric(1 / (12 if state else 48)))
+            on[t : t + n] = state
+            t, state = t + n, not state
+        level = 10.0 * (u + 1)
+        req = np.where(on, np.round(level * rng.lognormal(0.0, 1.0, steps)), 0.0)
+        cols["user_id"] += [f"u{u}"] * steps
+        cols["ts"] += list(ts)
+        cols["requests"] += req.astype(int).tolist()
+        cols["cpu_cores"] += list(req / 4)
+        cols["memory_gb"] += list(req / 2)
+        cols["gpus"] += [0.0] * steps
+    return pa.table(cols, schema=DEMAND)
+
+
+def test_each_regime_is_fitted_on_its_own_origins_and_beats_one_fit_for_both(monkeypatch):
+    """Idle and active origins want different recalibrations: fitted per regime, the pinball loss
+    on unseen origins is lower than with one fit for both (regimes() forced to one regime), and the
+    active origins' q90 is exceeded closer to 10 % of the time."""
+    dense = dense_demand(on_off_demand(), T0, T0 + timedelta(days=3))
+    data = prepare_data(dense, CFG)
+    model = StackedLSTM(dense.n_users, N_INPUTS, 8, prior=data.prior, seed=0)
+    _, val_b = training_batches(data, CFG, pooled=False)
+    other = ChunkBatches(data.features, data.scaled, data.first_active, origin_lo=288, origin_hi=data.train_end - 7,
+                         target_end=data.train_end, chunk_steps=96, segment_steps=48, burn_in=12)
+
+    def score() -> tuple[float, float]:
+        """(mean pinball, share of active scored points above q90) on ``other``."""
+        tau = torch.tensor([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95])
+        loss = count = above = active = 0.0
+        for b, q in head_quantiles(model, other):
+            q = calibrated(model, q, b["last"]).clamp_min(0)
+            y, w = b["target"], b["weight"][..., None]
+            u = y[..., None] - q
+            loss += (torch.maximum(tau * u, (tau - 1) * u).mean(-1) * w).sum().item()
+            count += w.expand_as(y).sum().item()
+            on = (w * (b["last"][..., None, :1] > 0)).expand_as(y)[..., :3]  # requests, cpu, memory
+            above += ((y[..., :3] > q[..., :3, 5]) * on).sum().item()
+            active += on.sum().item()
+        return loss / count, above / active
+
+    fit_calibration(model, val_b, prior_points=20.0, floor=True)
+    split_loss, split_above = score()
+    assert not torch.equal(model.cal_spread[:, 0], model.cal_spread[:, 1])  # the regimes were fitted apart
+    with monkeypatch.context() as m:
+        m.setattr(calibration, "regimes", lambda last: torch.zeros(last.shape[:-1], dtype=torch.long))
+        fit_calibration(model, val_b, prior_points=20.0, floor=True)
+        one_loss, one_above = score()
+    assert split_loss < 0.98 * one_loss
+    assert abs(split_above - 0.1) < abs(one_above - 0.1)
+
+
+def test_a_version_saved_before_the_regimes_loads_with_one_fit_for_both():
+    model = StackedLSTM(3, N_INPUTS, 8, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for name in ("cal_shift", "cal_spread", "cal_floor", "cal_widen"):
+        getattr(model, name).copy_(torch.rand(getattr(model, name).shape, generator=gen))
+    old = {k: (v[:, 0] if k in ("cal_shift", "cal_spread", "cal_floor", "cal_widen") else v) for k, v in model.get_all().items()}
+    loaded = StackedLSTM.from_weights(old)
+    for name in ("cal_shift", "cal_spread", "cal_floor", "cal_widen"):
+        assert getattr(loaded, name).shape == getattr(model, name).shape
+        assert torch.equal(getattr(loaded, name)[:, 0], old[name]) and torch.equal(getattr(loaded, name)[:, 1], old[name])
+    row = {k: v[1] for k, v in old.items()}  # one user's export of that time
+    fresh = StackedLSTM(3, N_INPUTS, 8, seed=1)
+    fresh.set_user(2, row)
+    assert torch.equal(fresh.cal_widen[2, 1], old["cal_widen"][1]) and torch.equal(fresh.cal_shift[2, 0], old["cal_shift"][1])
+    with pytest.raises(ValueError, match="cal_spread"):
+        fresh.set_user(0, row | {"cal_spread": torch.ones(5, 4, 7)})
