@@ -204,11 +204,17 @@ def _window_test(model: WindowLSTM, hold: ChunkBatches, u: int) -> np.ndarray:
     return (sums / (7.0 * max(count, 1.0))).numpy()
 
 
+def _kernel_batch(data: TrainingData, config: TrainConfig) -> dict:
+    """One training segment as training runs it: the second of a chunk (no warm-up steps) where
+    chunks have several."""
+    return training_batches(data, config, pooled=False)[0][1 if config.segment_steps < config.chunk_steps else 0]
+
+
 def _kernel_us(models, data: TrainingData, config: TrainConfig, reps: int = 5) -> float:
     """Forward + backward of one training segment of every user, as training runs it (in blocks
     of ``config.train_block_users`` users), microseconds per user-step."""
     model = models.model
-    batch = training_batches(data, config, pooled=False)[0][1 if config.segment_steps < config.chunk_steps else 0]
+    batch = _kernel_batch(data, config)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
@@ -226,7 +232,7 @@ def _kernel_flops(models, data: TrainingData, config: TrainConfig) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = models.model
-    batch = training_batches(data, config, pooled=False)[0][1 if config.segment_steps < config.chunk_steps else 0]
+    batch = _kernel_batch(data, config)
     with FlopCounterMode(display=False) as counter:
         train_backward(model, batch, None, config.train_block_users, lambda loss: loss.backward())
     model.zero_grad()
