@@ -64,7 +64,7 @@ shards, ``predict``); a version saved before the regimes loads with its one fit 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -228,17 +228,19 @@ def _masked(q: Tensor, y: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     return q * keep[..., None, None], y * keep[..., None]
 
 
-def _pinball_sums(pred: Tensor, y: Tensor, tau: Tensor, consume: bool = False) -> Tensor:
+def _pinball_sums(pred: Tensor, y: Tensor, tau: Tensor, consume: bool = False,
+                  total: Callable[[Tensor], Tensor] = lambda v: v.sum(1)) -> Tensor:
     """Σ over origins of ``pinball_tau(y, max(pred, 0))``: ``pred`` ``[U, N, 6, 4, L]``, ``y``
     ``[U, N, 6, 4]`` (>= 0; unscored points masked to 0 by :func:`_masked`), ``tau`` ``[L]`` ->
     ``[U, 6, 4, L]`` (float64). ``consume``: ``pred`` is a temporary the function may overwrite.
+    ``total``: the sum over origins (default over axis 1; :meth:`_Points.sums` for flattened points).
 
     For ``y >= 0``: ``pinball_tau(y − max(p, 0)) = max(p, y) − τ·max(p, 0) − (1 − τ)·y``, so the
     sum takes two float32 sums over the origins (torch sums in cascades, not one running
     total), combined in float64: two passes over ``pred`` fewer than the textbook form."""
-    top = torch.maximum(pred, y[..., None]).sum(1).double()
-    positive = (pred.clamp_min_(0) if consume else pred.clamp_min(0)).sum(1).double()
-    return top - tau.double() * positive - (1 - tau.double()) * y.sum(1).double()[..., None]
+    top = total(torch.maximum(pred, y[..., None])).double()
+    positive = total(pred.clamp_min_(0) if consume else pred.clamp_min(0)).double()
+    return top - tau.double() * positive - (1 - tau.double()) * total(y).double()[..., None]
 
 
 def _choose(sums: Tensor, count: Tensor, identity: int, prior_points: float) -> Tensor:
@@ -281,6 +283,7 @@ class _Points:
     def __init__(self, user: Tensor) -> None:
         self.user = user
         self.lo, self.hi = int(user[0]), int(user[-1]) + 1
+        self.rows = slice(self.lo, self.hi)
         self.local = user - self.lo
 
     def sums(self, values: Tensor) -> Tensor:
@@ -292,12 +295,10 @@ class _Points:
             return values.sum(0, keepdim=True)
         return values.new_zeros(self.hi - self.lo, *values.shape[1:]).index_add_(0, self.local, values)
 
-    def pinball(self, pred: Tensor, y: Tensor, y_sum: Tensor, tau: Tensor) -> Tensor:
+    def pinball(self, pred: Tensor, y: Tensor, tau: Tensor) -> Tensor:
         """:func:`_pinball_sums` per user of the block: ``pred`` ``[P, 6, 4, L]`` (overwritten),
-        ``y`` ``[P, 6, 4]``, ``y_sum`` its :meth:`sums` -> ``[hi - lo, 6, 4, L]`` float64."""
-        top = self.sums(torch.maximum(pred, y[..., None])).double()
-        positive = self.sums(pred.clamp_min_(0)).double()
-        return top - tau.double() * positive - (1 - tau.double()) * y_sum.double()[..., None]
+        ``y`` ``[P, 6, 4]`` -> ``[hi - lo, 6, 4, L]`` float64."""
+        return _pinball_sums(pred, y, tau, consume=True, total=self.sums)
 
 
 def _fit_regime(q: Tensor, y: Tensor, w: Tensor, prior_points: float, block_points: int,
@@ -314,7 +315,6 @@ def _fit_regime(q: Tensor, y: Tensor, w: Tensor, prior_points: float, block_poin
     q, y = _masked(q[taken], y[taken], w[taken])  # [P, 6, 4, 7], [P, 6, 4]; unscored horizons 0
     keep = w[taken][..., None, None]  # [P, 6, 1, 1]
     blocks = [(slice(a, a + block_points), _Points(user[a : a + block_points])) for a in range(0, len(user), block_points)]
-    y_sums = [pts.sums(y[sl]) for sl, pts in blocks]
     tau = torch.tensor(QUANTILES, dtype=q.dtype)
     shifts = torch.tensor(SHIFT_GRID, dtype=q.dtype)
     spreads = torch.tensor(SPREAD_GRID, dtype=q.dtype)
@@ -322,37 +322,36 @@ def _fit_regime(q: Tensor, y: Tensor, w: Tensor, prior_points: float, block_poin
     # loss sums per grid value: [G, U, 6, 4] (median shift, floor) and [G, U, 6, 4, 6] (spread of each other level)
     shift_sums = torch.zeros(len(shifts), n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
     spread_sums = torch.zeros(len(spreads), n_users, N_HORIZONS, N_RESOURCES, len(levels), dtype=torch.float64)
-    for (sl, pts), ys in zip(blocks, y_sums):
-        qb, yb, rows = q[sl], y[sl], slice(pts.lo, pts.hi)
+    for sl, pts in blocks:
+        qb, yb = q[sl], y[sl]
         iqr, mid = qb[..., Q75] - qb[..., Q25], qb[..., MID]
         for g, c in enumerate(shifts):
-            shift_sums[g, rows] += pts.pinball(torch.add(mid, iqr, alpha=float(c))[..., None], yb, ys, tau[MID : MID + 1])[..., 0]
+            shift_sums[g, pts.rows] += pts.pinball(torch.add(mid, iqr, alpha=float(c))[..., None], yb, tau[MID : MID + 1])[..., 0]
     shift = shifts[_choose(shift_sums, count, SHIFT_GRID.index(0.0), prior_points)]
-    for (sl, pts), ys in zip(blocks, y_sums):
-        qb, yb, rows = q[sl], y[sl], slice(pts.lo, pts.hi)
+    for sl, pts in blocks:
+        qb, yb = q[sl], y[sl]
         mid = qb[..., MID : MID + 1]
         new_mid = mid + shift[pts.user][..., None] * (qb[..., Q75 : Q75 + 1] - qb[..., Q25 : Q25 + 1])
         dist = qb[..., levels] - mid
         for g, s in enumerate(spreads):
-            spread_sums[g, rows] += pts.pinball(torch.add(new_mid, dist, alpha=float(s)), yb, ys, tau[levels])
+            spread_sums[g, pts.rows] += pts.pinball(torch.add(new_mid, dist, alpha=float(s)), yb, tau[levels])
     spread_idx = _choose(spread_sums, count[..., None], SPREAD_GRID.index(1.0), prior_points)
     spread = torch.ones(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES)
     spread[..., levels] = spreads[spread_idx]
     floors = torch.tensor(FLOOR_GRID if fit_floor else (0.0,), dtype=q.dtype)
     floor_sums = torch.zeros(len(floors), n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
-    for (sl, pts), ys in zip(blocks, y_sums):
+    for sl, pts in blocks:
         qc = apply_calibration(q[sl, None], shift[pts.user], spread[pts.user])[:, 0]  # each point its user's parameters
         for g, f in enumerate(floors):
-            floor_sums[g, slice(pts.lo, pts.hi)] += pts.pinball(torch.where(qc < f, 0.0, qc), y[sl], ys, tau).sum(-1)
+            floor_sums[g, pts.rows] += pts.pinball(torch.where(qc < f, 0.0, qc), y[sl], tau).sum(-1)
     floor = floors[_choose(floor_sums, count, 0, prior_points)]
     widens = torch.tensor(WIDEN_GRID, dtype=q.dtype)
     outwards = _outwards(q)[levels]
     widen_sums = torch.zeros(len(widens), n_users, N_HORIZONS, N_RESOURCES, len(levels), dtype=torch.float64)
-    for (sl, pts), ys in zip(blocks, y_sums):
+    for sl, pts in blocks:
         qc = apply_calibration(q[sl, None], shift[pts.user], spread[pts.user], floor[pts.user])[:, 0, ..., levels]
         for g, a in enumerate(widens):  # an unscored horizon's upper levels would move off 0: kept at 0
-            widen_sums[g, slice(pts.lo, pts.hi)] += pts.pinball(torch.add(qc, outwards, alpha=float(a)).mul_(keep[sl]), y[sl], ys,
-                                                                tau[levels])
+            widen_sums[g, pts.rows] += pts.pinball(torch.add(qc, outwards, alpha=float(a)).mul_(keep[sl]), y[sl], tau[levels])
     widen = torch.zeros(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES)
     widen[..., levels] = widens[_choose(widen_sums, count[..., None], 0, prior_points)]
     return shift, spread, floor, widen
