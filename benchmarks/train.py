@@ -24,7 +24,10 @@ Targets on the 2-core CPU: speed-up >= 100x at equal or better loss; <= 3 us per
 (counted by torch as they run) over this machine's float32 matrix-product rate (a 2048² product,
 measured in the same run): the time per user-step below which no trainer of this model can go
 here, and ``speedup_bound_at_peak``, each loop's time over the stacked run's user-steps at that
-floor: the largest speed-up over that loop the machine allows.
+floor: the largest speed-up over that loop the machine allows. The same in bfloat16
+(``*_bf16``, ``speedup_bound_at_bf16_peak``): a CPU with AMX multiplies large bf16 matrices
+several times faster; ``kernel_us_per_user_step_bf16`` times the same segment with the model
+and inputs cast to bf16, which shows whether these per-user products get that rate.
 The machine's 1-minute load average is in the output: timings on a shared 2-core VM vary by
 several times with other processes' load.
 
@@ -35,6 +38,7 @@ several times with other processes' load.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -210,11 +214,15 @@ def _kernel_batch(data: TrainingData, config: TrainConfig) -> dict:
     return training_batches(data, config, pooled=False)[0][1 if config.segment_steps < config.chunk_steps else 0]
 
 
-def _kernel_us(models, data: TrainingData, config: TrainConfig, reps: int = 5) -> float:
+def _kernel_us(models, data: TrainingData, config: TrainConfig, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """Forward + backward of one training segment of every user, as training runs it (in blocks
-    of ``config.train_block_users`` users), microseconds per user-step."""
+    of ``config.train_block_users`` users), microseconds per user-step. ``dtype``: the parameters
+    and the segment's inputs cast to it (a copy of the model: training itself runs in float32)."""
     model = models.model
     batch = _kernel_batch(data, config)
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).to(dtype)
+        batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
@@ -239,10 +247,10 @@ def _kernel_flops(models, data: TrainingData, config: TrainConfig) -> float:
     return counter.get_total_flops() / (model.n_users * batch["last"].shape[1] * batch["last"].shape[2])
 
 
-def _peak_gflops(size: int = 2048, reps: int = 5) -> float:
-    """This machine's float32 matrix-product rate (GFLOP/s, best of ``reps``) on a large square
+def _peak_gflops(size: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matrix-product rate in ``dtype`` (GFLOP/s, best of ``reps``) on a large square
     product at torch's current thread count: the fastest any of the products above can run."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -296,8 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
     own = np.flatnonzero(~models.uses_global)  # users with their own model, spread over the population
     eligible = own[np.unique(np.linspace(0, len(own) - 1, min(args.loop_users, len(own))).round().astype(int))].tolist()
     kernel = _kernel_us(models, data, config)
-    flops, peak = _kernel_flops(models, data, config), _peak_gflops()
+    kernel_bf16 = _kernel_us(models, data, config, dtype=torch.bfloat16)
+    flops, peak, peak_bf16 = _kernel_flops(models, data, config), _peak_gflops(), _peak_gflops(dtype=torch.bfloat16)
     floor_us = flops / (peak * 1e3)  # us per user-step if every product ran at the peak rate and nothing else took time
+    floor_bf16_us = flops / (peak_bf16 * 1e3)
     loops = {}
     for style in ("chunks", "windows"):
         loop_s, loop_models, loop_epochs = _run_loop(data, config, eligible, style)
@@ -313,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
                         # the most any trainer of this model could reach over this loop here: the
                         # stacked run's user-steps at the compute floor
                         "speedup_bound_at_peak": round(per_user * n_users / (floor_us * 1e-6 * stacked_steps), 1),
+                        "speedup_bound_at_bf16_peak": round(per_user * n_users / (floor_bf16_us * 1e-6 * stacked_steps), 1),
                         "heldout_pinball_scaled": round(_scaled_mean(test, scale[eligible]), 4)}
     stacked_loop_users = _scaled_mean(lstm_test[eligible], scale[eligible])
     out = {
@@ -323,7 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "epochs_run": list(models.epochs_run), "us_per_user_step": round(stacked_s / stacked_steps * 1e6, 3),
                     "kernel_us_per_user_step": round(kernel, 3)},
         "compute_floor": {"matmul_flops_per_user_step": round(flops), "peak_matmul_gflops": round(peak, 1),
-                          "floor_us_per_user_step": round(floor_us, 3), "kernel_share_of_peak": round(floor_us / kernel, 3)},
+                          "floor_us_per_user_step": round(floor_us, 3), "kernel_share_of_peak": round(floor_us / kernel, 3),
+                          "peak_matmul_gflops_bf16": round(peak_bf16, 1), "floor_us_per_user_step_bf16": round(floor_bf16_us, 3),
+                          "kernel_us_per_user_step_bf16": round(kernel_bf16, 3)},
         "loop_chunks": loops["chunks"], "loop_windows": loops["windows"],
         "heldout_pinball_scaled": {"stacked_all_users": round(_scaled_mean(lstm_test, scale), 4),
                                    "last_value_all_users": round(_scaled_mean(last_test, scale), 4),

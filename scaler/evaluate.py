@@ -22,7 +22,10 @@ Pure computation on a :class:`~scaler.simulate.SystemTrace`; rendering lives in
    Before that, each policy's curve is refined near ``H`` (:func:`refine_at_cost`): up to two more
    settings at the knob interpolated to ``H``, until a point lies within 1 % of ``H``, so the
    interpolation spans a short chord instead of the grid's (on the 7-point grid alone the naive
-   heuristic's ratio on the Azure sample read 0.949; refined, 1.347).
+   heuristic's ratio on the Azure sample read 0.949; refined, 1.347). The same refinement runs
+   near reactive's cost at each other utilisation the report reads ratios at (``also_at``): refined
+   only near ``H``, a chord from 43.5 to 57.8 instance-hours read the per-user LSTM policy's cold
+   demand at reactive-80 % 18 % above the curve's next point on the Azure sample.
 4. **At the reference cost** each policy is replayed once more at the knob interpolated (linearly
    in cost) to ``H``, for the pool-size plots.
 5. **Where the cold demand is** (:func:`where_cold`, ``summary.json`` key ``episodes``). Each
@@ -361,7 +364,7 @@ class Evaluation:
                           "cold_core_seconds": r(self.reference.cold_core_seconds, 3),
                           "cold_requests": r(self.reference.cold_requests, 3)},
             "interpolation": ("each policy's curve is refined with up to two more settings at the knob interpolated "
-                              "to the reference cost; its cold demand is then interpolated linearly in equivalent "
+                              "to the reference cost, and as many at each cost of also_at; its cold demand is then interpolated linearly in equivalent "
                               "instance-hours between the two settings around the reference cost (no extrapolation: "
                               "null outside the curve); ratio = that value / the reference's (or the naive "
                               "heuristic's interpolated value)"),
@@ -417,8 +420,9 @@ def evaluate(trace: SystemTrace, fleet: FleetModel, *, policies: Sequence[str] =
              also_utilisations: Sequence[float] = (0.8, 0.9), eval_start: int | None = None,
              forecast_note: str = "", forecasters: dict[str, str] | None = None,
              progress: Callable[[str], None] | None = None, refine_steps: int = REFINE_STEPS) -> Evaluation:
-    """Sweep every policy, refine each curve near the reference cost (:func:`refine_at_cost`,
-    ``refine_steps`` replays at most; 0: the grid alone), compare at the reference cost, replay each
+    """Sweep every policy, refine each curve near the reference cost and near reactive's cost at each
+    of ``also_utilisations`` (:func:`refine_at_cost`, ``refine_steps`` replays at most per cost; 0:
+    the grid alone), compare at the reference cost (and at the others: ``also``), replay each
     at that cost (module doc)."""
     specs = specs or POLICY_SPECS
     unknown = [p for p in policies if p not in specs]
@@ -440,7 +444,8 @@ def evaluate(trace: SystemTrace, fleet: FleetModel, *, policies: Sequence[str] =
                                               for v in grid])
     by_u = {m.knob_value: m for m in evals[REFERENCE_POLICY].curve}
     ref = by_u[reference_utilisation]
-    if refine_steps > 0:
+    if refine_steps > 0:  # near every cost a ratio is read at: the reference's and the other utilisations'
+        costs = [by_u[u].equivalent_instance_hours for u in (reference_utilisation, *also_utilisations)]
         for name, pe in evals.items():
             if name == REFERENCE_POLICY:
                 continue
@@ -448,10 +453,10 @@ def evaluate(trace: SystemTrace, fleet: FleetModel, *, policies: Sequence[str] =
             def one(knob: float, _spec=pe.spec) -> SimMetrics:
                 return simulate(trace, _spec.make(knob), fleet, eval_start=eval_start).metrics
 
-            added = refine_at_cost(pe.curve, ref.equivalent_instance_hours, one, refine_steps)
+            added = sum(refine_at_cost(pe.curve, hours, one, refine_steps) for hours in costs)
             pe.curve.sort(key=lambda m: m.knob_value)
             if progress and added:
-                progress(f"{name}: {added} more setting(s) near the reference cost")
+                progress(f"{name}: {added} more setting(s) near the reference costs")
     for name, r in _ratios(evals, ref).items():
         pe = evals[name]
         pe.cold_core_seconds_at_cost, pe.cold_requests_at_cost = r["cold_core_seconds"], r["cold_requests"]
