@@ -508,6 +508,11 @@ def largest_earlier_rise(cores: np.ndarray, lo: int, width: int, look: int) -> t
     return int(starts[k]), float(peak[k] - level[k]), float(peak[k] / level[k]) if level[k] > 0 else float("nan")
 
 
+#: An episode of the reference starting within the boot time + this of the scored period's start is
+#: flagged (``at_scored_start``): capacity there was decided before any scored forecast could act.
+SCORED_START_MARGIN_S = 300.0
+
+
 def where_cold(trace: SystemTrace, fleet: FleetModel, eval_start: int, results: dict[str, SimResult | None], *,
                reference: str = REFERENCE_POLICY, gap_s: float = EPISODE_GAP_S, lookback_s: float = EPISODE_LOOKBACK_S,
                top: int = EPISODE_TOP) -> dict:
@@ -571,7 +576,13 @@ def where_cold(trace: SystemTrace, fleet: FleetModel, eval_start: int, results: 
         "gap_s": gap_steps * dt, "lookback_s": look * dt, "reference": reference,
         "excluded_window": None if window is None else {
             "policy": reference, "start": when(window[0]), "end": when(window[1]), "start_step": window[0],
-            "end_step": window[1], "duration_s": (window[1] - window[0]) * dt, **earlier},
+            "end_step": window[1], "duration_s": (window[1] - window[0]) * dt,
+            "after_scored_start_s": (window[0] - eval_start) * dt,
+            "at_scored_start": (window[0] - eval_start) * dt < fleet.shape.boot_s + SCORED_START_MARGIN_S, **earlier},
+        "scored_start_note": (f"at_scored_start: the episode starts less than the boot time + {SCORED_START_MARGIN_S:g} s "
+                              "after the scored period does, so every policy meets it with the capacity its warm-up "
+                              "left (the LSTM policies: no forecast before the scored period, only the safety net): "
+                              "the ratios there say more about that state than about forecasting"),
         "earlier_rise_note": ("rise = peak − level before, by the episodes' measure (peak over as many steps as the episode "
                               "lasts, level = mean of the lookback before); largest_earlier_rise: the largest one whose "
                               "steps all lie before the excluded episode: whether the trace had shown such a rise before"),

@@ -331,6 +331,12 @@ def episode_tables(ev: Evaluation) -> tuple[list[str], list[list[str]], list[lis
                     f"min: {_pct(e['share'])} of its cold core-seconds ({e['cold_core_hours']:,.2f} of "
                     f"{ref['cold_core_seconds'] / 3600:,.2f} core-h) in one of {ref['episodes']} episodes; demand went "
                     f"{e['level_before_cores']:,.1f} → {e['peak_cores']:,.1f} cores (×{_fmt(e['jump'], '{:.2f}')}).")
+        if win.get("at_scored_start"):
+            lstm = (" (the LSTM policies: no forecast before the scored period, only the safety net)"
+                    if any(n.startswith("warmcast_lstm") for n in pols) else "")
+            lead.append(f"**It starts {win['after_scored_start_s'] / 60:,.0f} min after the scored period does**: every "
+                        f"policy meets it with the capacity its warm-up left{lstm}, so the ratios, which it dominates, "
+                        f"say more about that state than about forecasting.")
         prior = win.get("largest_earlier_rise")
         if prior:
             lead.append(f"The largest rise before it in the trace, by the same measure: {prior['rise_cores']:+,.1f} cores "

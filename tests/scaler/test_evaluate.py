@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -185,6 +186,19 @@ def test_where_cold_on_a_hand_computed_trace():
     b = r["top_episodes"][1]
     assert (b["start_step"], b["duration_s"], b["share"], b["jump"]) == (50, 60.0, 0.2, 2.0)
     assert ep["excluded_window"]["start_step"] == 20 and ep["excluded_window"]["end_step"] == 23
+    # A starts 10 min after the scored period (from step 10): not within boot (300 s) + 300 s of its start,
+    # so not flagged; scored from step 16 it starts 4 min in: flagged
+    assert ep["excluded_window"]["after_scored_start_s"] == 600.0 and ep["excluded_window"]["at_scored_start"] is False
+    late = where_cold(trace, fleet, 16, res)
+    w = late["excluded_window"]
+    assert w["start_step"] == 20 and w["after_scored_start_s"] == 240.0 and w["at_scored_start"] is True
+    # the report says so in its lead (and only then)
+    from scaler.report import episode_tables
+
+    def lead(episodes):
+        return " ".join(episode_tables(SimpleNamespace(episodes=episodes))[0])
+    assert "starts 4 min after the scored period does" in lead(late) and "LSTM" not in lead(late)
+    assert "after the scored period does" not in lead(ep)
     # A's rise (30 - 10) against the largest before it: 3-step windows starting at 15..17 (the 15-step
     # lookback must fit), flat at 10 under a level that still holds step 2's 30: -4/3 from step 15
     assert ep["excluded_window"]["episode_rise_cores"] == 20.0
