@@ -364,7 +364,8 @@ class Evaluation:
                           "cold_core_seconds": r(self.reference.cold_core_seconds, 3),
                           "cold_requests": r(self.reference.cold_requests, 3)},
             "interpolation": ("each policy's curve is refined with up to two more settings at the knob interpolated "
-                              "to the reference cost, and as many at each cost of also_at; its cold demand is then interpolated linearly in equivalent "
+                              "to the reference cost, and as many at each cost of also_at; its cold demand is then "
+                              "interpolated linearly in equivalent "
                               "instance-hours between the two settings around the reference cost (no extrapolation: "
                               "null outside the curve); ratio = that value / the reference's (or the naive "
                               "heuristic's interpolated value)"),
@@ -518,7 +519,9 @@ def where_cold(trace: SystemTrace, fleet: FleetModel, eval_start: int, results: 
                top: int = EPISODE_TOP) -> dict:
     """Where each replay's cold demand falls (module doc, point 5): its episodes, the largest one's
     share, the top ``top`` episodes, the cold demand outside ``reference``'s largest episode as a
-    ratio to ``reference``'s (a robustness figure), and the booting / never-asked-for split.
+    ratio to ``reference``'s (a robustness figure), and the booting / never-asked-for split; that
+    episode is flagged ``at_scored_start`` when it begins within the boot time +
+    :data:`SCORED_START_MARGIN_S` of ``eval_start``.
     Plain JSON types; None where a ratio's denominator is 0 or no episode exists."""
     dt = trace.step_s
     gap_steps = max(1, math.ceil(gap_s / dt - 1e-9))
