@@ -15,7 +15,9 @@ stopping on the same held-out tail; the last day is a test day neither model see
 
 Prints one JSON line: microseconds per user-step (one user x one training origin x one epoch,
 forward + backward; ``us_per_user_step`` is the whole ``train()`` wall time over all its
-epochs, the global model's counted on the users it trains on (at most ``global_max_users``),
+epochs, the global model's counted on the users it trains on (at most ``global_max_users``;
+``us_per_trained_user_step``: over the user-steps actually run, the per-user stage skipping the
+users early stopping froze, as each loop stops its own user),
 ``kernel_us_per_user_step`` one training segment's forward + backward alone), users/s,
 each loop's extrapolated time and speed-up, and the held-out (test-day) pinball loss of every
 model and of the last-value baseline (mean over users of Σ_resources pinball / user scale).
@@ -23,7 +25,7 @@ Targets on the 2-core CPU: speed-up >= 100x at equal or better loss; <= 3 us per
 ``compute_floor``: the matrix products' floating-point operations per user-step of that segment
 (counted by torch as they run) over this machine's float32 matrix-product rate (a 2048² product,
 measured in the same run): the time per user-step below which no trainer of this model can go
-here, and ``speedup_bound_at_peak``, each loop's time over the stacked run's user-steps at that
+here, and ``speedup_bound_at_peak``, each loop's time over the user-steps the stacked run ran, at that
 floor: the largest speed-up over that loop the machine allows. The same in bfloat16
 (``*_bf16``, ``speedup_bound_at_bf16_peak``): a CPU with AMX multiplies large bf16 matrices
 several times faster; ``kernel_us_per_user_step_bf16`` times the same segment with the model
@@ -295,6 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_users = len(models.user_ids)
     global_users = len(global_sample(n_users, config))  # the global model trains on a sample of at most global_max_users
     stacked_steps = origins * (global_users * models.epochs_run[0] + n_users * models.epochs_run[1])
+    # the user-steps actually run: the per-user stage skips users early stopping froze (as the loops do)
+    trained_steps = origins * (global_users * models.epochs_run[0] + models.user_epochs_run)
 
     hold = holdout_batches(models, demand, test_start, test_end)
     scale = models.model.scale.numpy()
@@ -321,9 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "us_per_user_step": round(loop_s / max(origins * loop_epochs, 1) * 1e6, 2),
                         "speedup_stacked": round(per_user * n_users / stacked_s, 1),
                         # the most any trainer of this model could reach over this loop here: the
-                        # stacked run's user-steps at the compute floor
-                        "speedup_bound_at_peak": round(per_user * n_users / (floor_us * 1e-6 * stacked_steps), 1),
-                        "speedup_bound_at_bf16_peak": round(per_user * n_users / (floor_bf16_us * 1e-6 * stacked_steps), 1),
+                        # user-steps the stacked run ran, at the compute floor
+                        "speedup_bound_at_peak": round(per_user * n_users / (floor_us * 1e-6 * trained_steps), 1),
+                        "speedup_bound_at_bf16_peak": round(per_user * n_users / (floor_bf16_us * 1e-6 * trained_steps), 1),
                         "heldout_pinball_scaled": round(_scaled_mean(test, scale[eligible]), 4)}
     stacked_loop_users = _scaled_mean(lstm_test[eligible], scale[eligible])
     out = {
@@ -332,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "global_epochs": args.global_epochs, "hidden": args.hidden, "loop_users_timed": len(eligible)},
         "stacked": {"train_s": round(stacked_s, 2), "users_per_s": round(n_users / stacked_s, 1),
                     "epochs_run": list(models.epochs_run), "us_per_user_step": round(stacked_s / stacked_steps * 1e6, 3),
+                    "per_user_stage_user_epochs": models.user_epochs_run,
+                    "us_per_trained_user_step": round(stacked_s / trained_steps * 1e6, 3),
                     "kernel_us_per_user_step": round(kernel, 3)},
         "compute_floor": {"matmul_flops_per_user_step": round(flops), "peak_matmul_gflops": round(peak, 1),
                           "floor_us_per_user_step": round(floor_us, 3), "kernel_share_of_peak": round(floor_us / kernel, 3),

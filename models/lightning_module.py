@@ -38,7 +38,7 @@ def per_user_loss(model: StackedLSTM, batch: dict, state: State | None) -> tuple
 
 
 def train_backward(model: StackedLSTM, batch: dict, state: State | None, block_users: int | None,
-                   backward: Callable[[Tensor], None]) -> tuple[Tensor, State]:
+                   backward: Callable[[Tensor], None], users: Tensor | None = None) -> tuple[Tensor, State]:
     """Forward and backward pass of one training item (:class:`~models.features.ChunkBatches`),
     ``block_users`` users at a time (None: all at once): each block's loss (Σ over its users of
     the per-user mean pinball loss) is passed to ``backward`` as soon as it is formed, so only
@@ -46,23 +46,31 @@ def train_backward(model: StackedLSTM, batch: dict, state: State | None, block_u
     gradients are those of the whole batch at once (up to float summation order); a block runs
     on leaf views of its rows of the parameters, whose gradients are then added into the
     parameters' own (autograd through a slice would add a zero tensor of every user per block).
-    Returns the loss summed over users (detached) and the LSTM state to carry to the next item."""
+
+    ``users``: the rows to run (ascending indices, e.g. the users early stopping has not frozen);
+    None: all. The others cost nothing: their gradient rows are 0 and their state rows are carried
+    over unchanged (zeros after a reset). Returns the loss summed over the users run (detached) and
+    the LSTM state ``[U, C, H]`` to carry to the next item."""
     state = None if batch["reset"] else state
     n = model.n_users
-    size = n if not block_users or block_users >= n else block_users
+    if users is not None and len(users) == n:
+        users = None  # every row: the slices below, no gathering
+    m = n if users is None else len(users)
+    size = m if not block_users or block_users >= m else block_users
     params = dict(model.named_parameters())
-    fresh = set()  # parameters whose gradient the blocks write (every row once) rather than add to
+    fresh = set()  # parameters whose gradient the blocks write (every row run once) rather than add to
     if size < n:
         for k, p in params.items():
             if p.requires_grad and p.grad is None:
-                p.grad = torch.empty_like(p)
+                p.grad = torch.empty_like(p) if users is None else torch.zeros_like(p)
                 fresh.add(k)
     total, hs, cs = None, [], []
-    for lo in range(0, n, size):
-        rows = slice(lo, lo + size)
-        part = {k: batch[k][rows] for k in ("x", "last", "target", "weight")}
-        start = None if state is None else (state[0][rows], state[1][rows])
-        block = None if size == n else {k: p.detach()[rows].requires_grad_(p.requires_grad) for k, p in params.items()}
+    for lo in range(0, m, max(size, 1)):
+        rows = slice(lo, lo + size) if users is None else users[lo : lo + size]
+        take = (lambda t: t[rows]) if users is None else (lambda t: t.index_select(0, rows))  # noqa: E731
+        part = {k: take(batch[k]) for k in ("x", "last", "target", "weight")}
+        start = None if state is None else (take(state[0]), take(state[1]))
+        block = None if size == n else {k: take(p.detach()).requires_grad_(p.requires_grad) for k, p in params.items()}
         sums, (h, c) = model.pinball_sums(part["x"], part["last"], part["target"], part["weight"], batch["burn_in"], start, block)
         count = part["weight"].sum(dim=(1, 2, 3))
         loss = (sums.sum(1) / (count.clamp_min(1) * sums.new_tensor(7.0))).sum()
@@ -81,15 +89,29 @@ def train_backward(model: StackedLSTM, batch: dict, state: State | None, block_u
         total = loss.detach() if total is None else total + loss.detach()
         hs.append(h)
         cs.append(c)
-    return total, ((hs[0], cs[0]) if len(hs) == 1 else (torch.cat(hs), torch.cat(cs)))
+    if not hs:  # no user to run
+        zero = batch["x"].new_zeros(())
+        return zero, (state if state is not None else (_zero_state(model, batch), _zero_state(model, batch)))
+    h, c = (hs[0], cs[0]) if len(hs) == 1 else (torch.cat(hs), torch.cat(cs))
+    if users is not None:  # the rows not run keep their state
+        full = (state[0].clone(), state[1].clone()) if state is not None else (_zero_state(model, batch), _zero_state(model, batch))
+        full[0][users], full[1][users] = h, c
+        h, c = full
+    return total, (h, c)
+
+
+def _zero_state(model: StackedLSTM, batch: dict) -> Tensor:
+    x = batch["x"]
+    return x.new_zeros(model.n_users, x.shape[2], model.hidden)
 
 
 class StackedForecaster(pl.LightningModule):
     """Trains a :class:`StackedLSTM`; keeps, per user, the parameters of its best epoch.
 
     Early stopping is per user: after each validation epoch a user whose held-out loss did not
-    improve for ``patience`` epochs is frozen (its rows get no gradient and are reset to its best
-    epoch after every step). Training stops when every user is frozen. ``best_loss`` holds the
+    improve for ``patience`` epochs is frozen: it is no longer run (no forward or backward pass, a
+    zero gradient) and its rows are reset to its best epoch after every step (the optimiser's decay
+    would still move them). Training stops when every user is frozen. ``best_loss`` holds the
     best held-out loss per user; call :meth:`set_initial` with the loss before training.
     """
 
@@ -110,6 +132,7 @@ class StackedForecaster(pl.LightningModule):
         self.register_buffer("stale", torch.zeros(n, dtype=torch.long))
         self.best = {k: p.detach().clone() for k, p in model.named_parameters()}
         self._val: list[tuple[Tensor, Tensor]] = []
+        self.user_epochs = 0  # Σ over training epochs of the users trained in each
 
     def set_initial(self, loss: Tensor, active: Tensor | None = None) -> None:
         """Held-out loss ``[U]`` of the current parameters (epoch -1); ``active`` masks users to train."""
@@ -121,10 +144,16 @@ class StackedForecaster(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.best = {k: v.to(self.device) for k, v in self.best.items()}
 
+    def on_train_epoch_start(self) -> None:
+        self.user_epochs += int(self.active.sum())  # the users this epoch trains (frozen ones are not run)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         opt = self.optimizers()
         opt.zero_grad()
-        loss, self._state["train"] = train_backward(self.model, batch, self._state["train"], self.block_users, self.manual_backward)
+        # frozen users (early stopping, or too little history) are not run: their rows would be
+        # reset to their best parameters after the step anyway
+        loss, self._state["train"] = train_backward(self.model, batch, self._state["train"], self.block_users,
+                                                    self.manual_backward, users=self.active.nonzero().squeeze(1))
         self.configure_gradient_clipping(opt)
         opt.step()
         self.log("train_loss", loss / self.model.n_users, prog_bar=True, batch_size=1)

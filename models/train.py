@@ -131,6 +131,9 @@ class TrainedModels:
     epochs_run: tuple[int, int] = (0, 0)  # (global, per-user) epochs actually run
     #: held-out-tail pinball (scaled units, mean over users) before and after recalibration; in-sample
     calibration_loss: tuple[float, float] | None = None
+    #: per-user stage: Σ over its epochs of the users trained in it (early stopping's frozen users
+    #: and those with too little history are not run); None where unknown (e.g. loaded from a store)
+    user_epochs_run: int | None = None
 
 
 @dataclass
@@ -406,7 +409,7 @@ def train_dense(dense: DenseDemand, config: TrainConfig = TrainConfig(), previou
             last_value_pinball=prior_loss * scale, best_epoch=task.best_epoch.numpy().copy(),
             history_days=data.history_days, prior_resources=fallback.numpy())
         return TrainedModels(dense.user_ids, model, glob, (~enough).numpy(), dense.t0, dense.end, metrics, config,
-                             (global_epochs, epochs), (cal.loss_before, cal.loss_after) if cal else None)
+                             (global_epochs, epochs), (cal.loss_before, cal.loss_after) if cal else None, task.user_epochs)
     finally:
         torch.set_num_threads(threads)
         if root_ctx:

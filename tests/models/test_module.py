@@ -233,3 +233,46 @@ def test_training_in_user_blocks_gives_the_whole_batchs_gradients():
     model = StackedLSTM(n, n_in, 8)
     with pytest.raises(ValueError, match="expected"):  # x holds 7 users, the parameters 3
         model.hidden_states(batch["x"], 2, params={k: p.detach()[:3] for k, p in model.named_parameters()})
+
+
+def test_training_a_subset_of_users_gives_their_rows_of_the_whole_batchs_gradients():
+    """train_backward with ``users`` (the users early stopping has not frozen) runs those rows only:
+    their loss, gradients and carried state are the whole batch's rows, in blocks or not; the other
+    rows get a zero gradient and keep their state (zeros after a reset); no user at all runs nothing."""
+    from models.lightning_module import train_backward
+
+    gen = torch.Generator().manual_seed(5)
+    n, steps, chunks, n_in, hidden = 7, 5, 3, 6, 8
+    batch = {"x": torch.randn(n, steps, chunks, n_in, generator=gen), "last": torch.rand(n, steps - 2, chunks, 4, generator=gen),
+             "target": torch.rand(n, steps - 2, chunks, 6, 4, generator=gen), "weight": (torch.rand(n, steps - 2, chunks, 6, generator=gen) > 0.2).float(),
+             "burn_in": 2, "reset": False}
+    state = (torch.randn(n, chunks, hidden, generator=gen), torch.randn(n, chunks, hidden, generator=gen))
+    users = torch.tensor([1, 2, 5])
+    others = torch.tensor([0, 3, 4, 6])
+
+    def run(block, subset, reset=False):
+        model = StackedLSTM(n, n_in, hidden, seed=1)
+        with torch.no_grad():
+            model.w_out.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(2))
+        b = dict(batch, reset=reset)
+        loss, (h, c) = train_backward(model, b, state, block, lambda value: value.backward(), users=subset)
+        return loss, h, c, {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in model.named_parameters()}
+
+    loss0, h0, c0, g0 = run(None, None)
+    per_user = []  # each user's own loss: the subset's loss is the sum of its users'
+    for u in range(n):
+        per_user.append(run(None, torch.tensor([u]))[0])
+    for block in (None, 2, 1):
+        loss, h, c, g = run(block, users)
+        torch.testing.assert_close(loss, sum(per_user[u] for u in users.tolist()), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(h[users], h0[users], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c[users], c0[users], rtol=1e-5, atol=1e-6)
+        assert torch.equal(h[others], state[0][others]) and torch.equal(c[others], state[1][others])
+        for k in g0:
+            torch.testing.assert_close(g[k][users], g0[k][users], rtol=1e-4, atol=1e-6)
+            assert (g[k][others] == 0).all(), k
+    assert g0["w_rec"][others].abs().sum() > 0  # the whole batch does train those rows
+    _, h, c, _ = run(2, users, reset=True)  # after a reset the rows not run start (and stay) at zero
+    assert (h[others] == 0).all() and (c[others] == 0).all() and (h[users] != 0).any()
+    loss, h, c, g = run(2, users[:0])
+    assert loss == 0 and torch.equal(h, state[0]) and all((v == 0).all() for v in g.values())

@@ -78,6 +78,8 @@ def test_short_history_users_use_the_global_model(trained):
     assert models.uses_global.tolist() == [u == "late" for u in models.user_ids]
     assert models.metrics.history_days[k] < FAST.min_history_days
     assert models.metrics.best_epoch[k] == -1
+    # it is never run in the per-user stage: at most the two others, in every epoch run
+    assert 1 <= models.user_epochs_run <= (len(models.user_ids) - 1) * models.epochs_run[1]
 
 
 def test_predict_latest_origin(trained):
@@ -187,6 +189,9 @@ def test_early_stopping_masks_freeze_users_at_their_best():
         task.on_train_batch_end(None, None, 0)
     for n, p in task.model.named_parameters():
         torch.testing.assert_close(p[1], best[n][1])
+    # a training epoch counts the users it runs: the two still active
+    task.on_train_epoch_start()
+    assert task.user_epochs == 2
     task.update_best(torch.tensor([0.6, 0.1, 0.95]), epoch=1)  # no improvement for 0 and 2 -> all frozen
     assert not task.active.any()
     task.on_train_end()
