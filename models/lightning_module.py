@@ -152,11 +152,12 @@ class StackedForecaster(pl.LightningModule):
         opt.zero_grad()
         # frozen users (early stopping, or too little history) are not run: their rows would be
         # reset to their best parameters after the step anyway
+        users = self.active.nonzero().squeeze(1)
         loss, self._state["train"] = train_backward(self.model, batch, self._state["train"], self.block_users,
-                                                    self.manual_backward, users=self.active.nonzero().squeeze(1))
+                                                    self.manual_backward, users=users)
         self.configure_gradient_clipping(opt)
         opt.step()
-        self.log("train_loss", loss / self.model.n_users, prog_bar=True, batch_size=1)
+        self.log("train_loss", loss / max(len(users), 1), prog_bar=True, batch_size=1)  # mean over the users trained
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
