@@ -64,7 +64,7 @@ def train_backward(model: StackedLSTM, batch: dict, state: State | None, block_u
             if p.requires_grad and p.grad is None:
                 p.grad = torch.empty_like(p) if users is None else torch.zeros_like(p)
                 fresh.add(k)
-    total, hs, cs = None, [], []
+    total, hs, cs = batch["x"].new_zeros(()), [], []
     for lo in range(0, m, max(size, 1)):
         rows = slice(lo, lo + size) if users is None else users[lo : lo + size]
         take = (lambda t: t[rows]) if users is None else (lambda t: t.index_select(0, rows))  # noqa: E731
@@ -86,23 +86,18 @@ def train_backward(model: StackedLSTM, batch: dict, state: State | None, block_u
                     params[k].grad[rows] = leaf.grad
                 else:
                     params[k].grad[rows] += leaf.grad
-        total = loss.detach() if total is None else total + loss.detach()
+        total = total + loss.detach()
         hs.append(h)
         cs.append(c)
-    if not hs:  # no user to run
-        zero = batch["x"].new_zeros(())
-        return zero, (state if state is not None else (_zero_state(model, batch), _zero_state(model, batch)))
-    h, c = (hs[0], cs[0]) if len(hs) == 1 else (torch.cat(hs), torch.cat(cs))
-    if users is not None:  # the rows not run keep their state
-        full = (state[0].clone(), state[1].clone()) if state is not None else (_zero_state(model, batch), _zero_state(model, batch))
-        full[0][users], full[1][users] = h, c
-        h, c = full
-    return total, (h, c)
-
-
-def _zero_state(model: StackedLSTM, batch: dict) -> Tensor:
+    if users is None:
+        return total, ((hs[0], cs[0]) if len(hs) == 1 else (torch.cat(hs), torch.cat(cs)))
+    # the rows not run keep their state (zeros after a reset)
     x = batch["x"]
-    return x.new_zeros(model.n_users, x.shape[2], model.hidden)
+    h, c = (state[0].clone(), state[1].clone()) if state is not None else (
+        x.new_zeros(n, x.shape[2], model.hidden), x.new_zeros(n, x.shape[2], model.hidden))
+    if hs:
+        h[users], c[users] = torch.cat(hs), torch.cat(cs)
+    return total, (h, c)
 
 
 class StackedForecaster(pl.LightningModule):
