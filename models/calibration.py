@@ -70,6 +70,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as fn
 
+from models import native
 from models.features import ChunkBatches
 from models.module import CALIBRATION, MID, N_HORIZONS, N_QUANTILES, N_REGIMES, N_RESOURCES, N_ZERO_BRACKETS, StackedLSTM, quantiles_from_head
 from pipeline.schemas import DEMAND_RESOURCES, P_ZERO_HIGH, P_ZERO_LOW, QUANTILES
@@ -322,9 +323,22 @@ def _fit_regime(q: Tensor, y: Tensor, w: Tensor, prior_points: float, block_poin
     # loss sums per grid value: [G, U, 6, 4] (median shift, floor) and [G, U, 6, 4, 6] (spread of each other level)
     shift_sums = torch.zeros(len(shifts), n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
     spread_sums = torch.zeros(len(spreads), n_users, N_HORIZONS, N_RESOURCES, len(levels), dtype=torch.float64)
+    fast = native.usable(q)  # the grid's sums in one native pass per block (models/native.c), else in torch
+    cols = lambda t, levels_: t.expand(t.shape[0], N_HORIZONS, N_RESOURCES, levels_).reshape(t.shape[0], -1).contiguous()  # noqa: E731
+
+    def grid_sums(sums: Tensor, sl: slice, base: Tensor, delta: Tensor | None, taus: Tensor, grid: Tensor) -> None:
+        """Add one block's loss sums ``[G, U, 6, 4, L]`` of every grid value to ``sums`` (native)."""
+        n_levels = len(taus)
+        native.grid_pinball(cols(base, n_levels), None if delta is None else cols(delta, n_levels), cols(y[sl, ..., None], n_levels),
+                            taus.expand(N_HORIZONS, N_RESOURCES, n_levels).reshape(-1).contiguous(), grid.contiguous(),
+                            user[sl], n_users, sums.view(len(grid), n_users, -1))
+
     for sl, pts in blocks:
         qb, yb = q[sl], y[sl]
         iqr, mid = qb[..., Q75] - qb[..., Q25], qb[..., MID]
+        if fast:
+            grid_sums(shift_sums, sl, mid[..., None], iqr[..., None], tau[MID : MID + 1], shifts)
+            continue
         for g, c in enumerate(shifts):
             shift_sums[g, pts.rows] += pts.pinball(torch.add(mid, iqr, alpha=float(c))[..., None], yb, tau[MID : MID + 1])[..., 0]
     shift = shifts[_choose(shift_sums, count, SHIFT_GRID.index(0.0), prior_points)]
@@ -333,6 +347,9 @@ def _fit_regime(q: Tensor, y: Tensor, w: Tensor, prior_points: float, block_poin
         mid = qb[..., MID : MID + 1]
         new_mid = mid + shift[pts.user][..., None] * (qb[..., Q75 : Q75 + 1] - qb[..., Q25 : Q25 + 1])
         dist = qb[..., levels] - mid
+        if fast:
+            grid_sums(spread_sums, sl, new_mid, dist, tau[levels], spreads)
+            continue
         for g, s in enumerate(spreads):
             spread_sums[g, pts.rows] += pts.pinball(torch.add(new_mid, dist, alpha=float(s)), yb, tau[levels])
     spread_idx = _choose(spread_sums, count[..., None], SPREAD_GRID.index(1.0), prior_points)
@@ -340,16 +357,25 @@ def _fit_regime(q: Tensor, y: Tensor, w: Tensor, prior_points: float, block_poin
     spread[..., levels] = spreads[spread_idx]
     floors = torch.tensor(FLOOR_GRID if fit_floor else (0.0,), dtype=q.dtype)
     floor_sums = torch.zeros(len(floors), n_users, N_HORIZONS, N_RESOURCES, dtype=torch.float64)
+    level_sums = torch.zeros(len(floors), n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES, dtype=torch.float64) if fast else None
     for sl, pts in blocks:
         qc = apply_calibration(q[sl, None], shift[pts.user], spread[pts.user])[:, 0]  # each point its user's parameters
+        if fast:
+            grid_sums(level_sums, sl, qc, None, tau, floors)
+            continue
         for g, f in enumerate(floors):
             floor_sums[g, pts.rows] += pts.pinball(torch.where(qc < f, 0.0, qc), y[sl], tau).sum(-1)
+    if fast:
+        floor_sums = level_sums.sum(-1)
     floor = floors[_choose(floor_sums, count, 0, prior_points)]
     widens = torch.tensor(WIDEN_GRID, dtype=q.dtype)
     outwards = _outwards(q)[levels]
     widen_sums = torch.zeros(len(widens), n_users, N_HORIZONS, N_RESOURCES, len(levels), dtype=torch.float64)
     for sl, pts in blocks:
         qc = apply_calibration(q[sl, None], shift[pts.user], spread[pts.user], floor[pts.user])[:, 0, ..., levels]
+        if fast:  # (qc + a·outwards)·keep = qc·keep + a·(outwards·keep)
+            grid_sums(widen_sums, sl, qc * keep[sl], outwards * keep[sl], tau[levels], widens)
+            continue
         for g, a in enumerate(widens):  # an unscored horizon's upper levels would move off 0: kept at 0
             widen_sums[g, pts.rows] += pts.pinball(torch.add(qc, outwards, alpha=float(a)).mul_(keep[sl]), y[sl], tau[levels])
     widen = torch.zeros(n_users, N_HORIZONS, N_RESOURCES, N_QUANTILES)

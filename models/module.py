@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as fn
 
+from models import native
+
 from pipeline.schemas import DEMAND_RESOURCES, HORIZONS_MIN, QUANTILES
 
 N_HORIZONS = len(HORIZONS_MIN)
@@ -119,7 +121,16 @@ class _HeadPinball(torch.autograd.Function):
         k, cells = N_QUANTILES, N_HORIZONS * N_RESOURCES
         w_lv = w_out.view(n_users, hidden, cells, k).transpose(2, 3).reshape(n_users, hidden, k * cells)
         b_lv = b_out.view(n_users, cells, k).transpose(1, 2).reshape(n_users, k * cells)
-        raw = torch.baddbmm(b_lv.unsqueeze(1), h, w_lv).view(n_users, n, k, cells)  # level-major
+        raw = torch.baddbmm(b_lv.unsqueeze(1), h, w_lv)  # [U, N, 168] level-major
+        if native.usable(h):  # one fused C pass (models/native.c); the same values as the torch path below
+            y = (target - last[:, :, None, :]).reshape(n_users, n, cells)
+            tau = torch.tensor(QUANTILES, dtype=h.dtype)
+            sums = native.head_pinball(raw, y, weight.contiguous(), tau, with_grad)
+            if with_grad:
+                ctx.save_for_backward(h, w_lv)
+                ctx.graw = raw
+            return sums.to(h.dtype)
+        raw = raw.view(n_users, n, k, cells)
         tau = torch.tensor(QUANTILES, dtype=h.dtype, device=h.device).view(k, 1)
         y = (target - last[:, :, None, :]).reshape(n_users, n, 1, cells)  # demand - last, per (horizon, resource)
         w = weight[..., None].expand(n_users, n, N_HORIZONS, N_RESOURCES).reshape(n_users, n, 1, cells)

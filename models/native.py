@@ -1,0 +1,224 @@
+"""The native CPU kernel of training's hottest step (``models/native.c``), compiled on first use.
+
+:class:`models.module._HeadPinball` forms the quantile head's weighted pinball loss and its
+gradient in one pass per user-step here, instead of some thirty element-wise torch passes (the
+head was half of a training step's forward + backward on the 2-core VM). Where it cannot be had
+— no C compiler, a failed build, ``WARMCAST_NATIVE=0``, another device or dtype — the torch path
+computes the same values, so results never depend on it beyond float rounding.
+
+The library is built with the machine's C compiler (``$CC``, else ``cc`` / ``gcc``) for this CPU
+(``-march=native``: the math library's vector exp / log1p) into a per-user cache,
+``$WARMCAST_NATIVE_CACHE`` or ``~/.cache/warmcast/native``, named by a hash of the source, the
+flags, the compiler and the CPU, and written atomically (a half-written library is never
+loaded). ``-ffast-math`` is used to compile but not to link: linked with it, GCC 12 adds start-up
+code that flushes denormals for the whole process, which would change torch's numerics too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.c")
+#: ``0`` turns the native kernel off (the torch path everywhere)
+ENV_SWITCH = "WARMCAST_NATIVE"
+ENV_CACHE = "WARMCAST_NATIVE_CACHE"
+COMPILE_FLAGS = ("-O3", "-ffast-math", "-fPIC", "-std=c11")
+LINK_FLAGS = ("-shared", "-lm")  # no -ffast-math here: see the module docstring
+#: users per thread below which a call is not split over threads
+MIN_USERS_PER_THREAD = 16
+
+
+def _sizes() -> dict[str, int]:
+    from models.module import MID, N_HORIZONS, N_QUANTILES, N_RESOURCES  # the one definition of the sizes
+
+    return {"WC_LEVELS": N_QUANTILES, "WC_CELLS": N_HORIZONS * N_RESOURCES, "WC_MID": MID,
+            "WC_HORIZONS": N_HORIZONS, "WC_RESOURCES": N_RESOURCES}
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get(ENV_CACHE)
+    base = Path(configured) if configured else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "warmcast" / "native"
+    try:
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = tempfile.NamedTemporaryFile(dir=base, prefix=".probe-")
+        probe.close()
+        return base
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / f"warmcast-native-{os.getuid()}"
+        fallback.mkdir(exist_ok=True, mode=0o700)
+        return fallback
+
+
+def _trusted(path: Path) -> bool:
+    """A cached library is loaded only if this user owns it and nobody else may write it."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _build(cc: str, target: Path, defines: list[str]) -> None:
+    """Compile and link into a temporary file next to ``target``, then rename it into place."""
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        obj, lib = Path(tmp) / "native.o", Path(tmp) / "native.so"
+        last_error: subprocess.CalledProcessError | None = None
+        for arch in (["-march=native"], []):  # a compiler that does not know -march=native: portable code
+            try:
+                subprocess.run([cc, "-c", *COMPILE_FLAGS, *arch, *defines, str(SOURCE), "-o", str(obj)],
+                               check=True, capture_output=True, text=True, timeout=120)
+                break
+            except subprocess.CalledProcessError as exc:
+                last_error = exc
+        else:
+            raise RuntimeError(f"{cc} failed to compile {SOURCE.name}: {last_error.stderr.strip()[-500:] if last_error else ''}")
+        done = subprocess.run([cc, str(obj), "-o", str(lib), *LINK_FLAGS], capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{cc} failed to link {SOURCE.name}: {done.stderr.strip()[-500:]}")
+        os.replace(lib, target)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (with one log line saying why) where it cannot be had."""
+    cc = _compiler()
+    if cc is None:
+        log.info("no C compiler found ($CC, cc, gcc, clang): training uses the torch path for the head's loss")
+        return None
+    try:
+        defines = [f"-D{k}={v}" for k, v in _sizes().items()]
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), *COMPILE_FLAGS, *LINK_FLAGS, *defines, cc, version, _cpu_signature()]).encode()).hexdigest()[:24]
+        target = _cache_dir() / f"warmcast-native-{key}.so"
+        if not (target.exists() and _trusted(target)):
+            _build(cc, target, defines)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("native kernel unavailable, training uses the torch path for the head's loss: %s", exc)
+        return None
+    lib.head_pinball.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.head_pinball.restype = None
+    lib.grid_pinball.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
+    lib.grid_pinball.restype = None
+    return lib
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="warmcast-native")
+
+
+def usable(t: Tensor) -> bool:
+    """Whether the native kernel takes the head of a computation on ``t``'s device and dtype (not
+    while ``$WARMCAST_NATIVE`` is ``0``, read at each call)."""
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+        return False
+    return t.device.type == "cpu" and t.dtype == torch.float32 and library() is not None
+
+
+def head_pinball(raw: Tensor, y: Tensor, weight: Tensor, tau: Tensor, with_grad: bool) -> Tensor:
+    """The weighted pinball sums ``[U, R]`` (float64) of head outputs ``raw`` ``[U, N, K·C]``
+    (level-major), ``y`` ``[U, N, C]`` (demand − last value), ``weight`` ``[U, N, HORIZONS]``;
+    with ``with_grad``, ``raw`` is overwritten by the sums' gradient w.r.t. it. See native.c.
+
+    Users are split over torch's thread count (ctypes releases the GIL during each call)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernel is not available (see models.native.library)")
+    sizes = _sizes()
+    n_users, n = raw.shape[:2]
+    cells, levels, horizons = sizes["WC_CELLS"], sizes["WC_LEVELS"], sizes["WC_HORIZONS"]
+    expected = {"raw": (raw, (n_users, n, levels * cells)), "y": (y, (n_users, n, cells)),
+                "weight": (weight, (n_users, n, horizons)), "tau": (tau, (levels,))}
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous float32 CPU tensor of shape {shape}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous: {t.is_contiguous()})")
+    sums = torch.empty(n_users, sizes["WC_RESOURCES"], dtype=torch.float64)
+    args = (raw.data_ptr(), y.data_ptr(), weight.data_ptr(), tau.data_ptr(), sums.data_ptr())
+    threads = max(1, min(torch.get_num_threads(), n_users // MIN_USERS_PER_THREAD))
+    if threads == 1:
+        lib.head_pinball(*args, 0, n_users, n, int(with_grad))
+    else:
+        step = -(-n_users // threads)
+        bounds = [(lo, min(lo + step, n_users)) for lo in range(0, n_users, step)]
+        list(_pool(threads).map(lambda b: lib.head_pinball(*args, b[0], b[1], n, int(with_grad)), bounds))
+    return sums
+
+
+def grid_pinball(base: Tensor, delta: Tensor | None, y: Tensor, tau: Tensor, grid: Tensor, user: Tensor, n_users: int,
+                 out: Tensor | None = None) -> Tensor:
+    """The recalibration grid's loss sums ``[G, n_users, M]`` (float64, added into ``out`` when
+    given, else into zeros): per grid value ``g`` and
+    user, Σ over that user's points of ``pinball_tau(y, pred)`` with ``pred = max(base + g·delta, 0)``,
+    or, where ``delta`` is None, the floor ``pred = 0 if base < g else max(base, 0)``. ``base``,
+    ``delta``, ``y`` ``[P, M]``, ``tau`` ``[M]`` (each column's level), ``user`` ``[P]`` the row of
+    the result each point adds to (non-decreasing, from 0). See native.c.
+
+    Users are split over torch's thread count at user boundaries (each writes its own rows)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernel is not available (see models.native.library)")
+    n_points, m = y.shape
+    expected = {"base": base, "y": y, "tau": tau, "grid": grid} | ({} if delta is None else {"delta": delta})
+    shapes = {"base": (n_points, m), "delta": (n_points, m), "y": (n_points, m), "tau": (m,), "grid": (len(grid),)}
+    for name, t in expected.items():
+        if tuple(t.shape) != shapes[name] or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous float32 CPU tensor of shape {shapes[name]}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous: {t.is_contiguous()})")
+    if tuple(user.shape) != (n_points,) or user.dtype != torch.int64 or not user.is_contiguous():
+        raise ValueError(f"user: expected a contiguous int64 tensor of shape ({n_points},), got {tuple(user.shape)} {user.dtype}")
+    if n_points and (int(user[0]) < 0 or int(user[-1]) >= n_users or bool((user[1:] < user[:-1]).any())):
+        raise ValueError(f"user must be non-decreasing and lie in [0, {n_users})")
+    sums = torch.zeros(len(grid), n_users, m, dtype=torch.float64) if out is None else out
+    if tuple(sums.shape) != (len(grid), n_users, m) or sums.dtype != torch.float64 or not sums.is_contiguous():
+        raise ValueError(f"out: expected a contiguous float64 tensor of shape {(len(grid), n_users, m)}, got {tuple(sums.shape)} {sums.dtype}")
+    if not n_points:
+        return sums
+    # the kernel writes row user - user[0] from a pointer to row user[0]; a grid value's rows are n_users apart
+    rows = sums[:, int(user[0]):]
+    mode = 1 if delta is None else 0
+    args = (base.data_ptr(), (base if delta is None else delta).data_ptr(), y.data_ptr(), tau.data_ptr(), grid.data_ptr(),
+            len(grid), user.data_ptr())
+    threads = max(1, min(torch.get_num_threads(), n_points // 4096))
+    edges = [0, n_points]
+    if threads > 1:  # each thread's points start at a user's first point: no two threads add to one row
+        edges += torch.searchsorted(user, user[torch.arange(1, threads) * n_points // threads]).tolist()
+    edges = sorted(set(edges))
+    bounds = list(zip(edges[:-1], edges[1:]))
+    run = lambda b: lib.grid_pinball(*args, b[0], b[1], m, mode, rows.data_ptr(), n_users)  # noqa: E731
+    if len(bounds) == 1:
+        run(bounds[0])
+    else:
+        list(_pool(len(bounds)).map(run, bounds))
+    return sums
