@@ -49,6 +49,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import torch  # noqa: E402
 
+from models import native  # noqa: E402
 from models.baselines import forecast_baseline  # noqa: E402
 from models.contract import to_forecast_table  # noqa: E402
 from models.features import BUCKET, BUCKETS_PER_DAY, N_INPUTS, dense_demand  # noqa: E402
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "forecast_rows": lstm_table.num_rows, "baseline_rows": base_table.num_rows},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
                     "platform": platform.platform(), "torch": torch.__version__, "setup_s": round(setup_s, 2),
+                    "native_kernel": native.usable(torch.empty(0)),
                     "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)},
     }
     print(json.dumps(out))

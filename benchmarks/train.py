@@ -31,7 +31,9 @@ floor: the largest speed-up over that loop the machine allows. The same in bfloa
 several times faster; ``kernel_us_per_user_step_bf16`` times the same segment with the model
 and inputs cast to bf16, which shows whether these per-user products get that rate.
 The machine's 1-minute load average is in the output: timings on a shared 2-core VM vary by
-several times with other processes' load.
+several times with other processes' load. ``machine.native_kernel``: whether the stacked trainer
+ran its element-wise parts in the C kernel (:mod:`models.native`); ``WARMCAST_NATIVE=0`` times
+the torch path instead (the loops are plain torch either way).
 
     python benchmarks/train.py                       # 256 users x 8 days (under a minute)
     python benchmarks/train.py --users 2000 --days 15 --epochs 10
@@ -60,6 +62,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from models import native  # noqa: E402
 from models.features import ChunkBatches, dense_demand  # noqa: E402
 from models.lightning_module import fused_adamw, per_user_loss, train_backward  # noqa: E402
 from models.module import N_OUTPUTS, head_bias_from_quantiles, pinball, quantiles_from_head  # noqa: E402
@@ -350,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
         "heldout_pinball_real_mean": {r: round(float(np.nanmean(lstm_test[:, i])), 4) for i, r in enumerate(("requests", "cpu_cores", "memory_gb", "gpus"))},
         "targets": {"speedup_min": 100, "us_per_user_step_max": 3.0},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
-                    "platform": platform.platform(), "torch": torch.__version__, "generate_s": round(gen_s, 2)},
+                    "platform": platform.platform(), "torch": torch.__version__, "generate_s": round(gen_s, 2),
+                    "native_kernel": native.usable(torch.empty(0))},
     }
     for style in ("chunks", "windows"):
         out[f"loop_{style}"]["loss_ratio_loop_over_stacked"] = round(loops[style]["heldout_pinball_scaled"] / stacked_loop_users, 3)

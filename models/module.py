@@ -8,7 +8,10 @@ G = 4·H gates, O = 6 horizons · 4 resources · 7 quantiles = 168 head outputs)
 * a user's history is cut into C sub-sequences that run side by side, so each recurrent
   step is one batched matrix-matrix product ``[U, C, H] @ [U, H, G]`` (``torch.baddbmm``);
 * the recurrence is a hand-written LSTM cell with a hand-written backward pass
-  (:class:`_LSTMRecurrence`): no autograd graph per step, a few fused tensor ops per step.
+  (:class:`_LSTMRecurrence`): no autograd graph per step, a few fused tensor ops per step;
+* on a CPU, each step's element-wise part (gates, cell state) and the quantile head's pinball
+  loss with its gradient run in a C kernel (:mod:`models.native`, compiled on first use), the
+  matrix products stay in torch; where it is unavailable, the torch code below computes the same.
 
 Units: inputs are the standardised features of :mod:`models.features`; ``last`` and the
 returned quantiles are demand divided by the user's ``scale`` (per resource), i.e. the real
@@ -187,6 +190,13 @@ def _cell_step(xp_t: Tensor, h: Tensor, c: Tensor, w_rec: Tensor, gates: Tensor,
     (input, forget, output, cell)."""
     hidden = w_rec.shape[1]
     torch.baddbmm(xp_t, h, w_rec, out=gates)
+    if native.usable(gates):  # the element-wise rest in one fused C pass (models/native.c)
+        c_new = torch.empty_like(c) if c_out is None else c_out
+        h_new = h_out if h_out.is_contiguous() else torch.empty_like(c)
+        native.lstm_forward_step(gates, c.contiguous(), c_new, torch.empty_like(c) if tanh_out is None else tanh_out, h_new)
+        if h_new is not h_out:
+            h_out.copy_(h_new)
+        return c_new
     gates[..., : 3 * hidden].sigmoid_()
     gates[..., 3 * hidden :].tanh_()
     i, f, o, g = gates.split(hidden, dim=-1)
@@ -224,6 +234,17 @@ class _LSTMRecurrence(torch.autograd.Function):
         acts, cells, tc, hs, w_rec = ctx.saved_tensors
         steps, n_users, chunks, gates = acts.shape
         hidden = gates // 4
+        if native.usable(acts):  # each step's element-wise part in one fused C pass (models/native.c)
+            dgates = torch.empty_like(acts)
+            dh = acts.new_zeros(n_users, chunks, hidden)
+            dc = acts.new_zeros(n_users, chunks, hidden)
+            grad_h = grad_h.contiguous()
+            w_t = w_rec.transpose(1, 2)
+            for t in range(steps - 1, -1, -1):
+                native.lstm_backward_step(acts[t], cells[t], tc[t], grad_h, t, dh, dc, dgates[t])
+                if t:
+                    torch.bmm(dgates[t], w_t, out=dh)
+            return _LSTMRecurrence._weight_grads(dgates, hs, w_rec)
         i, f, o, g = acts.split(hidden, dim=-1)
         # Every factor that does not depend on the recurrence, for all steps at once:
         # d pre-activation of (i, f, o, g) = (dc·A_i, dc·A_f, dh·A_o, dc·A_g);  dc += dh·K, with
@@ -251,9 +272,15 @@ class _LSTMRecurrence(torch.autograd.Function):
             dc.mul_(f[t])
             if t:
                 dh = torch.bmm(dgates[t], w_t)
+        return _LSTMRecurrence._weight_grads(dgates, hs, w_rec)
+
+    @staticmethod
+    def _weight_grads(dgates: Tensor, hs: Tensor, w_rec: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        """The gradients of ``xp`` and ``w_rec`` from the pre-activation gradients ``[S, U, C, G]``."""
+        steps, n_users, chunks, gates = dgates.shape
         dgates = dgates.permute(1, 0, 2, 3).contiguous()  # [U, S, C, G]
         h_prev = hs[:-1].permute(1, 0, 2, 3)
-        grad_w = torch.bmm(h_prev.reshape(n_users, -1, hidden).transpose(1, 2), dgates.view(n_users, -1, gates))
+        grad_w = torch.bmm(h_prev.reshape(n_users, -1, w_rec.shape[1]).transpose(1, 2), dgates.view(n_users, -1, gates))
         return dgates, grad_w, None, None
 
 

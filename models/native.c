@@ -122,3 +122,61 @@ void grid_pinball(const float *restrict base, const float *restrict delta, const
         }
     }
 }
+
+/* One LSTM step for `rows` cells (rows = users x chunks, contiguous), after the gate
+ * pre-activations gates [rows, 4H] = x W_in + b + h W_rec (gate order input, forget, output,
+ * cell): the activations in place (sigmoid, sigmoid, sigmoid, tanh), the new cell state c_out =
+ * f c + i g, its tanh (tanh_out) and h_out = o tanh(c_out); c, c_out, tanh_out, h_out [rows, H]. */
+void lstm_forward_step(float *restrict gates, const float *restrict c, float *restrict c_out,
+                       float *restrict tanh_out, float *restrict h_out, int64_t rows, int64_t hidden)
+{
+    const int64_t h3 = 3 * hidden;
+    for (int64_t r = 0; r < rows; ++r) {
+        float *restrict a = gates + r * 4 * hidden;
+        for (int64_t j = 0; j < h3; ++j) {
+            const float x = a[j];
+            const float e = expf(-fabsf(x));
+            const float inv = 1.0f / (1.0f + e);
+            a[j] = x >= 0.0f ? inv : e * inv;
+        }
+        for (int64_t j = h3; j < 4 * hidden; ++j) a[j] = tanhf(a[j]);
+        const float *restrict cr = c + r * hidden;
+        float *restrict co = c_out + r * hidden, *restrict to = tanh_out + r * hidden, *restrict ho = h_out + r * hidden;
+        for (int64_t j = 0; j < hidden; ++j) {
+            const float cn = a[hidden + j] * cr[j] + a[j] * a[h3 + j];
+            const float t = tanhf(cn);
+            co[j] = cn;
+            to[j] = t;
+            ho[j] = a[2 * hidden + j] * t;
+        }
+    }
+}
+
+/* The backward pass of lstm_forward_step for one step, from its saved activations acts [rows, 4H],
+ * the cell state before it c_prev and tanh of the one after it tc [rows, H]: adds this step's
+ * output gradient (grad_h: row r = user u, chunk k at u * grad_user_stride + k * H) into dh, then
+ * dc += dh o (1 - tc^2); writes the pre-activation gradients dgates [rows, 4H] and leaves
+ * dc = dc f (the gradient of the cell state before the step). dh [rows, H] is the caller's to
+ * replace by dgates W_rec^T. */
+void lstm_backward_step(const float *restrict acts, const float *restrict c_prev, const float *restrict tc,
+                        const float *restrict grad_h, int64_t grad_user_stride, int64_t chunks,
+                        float *restrict dh, float *restrict dc, float *restrict dgates, int64_t rows, int64_t hidden)
+{
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *restrict a = acts + r * 4 * hidden;
+        const float *restrict gh = grad_h + (r / chunks) * grad_user_stride + (r % chunks) * hidden;
+        const float *restrict cp = c_prev + r * hidden, *restrict t = tc + r * hidden;
+        float *restrict dhr = dh + r * hidden, *restrict dcr = dc + r * hidden, *restrict d = dgates + r * 4 * hidden;
+        for (int64_t j = 0; j < hidden; ++j) {
+            const float i = a[j], f = a[hidden + j], o = a[2 * hidden + j], g = a[3 * hidden + j], tj = t[j];
+            const float dhv = dhr[j] + gh[j];
+            const float dcv = dcr[j] + dhv * o * (1.0f - tj * tj);
+            d[j] = dcv * g * (i - i * i);
+            d[hidden + j] = dcv * cp[j] * (f - f * f);
+            d[2 * hidden + j] = dhv * tj * (o - o * o);
+            d[3 * hidden + j] = dcv * i * (1.0f - g * g);
+            dhr[j] = dhv;
+            dcr[j] = dcv * f;
+        }
+    }
+}

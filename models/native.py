@@ -1,17 +1,24 @@
-"""The native CPU kernel of training's hottest step (``models/native.c``), compiled on first use.
+"""Native CPU kernels for training's hottest loops (``models/native.c``), compiled on first use.
 
-:class:`models.module._HeadPinball` forms the quantile head's weighted pinball loss and its
-gradient in one pass per user-step here, instead of some thirty element-wise torch passes (the
-head was half of a training step's forward + backward on the 2-core VM). Where it cannot be had
-— no C compiler, a failed build, ``WARMCAST_NATIVE=0``, another device or dtype — the torch path
-computes the same values, so results never depend on it beyond float rounding.
+Three parts of CPU training run here in one pass each instead of many element-wise torch passes:
+the quantile head's weighted pinball loss with its gradient (:class:`models.module._HeadPinball`,
+half of a training step's forward + backward in torch on the 2-core VM), each LSTM step's gate
+activations and cell update with their backward (:func:`models.module._cell_step`,
+:class:`models.module._LSTMRecurrence`; the matrix products stay in torch), and the
+recalibration's grid search (:func:`models.calibration._fit_regime`). Where the library cannot be
+had (no C compiler, a failed build, ``WARMCAST_NATIVE=0``, another device or dtype) the torch code
+computes the same values: results differ by float rounding only, which, like a different seed,
+can move early stopping's choices (README, "Backtest").
 
-The library is built with the machine's C compiler (``$CC``, else ``cc`` / ``gcc``) for this CPU
-(``-march=native``: the math library's vector exp / log1p) into a per-user cache,
+The library is built with the machine's C compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``)
+for this CPU (``-march=native``: glibc's vector exp / log1p / tanh) into a per-user cache,
 ``$WARMCAST_NATIVE_CACHE`` or ``~/.cache/warmcast/native``, named by a hash of the source, the
-flags, the compiler and the CPU, and written atomically (a half-written library is never
-loaded). ``-ffast-math`` is used to compile but not to link: linked with it, GCC 12 adds start-up
-code that flushes denormals for the whole process, which would change torch's numerics too.
+flags, the compiler and the CPU, and renamed into place when complete (a half-written library is
+never loaded; a cached one is loaded only if this user owns it and nobody else may write it).
+``-ffast-math`` is used to compile but not to link: linked with it, GCC 12 adds start-up code that
+flushes denormals for the whole process, which would change torch's numerics too. It also lets
+the compiler assume finite values: the kernels' inputs are the model's own activations and
+demand, which models.features refuses when NaN or infinite.
 """
 
 from __future__ import annotations
@@ -130,6 +137,10 @@ def library() -> ctypes.CDLL | None:
     lib.grid_pinball.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
     lib.grid_pinball.restype = None
+    lib.lstm_forward_step.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2
+    lib.lstm_forward_step.restype = None
+    lib.lstm_backward_step.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    lib.lstm_backward_step.restype = None
     return lib
 
 
@@ -144,6 +155,50 @@ def usable(t: Tensor) -> bool:
     if os.environ.get(ENV_SWITCH, "1").strip() == "0":
         return False
     return t.device.type == "cpu" and t.dtype == torch.float32 and library() is not None
+
+
+def _check_plain(**tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous float32 CPU tensor, got {t.dtype} on {t.device} "
+                             f"(contiguous: {t.is_contiguous()})")
+
+
+def lstm_forward_step(gates: Tensor, c: Tensor, c_out: Tensor, tanh_out: Tensor, h_out: Tensor) -> None:
+    """One LSTM step after the gate pre-activations ``gates`` ``[U, C, 4H]`` (activated in place):
+    writes ``c_out``, ``tanh_out`` (tanh of ``c_out``) and ``h_out`` ``[U, C, H]`` from the cell
+    state ``c``; gate order (input, forget, output, cell). Contiguous float32 CPU tensors; one
+    thread (a step's few hundred kB do not pay for more). See native.c."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernel is not available (see models.native.library)")
+    _check_plain(gates=gates, c=c, c_out=c_out, tanh_out=tanh_out, h_out=h_out)
+    hidden = c.shape[-1]
+    rows = c.numel() // hidden if hidden else 0
+    if gates.numel() != 4 * c.numel() or not c.numel() == c_out.numel() == tanh_out.numel() == h_out.numel():
+        raise ValueError(f"gates {tuple(gates.shape)} must have 4x the elements of c, c_out, tanh_out, h_out {tuple(c.shape)}")
+    lib.lstm_forward_step(gates.data_ptr(), c.data_ptr(), c_out.data_ptr(), tanh_out.data_ptr(), h_out.data_ptr(), rows, hidden)
+
+
+def lstm_backward_step(acts: Tensor, c_prev: Tensor, tc: Tensor, grad_h: Tensor, t: int, dh: Tensor, dc: Tensor,
+                       dgates: Tensor) -> None:
+    """The backward pass of :func:`lstm_forward_step` at step ``t``: ``acts`` ``[U, C, 4H]`` its
+    activations, ``c_prev`` ``[U, C, H]`` the cell state before it, ``tc`` tanh of the one after;
+    ``grad_h`` ``[U, S, C, H]`` the loss gradient w.r.t. every step's h (step ``t`` is added into
+    ``dh``). Updates ``dh`` (+ this step's output gradient) and ``dc`` (to the gradient of ``c_prev``)
+    and writes ``dgates`` ``[U, C, 4H]``; ``dh`` is then the caller's to replace by dgates·W_recᵀ."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernel is not available (see models.native.library)")
+    _check_plain(acts=acts, c_prev=c_prev, tc=tc, grad_h=grad_h, dh=dh, dc=dc, dgates=dgates)
+    n_users, steps, chunks, hidden = grad_h.shape
+    if not 0 <= t < steps or tuple(dh.shape) != (n_users, chunks, hidden) or not (
+            dh.shape == dc.shape == c_prev.shape == tc.shape) or acts.shape != dgates.shape or acts.numel() != 4 * dh.numel():
+        raise ValueError(f"inconsistent shapes: grad_h {tuple(grad_h.shape)}, t {t}, dh {tuple(dh.shape)}, dc {tuple(dc.shape)}, "
+                         f"acts {tuple(acts.shape)}, dgates {tuple(dgates.shape)}")
+    step_h = grad_h.data_ptr() + t * chunks * hidden * grad_h.element_size()
+    lib.lstm_backward_step(acts.data_ptr(), c_prev.data_ptr(), tc.data_ptr(), step_h, steps * chunks * hidden, max(chunks, 1),
+                           dh.data_ptr(), dc.data_ptr(), dgates.data_ptr(), n_users * chunks, hidden)
 
 
 def head_pinball(raw: Tensor, y: Tensor, weight: Tensor, tau: Tensor, with_grad: bool) -> Tensor:

@@ -311,8 +311,9 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
 
 
 #: ``WARMCAST_*`` variables that are not settings: the config file's path, the folder of the
-#: real traces, and anything a test run sets for itself (``WARMCAST_TEST_*``).
-NOT_SETTINGS = ("CONFIG", "TRACE_DIR")
+#: real traces, the native kernel's switch and build cache (models/native.py), and anything a
+#: test run sets for itself (``WARMCAST_TEST_*``).
+NOT_SETTINGS = ("CONFIG", "TRACE_DIR", "NATIVE", "NATIVE_CACHE")
 NOT_SETTINGS_PREFIX = "TEST_"
 
 

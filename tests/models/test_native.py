@@ -218,3 +218,48 @@ def test_native_and_torch_recalibration_fits_agree(monkeypatch):
     for name, a, b in zip(("shift", "spread", "floor", "widen"), fast, slow):
         # float64 sums against float32 ones: a near-tie may fall the other way, rarely
         assert (a != b).float().mean() <= 0.002, name
+
+
+@needs_native
+def test_native_lstm_steps_equal_the_torch_recurrence(monkeypatch):
+    from models.module import _LSTMRecurrence, recurrence_no_grad
+
+    gen = torch.Generator().manual_seed(4)
+    n_users, steps, chunks, hidden = 5, 7, 3, 8
+    xp = (torch.randn(n_users, steps, chunks, 4 * hidden, generator=gen) * 2).requires_grad_()
+    w_rec = (torch.randn(n_users, hidden, 4 * hidden, generator=gen) * 0.5).requires_grad_()
+    h0, c0 = torch.randn(n_users, chunks, hidden, generator=gen), torch.randn(n_users, chunks, hidden, generator=gen)
+    grad_out = torch.randn(n_users, steps, chunks, hidden, generator=gen)
+
+    def run():
+        xp.grad = w_rec.grad = None
+        h, c = _LSTMRecurrence.apply(xp, w_rec, h0, c0)
+        (h * grad_out).sum().backward()
+        with torch.no_grad():
+            h_inf, c_inf = recurrence_no_grad(xp.detach(), w_rec.detach(), h0, c0, workers=2, block_users=2)  # h written into a strided [U, S, C, H]
+        return h.detach(), c, xp.grad.clone(), w_rec.grad.clone(), h_inf, c_inf
+
+    calls = []
+    real = native.lstm_backward_step
+    monkeypatch.setattr(native, "lstm_backward_step", lambda *a: calls.append(1) or real(*a))
+    fast = run()
+    assert len(calls) == steps
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    slow = run()
+    assert len(calls) == steps  # switched off: the torch path
+    for name, a, b in zip(("h", "c_S", "grad xp", "grad w_rec", "h (inference)", "c_S (inference)"), fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(fast[4], fast[0], rtol=0, atol=0)  # inference = training forward, bit for bit
+
+
+@needs_native
+def test_native_lstm_steps_refuse_inconsistent_tensors():
+    acts = torch.rand(2, 3, 32)
+    with pytest.raises(ValueError, match="4x the elements"):
+        native.lstm_forward_step(acts, torch.zeros(2, 3, 7), torch.zeros(2, 3, 7), torch.zeros(2, 3, 7), torch.zeros(2, 3, 7))
+    with pytest.raises(ValueError, match="h_out: expected a contiguous float32"):
+        native.lstm_forward_step(acts, torch.zeros(2, 3, 8), torch.zeros(2, 3, 8), torch.zeros(2, 3, 8), torch.zeros(3, 2, 8).transpose(0, 1))
+    grad_h = torch.zeros(2, 5, 3, 8)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        native.lstm_backward_step(acts, torch.zeros(2, 3, 8), torch.zeros(2, 3, 8), grad_h, 5, torch.zeros(2, 3, 8),
+                                  torch.zeros(2, 3, 8), torch.zeros(2, 3, 32))

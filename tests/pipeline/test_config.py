@@ -70,7 +70,8 @@ def test_ingest_settings_are_range_checked(key, value, message):
 
 
 def test_non_setting_variables_are_not_refused():
-    env = {"WARMCAST_TEST_PG_URL": "postgresql://x", "WARMCAST_TRACE_DIR": "/data", "WARMCAST_LAKE": "/l"}
+    env = {"WARMCAST_TEST_PG_URL": "postgresql://x", "WARMCAST_TRACE_DIR": "/data", "WARMCAST_LAKE": "/l",
+           "WARMCAST_NATIVE": "0", "WARMCAST_NATIVE_CACHE": "/tmp/x"}
     assert load_settings(environ=env).lake == "/l"
 
 
