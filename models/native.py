@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -119,19 +120,21 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (with one log line saying why) where it cannot be had."""
     cc = _compiler()
     if cc is None:
-        log.info("no C compiler found ($CC, cc, gcc, clang): training uses the torch path for the head's loss")
+        log.info("no C compiler found ($CC, cc, gcc, clang): CPU training's element-wise kernels run in torch (slower)")
         return None
     try:
         defines = [f"-D{k}={v}" for k, v in _sizes().items()]
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\0".join([SOURCE.read_text(), *COMPILE_FLAGS, *LINK_FLAGS, *defines, cc, version, _cpu_signature()]).encode()).hexdigest()[:24]
         target = _cache_dir() / f"warmcast-native-{key}.so"
-        if not (target.exists() and _trusted(target)):
+        built = not (target.exists() and _trusted(target))
+        if built:
             _build(cc, target, defines)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("native kernel unavailable, training uses the torch path for the head's loss: %s", exc)
+        log.warning("native kernel unavailable, CPU training's element-wise kernels run in torch (slower): %s", exc)
         return None
+    log.info("native kernel %s %s", "built into" if built else "loaded from", target)
     lib.head_pinball.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.head_pinball.restype = None
     lib.grid_pinball.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [
@@ -147,6 +150,21 @@ def library() -> ctypes.CDLL | None:
 @functools.cache
 def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="warmcast-native")
+
+
+def _split_users(n_users: int, threads: int, call: Callable[[int, int], None]) -> None:
+    """``call(u0, u1)`` over users ``[0, n_users)`` in ``threads`` parts (ctypes releases the GIL
+    during each call), the first part in this thread."""
+    threads = max(1, min(threads, n_users))
+    if threads == 1:
+        call(0, n_users)
+        return
+    step = -(-n_users // threads)
+    parts = [(lo, min(lo + step, n_users)) for lo in range(0, n_users, step)]
+    futures = [_pool(len(parts) - 1).submit(call, *part) for part in parts[1:]]
+    call(*parts[0])
+    for f in futures:
+        f.result()
 
 
 def usable(t: Tensor) -> bool:
@@ -168,16 +186,16 @@ def lstm_forward_step(gates: Tensor, c: Tensor, c_out: Tensor, tanh_out: Tensor,
     """One LSTM step after the gate pre-activations ``gates`` ``[U, C, 4H]`` (activated in place):
     writes ``c_out``, ``tanh_out`` (tanh of ``c_out``) and ``h_out`` ``[U, C, H]`` from the cell
     state ``c``; gate order (input, forget, output, cell). Contiguous float32 CPU tensors; one
-    thread (a step's few hundred kB do not pay for more). See native.c."""
+    thread (256 users' step split over two ran no faster, hidden 32 or 64). See native.c."""
     lib = library()
     if lib is None:
         raise RuntimeError("the native kernel is not available (see models.native.library)")
     _check_plain(gates=gates, c=c, c_out=c_out, tanh_out=tanh_out, h_out=h_out)
     hidden = c.shape[-1]
-    rows = c.numel() // hidden if hidden else 0
     if gates.numel() != 4 * c.numel() or not c.numel() == c_out.numel() == tanh_out.numel() == h_out.numel():
         raise ValueError(f"gates {tuple(gates.shape)} must have 4x the elements of c, c_out, tanh_out, h_out {tuple(c.shape)}")
-    lib.lstm_forward_step(gates.data_ptr(), c.data_ptr(), c_out.data_ptr(), tanh_out.data_ptr(), h_out.data_ptr(), rows, hidden)
+    lib.lstm_forward_step(gates.data_ptr(), c.data_ptr(), c_out.data_ptr(), tanh_out.data_ptr(), h_out.data_ptr(),
+                          c.numel() // hidden, hidden)
 
 
 def lstm_backward_step(acts: Tensor, c_prev: Tensor, tc: Tensor, grad_h: Tensor, t: int, dh: Tensor, dc: Tensor,
@@ -221,13 +239,8 @@ def head_pinball(raw: Tensor, y: Tensor, weight: Tensor, tau: Tensor, with_grad:
                              f"got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous: {t.is_contiguous()})")
     sums = torch.empty(n_users, sizes["WC_RESOURCES"], dtype=torch.float64)
     args = (raw.data_ptr(), y.data_ptr(), weight.data_ptr(), tau.data_ptr(), sums.data_ptr())
-    threads = max(1, min(torch.get_num_threads(), n_users // MIN_USERS_PER_THREAD))
-    if threads == 1:
-        lib.head_pinball(*args, 0, n_users, n, int(with_grad))
-    else:
-        step = -(-n_users // threads)
-        bounds = [(lo, min(lo + step, n_users)) for lo in range(0, n_users, step)]
-        list(_pool(threads).map(lambda b: lib.head_pinball(*args, b[0], b[1], n, int(with_grad)), bounds))
+    _split_users(n_users, min(torch.get_num_threads(), n_users // MIN_USERS_PER_THREAD),
+                 lambda u0, u1: lib.head_pinball(*args, u0, u1, n, int(with_grad)))
     return sums
 
 

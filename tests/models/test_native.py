@@ -117,15 +117,18 @@ def test_loading_the_library_leaves_denormals_alone(fresh_library):
 
 
 @needs_native
-def test_build_is_cached_and_an_untrusted_cached_file_is_rebuilt(fresh_library):
-    lib = native.library()
+def test_build_is_cached_and_an_untrusted_cached_file_is_rebuilt(fresh_library, caplog):
+    with caplog.at_level(logging.INFO, logger="models.native"):
+        lib = native.library()
     built = list(fresh_library.glob("warmcast-native-*.so"))
     assert len(built) == 1 and lib._name == str(built[0])
+    assert f"built into {built[0]}" in caplog.text
     assert not list(fresh_library.glob(".build-*"))  # the temporary build folder is gone
     mtime = built[0].stat().st_mtime_ns
     native.library.cache_clear()
-    native.library()
-    assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    with caplog.at_level(logging.INFO, logger="models.native"):
+        native.library()
+    assert built[0].stat().st_mtime_ns == mtime and f"loaded from {built[0]}" in caplog.text  # reused, not rebuilt
     os.chmod(built[0], 0o666)  # writable by others: not loaded, rebuilt
     native.library.cache_clear()
     native.library()
@@ -136,7 +139,7 @@ def test_without_a_compiler_training_falls_back_to_torch(fresh_library, monkeypa
     monkeypatch.setattr(native, "_compiler", lambda: None)
     with caplog.at_level(logging.INFO, logger="models.native"):
         assert native.library() is None
-    assert "no C compiler" in caplog.text
+    assert "no C compiler" in caplog.text and "run in torch" in caplog.text
     model, batch = _model_and_batch()
     assert not native.usable(batch[0])
     sums, grads = _loss_and_grads(model, batch)  # the torch path
@@ -250,6 +253,7 @@ def test_native_lstm_steps_equal_the_torch_recurrence(monkeypatch):
     for name, a, b in zip(("h", "c_S", "grad xp", "grad w_rec", "h (inference)", "c_S (inference)"), fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     torch.testing.assert_close(fast[4], fast[0], rtol=0, atol=0)  # inference = training forward, bit for bit
+
 
 
 @needs_native
