@@ -90,7 +90,7 @@ def _cache_dir() -> Path:
 
 
 def _trusted(path: Path) -> bool:
-    """A cached library is loaded only if this user owns it and nobody else may write it."""
+    """A cached library (and its folder) is used only if this user owns it and nobody else may write it."""
     st = path.stat()
     return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
@@ -126,7 +126,10 @@ def library() -> ctypes.CDLL | None:
         defines = [f"-D{k}={v}" for k, v in _sizes().items()]
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\0".join([SOURCE.read_text(), *COMPILE_FLAGS, *LINK_FLAGS, *defines, cc, version, _cpu_signature()]).encode()).hexdigest()[:24]
-        target = _cache_dir() / f"warmcast-native-{key}.so"
+        cache = _cache_dir()
+        if not _trusted(cache):  # another user could swap the library between our check and the load
+            raise OSError(f"the cache folder {cache} is not this user's alone (set ${ENV_CACHE} to one that is)")
+        target = cache / f"warmcast-native-{key}.so"
         built = not (target.exists() and _trusted(target))
         if built:
             _build(cc, target, defines)

@@ -135,6 +135,14 @@ def test_build_is_cached_and_an_untrusted_cached_file_is_rebuilt(fresh_library, 
     assert built[0].stat().st_mode & 0o022 == 0
 
 
+def test_a_cache_folder_others_may_write_is_refused(fresh_library, caplog):
+    fresh_library.mkdir(parents=True)
+    os.chmod(fresh_library, 0o777)
+    with caplog.at_level(logging.WARNING, logger="models.native"):
+        assert native.library() is None
+    assert "is not this user's alone" in caplog.text and not list(fresh_library.glob("*.so"))
+
+
 def test_without_a_compiler_training_falls_back_to_torch(fresh_library, monkeypatch, caplog):
     monkeypatch.setattr(native, "_compiler", lambda: None)
     with caplog.at_level(logging.INFO, logger="models.native"):
