@@ -150,9 +150,17 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-@functools.cache
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
 def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="warmcast-native")
+    """A pool of ``threads`` workers of this process: a child forked after the parent made its pool
+    inherits the pool but not its threads (work handed to it would wait forever), so pools are per
+    process id."""
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="warmcast-native")
+    return _POOLS[key]
 
 
 def _split_users(n_users: int, threads: int, call: Callable[[int, int], None]) -> None:

@@ -107,6 +107,35 @@ def test_native_kernel_splits_users_over_threads_with_the_same_values():
     assert torch.equal(empty, torch.zeros(3, 4, dtype=torch.float64))
 
 
+def _head_in_two_threads(queue) -> None:
+    torch.set_num_threads(2)
+    raw = torch.randn(64, 3, 168)
+    sums = native.head_pinball(raw, torch.rand(64, 3, 24), torch.ones(64, 3, 6), torch.tensor([0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]), True)
+    queue.put(bool(torch.isfinite(sums).all()))
+
+
+@needs_native
+def test_a_forked_child_gets_its_own_threads():
+    """A child forked after the parent used its worker threads must not hand work to them (they do
+    not exist in the child: it would wait forever)."""
+    import multiprocessing
+
+    threads = torch.get_num_threads()
+    try:
+        _head_in_two_threads(type("Q", (), {"put": staticmethod(lambda v: None)})())  # the parent's pool exists now
+    finally:
+        torch.set_num_threads(threads)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_head_in_two_threads, args=(queue,))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in the native kernel's thread pool")
+    assert child.exitcode == 0 and queue.get(timeout=5) is True
+
+
 @needs_native
 def test_loading_the_library_leaves_denormals_alone(fresh_library):
     """Linked with -ffast-math, GCC would add start-up code that flushes denormals to zero for the
