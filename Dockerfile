@@ -22,9 +22,9 @@ RUN groupadd --gid 50000 warmcast \
 
 WORKDIR /opt/warmcast
 
-# A C compiler for models/native.c, the training step's fused head kernel, compiled on first use for
+# A C compiler for models/native.c, CPU training's fused element-wise kernels, compiled on first use for
 # the CPU it runs on (into the user's ~/.cache/warmcast/native); without one, training computes the
-# same values in torch, about a fifth slower (README, "Backtest").
+# same values in torch, about 1.5x slower (README, "What works today").
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
