@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from torch.nn import functional as fn
 
 from models import native
-
 from pipeline.schemas import DEMAND_RESOURCES, HORIZONS_MIN, QUANTILES
 
 N_HORIZONS = len(HORIZONS_MIN)
@@ -108,7 +107,9 @@ class _HeadPinball(torch.autograd.Function):
     values; the parameters keep their (horizon, resource, level) order): the per-level steps
     (softplus, running sum, the pinball's sign) then run over rows of 24 values rather than 7,
     and the sums over levels and horizons in float32 before the float64 sum over steps (a float64
-    reduction over those strided axes cost a quarter of the forward pass).
+    reduction over those strided axes cost a quarter of the forward pass). On a CPU in float32
+    the steps after the head's matrix product run in one C pass instead
+    (:func:`models.native.head_pinball`: the sums per user in float64).
     """
 
     #: head values per block: 1 MB of float32 on a CPU (one training segment's forward + backward,
