@@ -1,4 +1,4 @@
-"""The native head kernel (models/native.c, models/native.py) against the torch path."""
+"""The native kernels (models/native.c, models/native.py) against the torch path and float64 references."""
 
 from __future__ import annotations
 
