@@ -49,6 +49,9 @@ COMPILE_FLAGS = ("-O3", "-ffast-math", "-fPIC", "-std=c11")
 LINK_FLAGS = ("-shared", "-lm")  # no -ffast-math here: see the module docstring
 #: users per thread below which a call is not split over threads
 MIN_USERS_PER_THREAD = 16
+#: grid values x columns of one grid_pinball call: the kernel's per-user sums live on its stack
+#: (8 bytes each; the recalibration's largest is 26 spreads x 144)
+MAX_GRID_VALUES = 1 << 15
 
 
 def _sizes() -> dict[str, int]:
@@ -262,7 +265,7 @@ def grid_pinball(base: Tensor, delta: Tensor | None, y: Tensor, tau: Tensor, gri
     user, Σ over that user's points of ``pinball_tau(y, pred)`` with ``pred = max(base + g·delta, 0)``,
     or, where ``delta`` is None, the floor ``pred = 0 if base < g else max(base, 0)``. ``base``,
     ``delta``, ``y`` ``[P, M]``, ``tau`` ``[M]`` (each column's level), ``user`` ``[P]`` the row of
-    the result each point adds to (non-decreasing, from 0). See native.c.
+    the result each point adds to (non-decreasing, in ``[0, n_users)``). See native.c.
 
     Users are split over torch's thread count at user boundaries (each writes its own rows)."""
     lib = library()
@@ -275,6 +278,8 @@ def grid_pinball(base: Tensor, delta: Tensor | None, y: Tensor, tau: Tensor, gri
         if tuple(t.shape) != shapes[name] or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous float32 CPU tensor of shape {shapes[name]}, "
                              f"got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous: {t.is_contiguous()})")
+    if m * len(grid) > MAX_GRID_VALUES:  # the kernel keeps one user's sums on its stack
+        raise ValueError(f"{len(grid)} grid values x {m} columns exceed {MAX_GRID_VALUES} sums per user")
     if tuple(user.shape) != (n_points,) or user.dtype != torch.int64 or not user.is_contiguous():
         raise ValueError(f"user: expected a contiguous int64 tensor of shape ({n_points},), got {tuple(user.shape)} {user.dtype}")
     if n_points and (int(user[0]) < 0 or int(user[-1]) >= n_users or bool((user[1:] < user[:-1]).any())):

@@ -239,6 +239,8 @@ def test_native_grid_sums_equal_the_reference(floor):
         native.grid_pinball(base, delta, y, tau, grid, user.flip(0).contiguous(), n_users)
     with pytest.raises(ValueError, match="tau"):
         native.grid_pinball(base, delta, y, tau[:-1].contiguous(), grid, user, n_users)
+    with pytest.raises(ValueError, match="exceed"):
+        native.grid_pinball(base, delta, y, tau, torch.zeros(native.MAX_GRID_VALUES // m + 1), user, n_users)
 
 
 @needs_native
