@@ -166,19 +166,20 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return _POOLS[key]
 
 
-def _split_users(n_users: int, threads: int, call: Callable[[int, int], None]) -> None:
-    """``call(u0, u1)`` over users ``[0, n_users)`` in ``threads`` parts (ctypes releases the GIL
-    during each call), the first part in this thread."""
-    threads = max(1, min(threads, n_users))
-    if threads == 1:
-        call(0, n_users)
-        return
-    step = -(-n_users // threads)
-    parts = [(lo, min(lo + step, n_users)) for lo in range(0, n_users, step)]
-    futures = [_pool(len(parts) - 1).submit(call, *part) for part in parts[1:]]
-    call(*parts[0])
+def _run_parts(bounds: list[tuple[int, int]], call: Callable[[int, int], None]) -> None:
+    """``call(lo, hi)`` for every part in ``bounds``, the first in this thread and the others in the
+    pool's threads at the same time (ctypes releases the GIL during each call)."""
+    futures = [_pool(len(bounds) - 1).submit(call, *part) for part in bounds[1:]] if len(bounds) > 1 else []
+    call(*bounds[0])
     for f in futures:
         f.result()
+
+
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernel is not available (see models.native.library)")
+    return lib
 
 
 def usable(t: Tensor) -> bool:
@@ -189,11 +190,12 @@ def usable(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and library() is not None
 
 
-def _check_plain(**tensors: Tensor) -> None:
-    for name, t in tensors.items():
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous float32 CPU tensor, got {t.dtype} on {t.device} "
-                             f"(contiguous: {t.is_contiguous()})")
+def _check(name: str, t: Tensor, shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """``t`` must be a contiguous CPU tensor of ``dtype`` (and ``shape`` when given): the kernels
+    read raw memory."""
+    if (shape is not None and tuple(t.shape) != shape) or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous {str(dtype).removeprefix('torch.')} CPU tensor" + (f" of shape {shape}" if shape is not None else "")
+                         + f", got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous: {t.is_contiguous()})")
 
 
 def lstm_forward_step(gates: Tensor, c: Tensor, c_out: Tensor, tanh_out: Tensor, h_out: Tensor) -> None:
@@ -201,10 +203,9 @@ def lstm_forward_step(gates: Tensor, c: Tensor, c_out: Tensor, tanh_out: Tensor,
     writes ``c_out``, ``tanh_out`` (tanh of ``c_out``) and ``h_out`` ``[U, C, H]`` from the cell
     state ``c``; gate order (input, forget, output, cell). Contiguous float32 CPU tensors; one
     thread (256 users' step split over two ran no faster, hidden 32 or 64). See native.c."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the native kernel is not available (see models.native.library)")
-    _check_plain(gates=gates, c=c, c_out=c_out, tanh_out=tanh_out, h_out=h_out)
+    lib = _lib()
+    for name, tensor in dict(gates=gates, c=c, c_out=c_out, tanh_out=tanh_out, h_out=h_out).items():
+        _check(name, tensor)
     hidden = c.shape[-1]
     if gates.numel() != 4 * c.numel() or not c.numel() == c_out.numel() == tanh_out.numel() == h_out.numel():
         raise ValueError(f"gates {tuple(gates.shape)} must have 4x the elements of c, c_out, tanh_out, h_out {tuple(c.shape)}")
@@ -219,10 +220,9 @@ def lstm_backward_step(acts: Tensor, c_prev: Tensor, tc: Tensor, grad_h: Tensor,
     ``grad_h`` ``[U, S, C, H]`` the loss gradient w.r.t. every step's h (step ``t`` is added into
     ``dh``). Updates ``dh`` (+ this step's output gradient) and ``dc`` (to the gradient of ``c_prev``)
     and writes ``dgates`` ``[U, C, 4H]``; ``dh`` is then the caller's to replace by dgates·W_recᵀ."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the native kernel is not available (see models.native.library)")
-    _check_plain(acts=acts, c_prev=c_prev, tc=tc, grad_h=grad_h, dh=dh, dc=dc, dgates=dgates)
+    lib = _lib()
+    for name, tensor in dict(acts=acts, c_prev=c_prev, tc=tc, grad_h=grad_h, dh=dh, dc=dc, dgates=dgates).items():
+        _check(name, tensor)
     n_users, steps, chunks, hidden = grad_h.shape
     if not 0 <= t < steps or tuple(dh.shape) != (n_users, chunks, hidden) or not (
             dh.shape == dc.shape == c_prev.shape == tc.shape) or acts.shape != dgates.shape or acts.numel() != 4 * dh.numel():
@@ -239,22 +239,22 @@ def head_pinball(raw: Tensor, y: Tensor, weight: Tensor, tau: Tensor, with_grad:
     with ``with_grad``, ``raw`` is overwritten by the sums' gradient w.r.t. it. See native.c.
 
     Users are split over torch's thread count (ctypes releases the GIL during each call)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the native kernel is not available (see models.native.library)")
+    lib = _lib()
     sizes = _sizes()
     n_users, n = raw.shape[:2]
     cells, levels, horizons = sizes["WC_CELLS"], sizes["WC_LEVELS"], sizes["WC_HORIZONS"]
     expected = {"raw": (raw, (n_users, n, levels * cells)), "y": (y, (n_users, n, cells)),
                 "weight": (weight, (n_users, n, horizons)), "tau": (tau, (levels,))}
     for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous float32 CPU tensor of shape {shape}, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous: {t.is_contiguous()})")
+        _check(name, t, shape)
     sums = torch.empty(n_users, sizes["WC_RESOURCES"], dtype=torch.float64)
+    if not n_users:
+        return sums
     args = (raw.data_ptr(), y.data_ptr(), weight.data_ptr(), tau.data_ptr(), sums.data_ptr())
-    _split_users(n_users, min(torch.get_num_threads(), n_users // MIN_USERS_PER_THREAD),
-                 lambda u0, u1: lib.head_pinball(*args, u0, u1, n, int(with_grad)))
+    threads = max(1, min(torch.get_num_threads(), n_users // MIN_USERS_PER_THREAD))
+    step = -(-n_users // threads)
+    _run_parts([(lo, min(lo + step, n_users)) for lo in range(0, n_users, step)],
+               lambda u0, u1: lib.head_pinball(*args, u0, u1, n, int(with_grad)))
     return sums
 
 
@@ -268,25 +268,20 @@ def grid_pinball(base: Tensor, delta: Tensor | None, y: Tensor, tau: Tensor, gri
     the result each point adds to (non-decreasing, in ``[0, n_users)``). See native.c.
 
     Users are split over torch's thread count at user boundaries (each writes its own rows)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the native kernel is not available (see models.native.library)")
+    lib = _lib()
     n_points, m = y.shape
-    expected = {"base": base, "y": y, "tau": tau, "grid": grid} | ({} if delta is None else {"delta": delta})
-    shapes = {"base": (n_points, m), "delta": (n_points, m), "y": (n_points, m), "tau": (m,), "grid": (len(grid),)}
-    for name, t in expected.items():
-        if tuple(t.shape) != shapes[name] or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous float32 CPU tensor of shape {shapes[name]}, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous: {t.is_contiguous()})")
+    for name, t in {"base": base, "delta": delta, "y": y}.items():
+        if t is not None:
+            _check(name, t, (n_points, m))
+    _check("tau", tau, (m,))
+    _check("grid", grid, (len(grid),))
+    _check("user", user, (n_points,), torch.int64)
     if m * len(grid) > MAX_GRID_VALUES:  # the kernel keeps one user's sums on its stack
         raise ValueError(f"{len(grid)} grid values x {m} columns exceed {MAX_GRID_VALUES} sums per user")
-    if tuple(user.shape) != (n_points,) or user.dtype != torch.int64 or not user.is_contiguous():
-        raise ValueError(f"user: expected a contiguous int64 tensor of shape ({n_points},), got {tuple(user.shape)} {user.dtype}")
     if n_points and (int(user[0]) < 0 or int(user[-1]) >= n_users or bool((user[1:] < user[:-1]).any())):
         raise ValueError(f"user must be non-decreasing and lie in [0, {n_users})")
     sums = torch.zeros(len(grid), n_users, m, dtype=torch.float64) if out is None else out
-    if tuple(sums.shape) != (len(grid), n_users, m) or sums.dtype != torch.float64 or not sums.is_contiguous():
-        raise ValueError(f"out: expected a contiguous float64 tensor of shape {(len(grid), n_users, m)}, got {tuple(sums.shape)} {sums.dtype}")
+    _check("out", sums, (len(grid), n_users, m), torch.float64)
     if not n_points:
         return sums
     # the kernel writes row user - user[0] from a pointer to row user[0]; a grid value's rows are n_users apart
@@ -299,10 +294,5 @@ def grid_pinball(base: Tensor, delta: Tensor | None, y: Tensor, tau: Tensor, gri
     if threads > 1:  # each thread's points start at a user's first point: no two threads add to one row
         edges += torch.searchsorted(user, user[torch.arange(1, threads) * n_points // threads]).tolist()
     edges = sorted(set(edges))
-    bounds = list(zip(edges[:-1], edges[1:]))
-    run = lambda b: lib.grid_pinball(*args, b[0], b[1], m, mode, rows.data_ptr(), n_users)  # noqa: E731
-    if len(bounds) == 1:
-        run(bounds[0])
-    else:
-        list(_pool(len(bounds)).map(run, bounds))
+    _run_parts(list(zip(edges[:-1], edges[1:])), lambda p0, p1: lib.grid_pinball(*args, p0, p1, m, mode, rows.data_ptr(), n_users))
     return sums
