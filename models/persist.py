@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from models.contract import to_forecast_table
 from models.features import BUCKET
 from models.module import StackedLSTM
-from models.store import ModelStore
+from models.store import ModelStore, ModelStoreError
 from models.train import TrainConfig, TrainedModels, UserMetrics, context_buckets, forecast_windows, predict, train
 from pipeline.demand import DEFAULT_LOOKBACK, build_demand_series, demand_from_lake, read_requests
 from pipeline.schemas import DEMAND, USER_FORECAST
@@ -318,6 +318,87 @@ def publish_training(lake: Location, planned: Sequence[Mapping[str, Any]], shard
     log.info("published model version %s: %d users in %d shards (fine-tuned from %s)", version, len(got), len(shards), plan["previous"])
     return {"version": version, "n_users": len(got), "n_shards": len(shards), "fine_tuned_from": plan["previous"],
             "training_window": [plan["since"], plan["until"]]}
+
+
+# ---- operating the store (the `warmcast models` command) ---------------------------------------
+
+
+def describe_versions(lake: Location) -> list[dict[str, Any]]:
+    """One row per published version (``users`` entry), oldest first: its training window, users,
+    users on the global model, held-out summary, lineage, whether ``latest`` names it and whether
+    its ``global`` entry exists. A version whose manifest or metadata cannot be read has ``error``."""
+    users, glob = ModelStore(lake, USERS), ModelStore(lake, GLOBAL)
+    latest, with_global = users.latest_version(), set(glob.versions())
+    rows = []
+    for v in users.versions():
+        row: dict[str, Any] = {"version": v, "latest": v == latest, "global": v in with_global}
+        try:
+            meta = users.metadata(v)
+        except ModelStoreError as exc:
+            rows.append(row | {"error": str(exc)})
+            continue
+        window = meta.get("training_window") or {}
+        metrics = meta.get("metrics") or {}
+        row |= {"created_at": meta.get("created_at"), "trained_from": window.get("start"), "trained_until": window.get("end"),
+                "users": meta.get("n_users"), "users_on_global": len(meta.get("uses_global", [])), "shards": meta.get("n_shards"),
+                "pinball": metrics.get("pinball_real"), "last_value_pinball": metrics.get("last_value_pinball_real"),
+                "fine_tuned_from": meta.get("fine_tuned_from"), "base_version": meta.get("base_version"),
+                "imported_user": (meta.get("imported_user") or {}).get("user_id"), "code_version": meta.get("code_version")}
+        rows.append(row)
+    return rows
+
+
+def verify_version(lake: Location, version: str) -> dict[str, Any]:
+    """Read every file of ``version`` in both entries and check it (:meth:`ModelStore.verify`);
+    raises :class:`~models.store.ModelStoreError` (:class:`~models.store.CorruptModelError` for a
+    bad file) naming the first problem."""
+    out = ModelStore(lake, USERS).verify(version)
+    ModelStore(lake, GLOBAL).verify(version)
+    return out
+
+
+def promote_version(lake: Location, version: str) -> str | None:
+    """Point ``latest`` at ``version`` (roll back or forward) once every file of it checks out;
+    the ``global`` pointer first, ``users`` (the commit point) last. Returns the previous latest.
+
+    Forecasts then use it (:meth:`ModelStore.version_trained_before` prefers ``latest`` whenever
+    its training window ends before the issue time), and the next daily training fine-tunes from
+    it."""
+    users, glob = ModelStore(lake, USERS), ModelStore(lake, GLOBAL)
+    previous = users.latest_version()
+    verify_version(lake, version)
+    glob.set_latest(version)
+    users.set_latest(version)
+    log.warning("model version %s promoted to latest (was %s)", version, previous)
+    return previous
+
+
+def import_user_params(lake: Location, blob: bytes, *, user_id: str | None = None, base_version: str | None = None,
+                       set_latest: bool = True) -> str:
+    """Publish a new version: ``base_version`` (default latest) with one user's parameters replaced
+    or added from ``blob`` (:meth:`ModelStore.export_user` of this lake or another with the same
+    hidden size); ``user_id`` renames the user. The new version carries the base's global model and
+    training window, and the user is no longer flagged as forecast by the global model. Returns it."""
+    users, glob = ModelStore(lake, USERS), ModelStore(lake, GLOBAL)
+    base = base_version or users.latest_version()
+    if base is None:
+        raise ModelStoreError(f"no model version in {lake.uri}/models to import into: train one first")
+    verify_version(lake, base)
+    version = ModelStore.new_version()
+    info = glob.manifest(base)["shards"][0]
+    names, weights = glob.read_shard(base, info)
+    glob_meta = glob.metadata(base)
+    glob.publish(version, [glob.write_shard(version, 0, names, weights)], training_window=glob.training_window(base),
+                 metrics=glob_meta.get("metrics"), extra={"base_version": base}, set_latest=False)
+
+    def update(meta: dict, uid: str) -> dict[str, Any]:
+        return {"uses_global": sorted(set(meta.get("uses_global", [])) - {uid})}
+
+    users.import_user(blob, user_id=user_id, base_version=base, set_latest=False, version=version, update=update)
+    if set_latest:
+        glob.set_latest(version)
+        users.set_latest(version)
+    return version
 
 
 # ---- sharded forecasting (the forecast_and_scale DAG) -----------------------------------------

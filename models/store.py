@@ -43,7 +43,7 @@ import os
 import posixpath
 import subprocess
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -342,6 +342,11 @@ class ModelStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelStoreError(f"model {self.name!r}: unreadable pointer {self.loc.display(path)} ({exc})") from exc
 
+    def metadata(self, version: str) -> dict:
+        """The checked metadata of ``version`` (training window, metrics, code version, extras)."""
+        manifest = self.manifest(version)
+        return json.loads(self._read_checked(version, METADATA, manifest["metadata"]["sha256"]))
+
     def read_index(self, version: str, manifest: dict | None = None) -> pa.Table:
         """The checked ``user_id, shard, row`` index of ``version``."""
         manifest = manifest or self.manifest(version)
@@ -402,6 +407,27 @@ class ModelStore:
                 return model
             raise
 
+    def verify(self, version: str) -> dict:
+        """Read every file of ``version`` and check it against its manifest (sha256, tensors, the
+        users of each shard against the index). Returns ``{"users", "shards", "bytes"}``; raises
+        :class:`CorruptModelError` naming the first bad file, :class:`ModelStoreError` when the
+        version is not published."""
+        manifest = self.manifest(version)
+        json.loads(self._read_checked(version, METADATA, manifest["metadata"]["sha256"]))
+        index = self.read_index(version, manifest)
+        users, size = [], 0
+        for s in sorted((ShardInfo.from_dict(s) for s in manifest["shards"]), key=lambda s: s.shard):
+            part = self._shard_users(version, s)
+            if len(part) != s.n_users:
+                raise CorruptModelError(f"model {self.name!r} version {version!r}: {s.users_file} lists {len(part)} users, "
+                                        f"the manifest {s.n_users}")
+            self._load_shard(version, s, manifest["tensors"])
+            users += part
+            size += s.bytes
+        if users != index["user_id"].to_pylist():
+            raise CorruptModelError(f"model {self.name!r} version {version!r}: the index does not list the shards' users in order")
+        return {"users": len(users), "shards": len(manifest["shards"]), "bytes": size}
+
     # ---- one user's parameters ---------------------------------------------------------------
     def export_user(self, user_id: str, version: str | None = None) -> bytes:
         """One user's parameters (the row of every tensor) as a self-describing ``torch.save`` blob."""
@@ -416,12 +442,15 @@ class ModelStore:
         torch.save(blob, buf)
         return buf.getvalue()
 
-    def import_user(self, blob: bytes, *, user_id: str | None = None, base_version: str | None = None, set_latest: bool = True) -> str:
+    def import_user(self, blob: bytes, *, user_id: str | None = None, base_version: str | None = None, set_latest: bool = True,
+                    version: str | None = None, update: Callable[[dict, str], Mapping] | None = None) -> str:
         """Publish a new version: ``base_version`` (default latest) with one user's row replaced or added.
 
         ``blob`` comes from :meth:`export_user` (of this or another store with the same tensor
         shapes); ``user_id`` renames the user on the way in. Shards without the user are copied
-        byte for byte. Returns the new version.
+        byte for byte. ``version``: the new version's id (default a fresh one); ``update``: called
+        with the base version's metadata and the user id, returns metadata keys to set on the new
+        version (the rest is copied). Returns the new version.
         """
         try:
             data = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
@@ -442,7 +471,8 @@ class ModelStore:
         users = index["user_id"].to_pylist()
         shards = [ShardInfo.from_dict(s) for s in manifest["shards"]]
         target = int(index["shard"][users.index(uid)].as_py()) if uid in users else shards[-1].shard
-        version = self.new_version()
+        version = check_id(version, "model version") if version else self.new_version()
+        self._check_unpublished(version)
         self.loc.makedirs(self._vpath(version))
         out = []
         for s in shards:
@@ -464,5 +494,7 @@ class ModelStore:
         window = meta.get("training_window")
         extra = {k: v for k, v in meta.items() if k not in _AUTO_METADATA}  # e.g. hyper-parameters
         extra |= {"imported_user": {"user_id": uid, "from_model": data.get("model"), "from_version": data.get("version")}, "base_version": base}
+        if update is not None:
+            extra |= dict(update(meta, uid))
         tw = None if not window else (datetime.fromisoformat(window["start"]), datetime.fromisoformat(window["end"]))
         return self.publish(version, out, training_window=tw, metrics=meta.get("metrics"), extra=extra, set_latest=set_latest)

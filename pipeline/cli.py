@@ -148,6 +148,96 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt(value, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The model store: list, show, verify and promote (roll back) versions; export / import one user."""
+    from models import persist
+    from models.store import CorruptModelError, ModelStore, ModelStoreError
+    from pipeline.storage import location_from_settings
+
+    settings = _settings(args)
+    lake = location_from_settings(settings.lake, settings)
+    users = ModelStore(lake, persist.USERS)
+    cmd, target = args.models_command, args.target
+    needs = {"promote": "a version", "export-user": "a user id", "import-user": "an exported file"}
+    if cmd in needs and not target:
+        print(f"error: warmcast models {cmd} needs {needs[cmd]}", file=sys.stderr)
+        return 2
+    if cmd == "export-user" and not args.out:
+        print("error: warmcast models export-user needs --out FILE", file=sys.stderr)
+        return 2
+    try:
+        if cmd == "list":
+            rows = persist.describe_versions(lake)
+            if args.json:
+                for row in rows:
+                    print(json.dumps(row))
+                return 0
+            if not rows:
+                print(f"no model version in {lake.uri}/models: run `warmcast train` or the train_user_models DAG")
+                return 0
+            print(f"  {'version':<30} {'trained on':<33} {'users':>6} {'global':>6} {'pinball':>8} {'last val':>8}  from")
+            for r in rows:
+                if "error" in r:
+                    print(f"{'*' if r['latest'] else ' '} {r['version']:<30} error: {r['error']}")
+                    continue
+                span = f"{(r['trained_from'] or '-')[:16]} – {(r['trained_until'] or '-')[:16]}"
+                lineage = (f"import of {r['imported_user']!r} into {r['base_version']}" if r["imported_user"] is not None
+                           else f"fine-tuned {r['fine_tuned_from']}" if r["fine_tuned_from"] else "")
+                note = "" if r["global"] else "  (no global entry: cannot forecast)"
+                print(f"{'*' if r['latest'] else ' '} {r['version']:<30} {span:<33} {_fmt(r['users']):>6} {r['users_on_global']:>6} "
+                      f"{_fmt(r['pinball'], '.4f'):>8} {_fmt(r['last_value_pinball'], '.4f'):>8}  {lineage}{note}")
+            print("* latest; global: users forecast by the global model (too little history); pinball: mean held-out "
+                  "pinball loss in real units (last val: the last-value baseline's on the same points)")
+            return 0
+        if cmd == "show":
+            version = target or users.latest_version()
+            if version is None:
+                raise ModelStoreError(f"no model version in {lake.uri}/models")
+            print(json.dumps(users.metadata(version), indent=2, default=str))
+            return 0
+        if cmd == "verify":
+            versions = users.versions() if args.all else [target or users.latest_version()]
+            if versions == [None]:
+                raise ModelStoreError(f"no model version in {lake.uri}/models")
+            bad = 0
+            for v in versions:
+                try:
+                    info = persist.verify_version(lake, v)
+                except CorruptModelError as exc:
+                    bad += 1
+                    print(f"CORRUPT {v}: {exc}")
+                    continue
+                print(f"ok      {v}: {info['users']} users in {info['shards']} shards, {info['bytes']} bytes of weights, "
+                      "every checksum matches")
+            return 1 if bad else 0
+        if cmd == "promote":
+            previous = persist.promote_version(lake, target)
+            print(f"latest: {previous} -> {target} (forecasts use it from the next cycle; the next training "
+                  "fine-tunes from it)")
+            return 0
+        if cmd == "export-user":
+            blob = users.export_user(target, args.from_version)
+            Path(args.out).write_bytes(blob)
+            print(f"wrote user {target!r}'s parameters ({len(blob)} bytes) to {args.out}")
+            return 0
+        if cmd == "import-user":
+            version = persist.import_user_params(lake, Path(target).read_bytes(), user_id=args.as_user,
+                                                 base_version=args.base, set_latest=not args.no_latest)
+            print(f"published model version {version}" + ("" if args.no_latest else " (now latest)"))
+            return 0
+    except CorruptModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ModelStoreError, KeyError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+    raise AssertionError(cmd)
+
+
 def _aws_settings(settings: Settings, endpoint_url: str | None):
     from dataclasses import replace
 
@@ -409,6 +499,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=TRAIN_EPOCHS, help="per-user epochs (an upper bound: users stop early)")
     p.add_argument("--global-epochs", type=int, default=5)
     p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+
+    p = add("models", cmd_models, "the model store: list, show, verify, promote (roll back) versions; export or import one user")
+    p.add_argument("models_command", choices=("list", "show", "verify", "promote", "export-user", "import-user"))
+    p.add_argument("target", nargs="?", help="show / verify / promote: a version (default latest); "
+                                             "export-user: the user id; import-user: the exported file")
+    p.add_argument("--lake", help="lake location")
+    p.add_argument("--all", action="store_true", help="verify: every version")
+    p.add_argument("--json", action="store_true", help="list: one JSON object per version")
+    p.add_argument("--version", dest="from_version", help="export-user: the version to export from (default latest)")
+    p.add_argument("--out", help="export-user: file to write")
+    p.add_argument("--as", dest="as_user", help="import-user: the user id to import the parameters as")
+    p.add_argument("--base", help="import-user: the version to import into (default latest)")
+    p.add_argument("--no-latest", action="store_true", help="import-user: publish without moving latest")
 
     p = add("forecast", cmd_forecast, "per-user quantile forecasts issued at a time, from data before it")
     p.add_argument("--lake", help="lake location")

@@ -1,0 +1,177 @@
+"""`warmcast models`: list, verify, promote (roll back), export and import one user — on a real
+trained version in a lake, and what the pipeline then forecasts with."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+import torch
+
+from models.persist import forecast_users, import_user_params, load_trained, plan_forecast, promote_version, save_trained
+from models.store import CorruptModelError, ModelStore, ModelStoreError
+from models.train import TrainConfig, train
+from pipeline.cli import main
+from pipeline.demand import demand_from_lake
+from tests.models.test_persist import START, _lake_with_requests
+
+UNTIL = START + timedelta(days=3)
+
+
+@pytest.fixture(scope="module")
+def lake_with_two_versions(tmp_path_factory):
+    """A lake of 4 users' requests with two published versions (the second is latest)."""
+    tmp = tmp_path_factory.mktemp("models-cli")
+    lake = _lake_with_requests(tmp, users=4, days=3.0)
+    demand = demand_from_lake(lake, START, UNTIL)
+    versions = []
+    for seed in (0, 1):
+        trained = train(demand, since=START, until=UNTIL, config=TrainConfig(epochs=1, global_epochs=1, hidden=8, seed=seed))
+        versions.append(save_trained(lake, trained, fine_tuned_from=versions[-1] if versions else None))
+    return lake, versions
+
+
+def _copy(lake, tmp_path):
+    import shutil
+
+    from pipeline.storage import open_location
+
+    shutil.copytree(lake.root, tmp_path / "lake")
+    return open_location(str(tmp_path / "lake"))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["models", *argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_list_and_verify(lake_with_two_versions, capsys):
+    lake, (v1, v2) = lake_with_two_versions
+    rc, out, _ = run(capsys, "list", "--lake", lake.root)
+    assert rc == 0
+    lines = [line for line in out.splitlines() if v1 in line or v2 in line]
+    assert len(lines) == 2 and lines[0].startswith(f"  {v1}") and lines[1].startswith(f"* {v2}")
+    assert "2026-11-02T00:00 – 2026-11-05T00:00" in lines[1]
+    rc, out, _ = run(capsys, "list", "--lake", lake.root, "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["version"] for r in rows] == [v1, v2] and [r["latest"] for r in rows] == [False, True]
+    assert all(r["users"] == 4 and r["global"] and r["pinball"] > 0 for r in rows)
+    assert rows[1]["fine_tuned_from"] == v1 and f"fine-tuned {v1}" in lines[1]
+    rc, out, _ = run(capsys, "verify", "--lake", lake.root, "--all")
+    assert rc == 0 and out.count("every checksum matches") == 2
+    rc, out, _ = run(capsys, "show", v1, "--lake", lake.root)
+    assert rc == 0 and json.loads(out)["version"] == v1
+
+
+def test_verify_names_a_corrupt_file_and_promote_refuses_it(lake_with_two_versions, tmp_path, capsys):
+    src, (v1, v2) = lake_with_two_versions
+    lake = _copy(src, tmp_path)
+    shard = tmp_path / "lake" / "models" / "users" / "versions" / v1 / "shard-00000.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    rc, out, _ = run(capsys, "verify", "--lake", lake.root, "--all")
+    assert rc == 1
+    assert f"CORRUPT {v1}" in out and "shard-00000.pt is corrupt" in out and f"ok      {v2}" in out
+    rc, _, err = run(capsys, "promote", v1, "--lake", lake.root)
+    assert rc == 1 and "shard-00000.pt" in err
+    assert ModelStore(lake, "users").latest_version() == v2  # untouched
+    # the global entry is checked too
+    users_file = tmp_path / "lake" / "models" / "global" / "versions" / v2 / "shard-00000.users.parquet"
+    users_file.write_bytes(users_file.read_bytes()[:-3])
+    with pytest.raises(CorruptModelError, match="global.*shard-00000.users.parquet"):
+        promote_version(lake, v2)
+
+
+def test_promote_rolls_back_what_forecasts_and_training_use(lake_with_two_versions, tmp_path, capsys):
+    src, (v1, v2) = lake_with_two_versions
+    lake = _copy(src, tmp_path)
+    at = UNTIL + timedelta(minutes=30)
+    assert plan_forecast(lake, at, 10, 1)[0]["version"] == v2
+    rc, out, err = run(capsys, "promote", v1, "--lake", lake.root)
+    assert rc == 0 and f"latest: {v2} -> {v1}" in out
+    assert ModelStore(lake, "users").latest_version() == v1 and ModelStore(lake, "global").latest_version() == v1
+    assert plan_forecast(lake, at, 10, 1)[0]["version"] == v1
+    assert load_trained(lake)[0] == v1
+    rc, _, err = run(capsys, "promote", "20990101T000000000000Z-abcdef", "--lake", lake.root)
+    assert rc == 2 and "no published version" in err
+    rc, _, err = run(capsys, "promote", "../../etc", "--lake", lake.root)
+    assert rc == 2 and "well-formed" in err
+
+
+def test_export_then_import_a_user_publishes_a_version_the_pipeline_forecasts_with(lake_with_two_versions, tmp_path, capsys):
+    src, (v1, v2) = lake_with_two_versions
+    lake = _copy(src, tmp_path)
+    user = load_trained(lake)[1].user_ids[1]
+    blob = tmp_path / "user.pt"
+    rc, out, _ = run(capsys, "export-user", user, "--version", v1, "--lake", lake.root, "--out", str(blob))
+    assert rc == 0 and blob.stat().st_size > 0
+    exported = torch.load(blob, weights_only=True)
+    assert exported["version"] == v1 and exported["user_id"] == user
+    # v1's parameters for that user, into the latest (v2), under the same id: a new version
+    rc, out, _ = run(capsys, "import-user", str(blob), "--lake", lake.root)
+    assert rc == 0
+    v3 = ModelStore(lake, "users").latest_version()
+    assert v3 not in (v1, v2) and f"published model version {v3} (now latest)" in out
+    version, models = load_trained(lake)  # both entries exist: the pipeline loads it
+    old, new = load_trained(lake, v1)[1], load_trained(lake, v2)[1]
+    row = models.user_ids.index(user)
+    for name, t in models.model.get_all().items():
+        assert torch.equal(t[row], old.model.get_all()[name][old.user_ids.index(user)]), name
+        other = 1 - row if row < 2 else 0
+        assert torch.equal(t[other], new.model.get_all()[name][new.user_ids.index(models.user_ids[other])]), name
+    for name, t in models.global_model.get_all().items():
+        assert torch.equal(t, new.global_model.get_all()[name]), name
+    assert (models.since, models.until) == (new.since, new.until)
+    table = forecast_users(lake, UNTIL + timedelta(minutes=30), [user], plan_forecast(lake, UNTIL + timedelta(minutes=30), 10, 1)[0]["version"])
+    assert set(table["model_version"].to_pylist()) == {f"lstm:{v3}"}
+    # and as a new user: added, no longer flagged as on the global model
+    rc, _, _ = run(capsys, "import-user", str(blob), "--as", "newcomer", "--lake", lake.root, "--no-latest")
+    assert rc == 0 and ModelStore(lake, "users").latest_version() == v3
+    rows = {r["version"]: r for r in (json.loads(line) for line in (run(capsys, "list", "--json", "--lake", lake.root)[1]).splitlines())}
+    v4 = max(rows)
+    assert rows[v4]["users"] == 5 and rows[v4]["imported_user"] == "newcomer" and rows[v4]["base_version"] == v3
+    assert "newcomer" in load_trained(lake, v4)[1].user_ids
+
+
+def test_import_into_a_flagged_user_clears_its_global_flag(lake_with_two_versions, tmp_path):
+    src, (_, v2) = lake_with_two_versions
+    lake = _copy(src, tmp_path)
+    users = ModelStore(lake, "users")
+    meta = users.metadata(v2)
+    user = load_trained(lake)[1].user_ids[0]
+    blob = users.export_user(user)
+    # a version in which that user was forecast by the global model (too little history)
+    flagged = users.import_user(blob, update=lambda m, uid: {"uses_global": [uid]}, set_latest=False, version="flagged")
+    glob = ModelStore(lake, "global")
+    info = glob.manifest(v2)["shards"][0]
+    glob.publish("flagged", [glob.write_shard("flagged", 0, *glob.read_shard(v2, info))], training_window=glob.training_window(v2),
+                 set_latest=False)
+    assert load_trained(lake, flagged)[1].uses_global.tolist() == [True, False, False, False]
+    v = import_user_params(lake, blob, base_version=flagged)
+    assert load_trained(lake, v)[1].uses_global.tolist() == [False] * 4
+    assert users.metadata(v)["config"] == meta["config"]
+
+
+def test_bad_invocations_name_the_problem(lake_with_two_versions, tmp_path, capsys):
+    lake, (v1, _) = lake_with_two_versions
+    rc, _, err = run(capsys, "export-user", "nobody", "--lake", lake.root, "--out", str(tmp_path / "x.pt"))
+    assert rc == 2 and "no user 'nobody'" in err
+    rc, _, err = run(capsys, "export-user", "nobody", "--lake", lake.root)
+    assert rc == 2 and "needs --out" in err
+    rc, _, err = run(capsys, "promote", "--lake", lake.root)
+    assert rc == 2 and "needs a version" in err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    rc, _, err = run(capsys, "import-user", str(junk), "--lake", lake.root)
+    assert rc == 2 and "not a user-parameter export" in err
+    empty = tmp_path / "empty"
+    rc, out, _ = run(capsys, "list", "--lake", str(empty))
+    assert rc == 0 and "no model version" in out
+    with pytest.raises(ModelStoreError, match="train one first"):
+        from pipeline.storage import open_location
+
+        import_user_params(open_location(str(empty)), b"")
+    assert not (tmp_path / "x.pt").exists()  # nothing written for a refused export
