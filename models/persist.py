@@ -373,6 +373,35 @@ def promote_version(lake: Location, version: str) -> str | None:
     return previous
 
 
+def prune_versions(lake: Location, keep: int, dry_run: bool = False) -> list[str]:
+    """Delete every published version but the ``keep`` newest (by publish time) and the one
+    ``latest`` names, in both entries (``users`` first, so a reader never finds a users version
+    without its global model). Unpublished folders (a training run in progress, or one that
+    failed) are left alone. A back-fill issued before the oldest version kept was trained then
+    falls back to the ``forecast.fallback`` baseline. Returns the versions deleted (or, with
+    ``dry_run``, that would be)."""
+    if keep < 1:
+        raise ValueError(f"keep={keep}: at least the newest version must be kept")
+    users, glob = ModelStore(lake, USERS), ModelStore(lake, GLOBAL)
+    versions = users.versions()
+    kept = set(versions[-keep:]) | {users.latest_version(), glob.latest_version()}
+    doomed = [v for v in versions if v not in kept]
+    # global entries whose users entry was never published go too, if older than every version kept
+    # (a newer one may belong to a publish in progress: global is published first)
+    oldest_kept = min(users.manifest(v)["created_at"] for v in kept if v in versions) if versions else ""
+    doomed_global = [v for v in glob.versions() if v not in kept and (
+        v in doomed or (v not in versions and glob.manifest(v)["created_at"] < oldest_kept))]
+    if not dry_run:
+        for v in doomed:
+            users.delete_version(v)
+        for v in doomed_global:  # with them, global entries whose users entry was never published
+            glob.delete_version(v)
+        if doomed or doomed_global:
+            log.warning("pruned model versions %s (kept the %d newest and latest %s)", sorted(set(doomed) | set(doomed_global)),
+                        keep, users.latest_version())
+    return sorted(set(doomed) | set(doomed_global))
+
+
 def import_user_params(lake: Location, blob: bytes, *, user_id: str | None = None, base_version: str | None = None,
                        set_latest: bool = True) -> str:
     """Publish a new version: ``base_version`` (default latest) with one user's parameters replaced
@@ -384,6 +413,7 @@ def import_user_params(lake: Location, blob: bytes, *, user_id: str | None = Non
     if base is None:
         raise ModelStoreError(f"no model version in {lake.uri}/models to import into: train one first")
     verify_version(lake, base)
+    users.read_user_export(blob, base)  # refused before anything is written
     version = ModelStore.new_version()
     info = glob.manifest(base)["shards"][0]
     names, weights = glob.read_shard(base, info)

@@ -428,6 +428,20 @@ class ModelStore:
             raise CorruptModelError(f"model {self.name!r} version {version!r}: the index does not list the shards' users in order")
         return {"users": len(users), "shards": len(manifest["shards"]), "bytes": size}
 
+    def delete_version(self, version: str) -> int:
+        """Delete a published or leftover ``version`` (never the one ``latest`` names): its manifest
+        first, so readers stop seeing it before any other file goes. Returns the files deleted."""
+        if version == self.latest_version():
+            raise ModelStoreError(f"model {self.name!r} version {version!r} is latest; promote another version first")
+        folder = self._vpath(version)
+        files = [f for f in self.loc.list_files(folder) if posixpath.basename(f) != MANIFEST]
+        self.loc.delete(self._vpath(version, MANIFEST))
+        for f in files:
+            self.loc.delete(f)
+        if self.loc.is_dir(folder):
+            self.loc.fs.delete_dir(folder)
+        return len(files) + 1
+
     # ---- one user's parameters ---------------------------------------------------------------
     def export_user(self, user_id: str, version: str | None = None) -> bytes:
         """One user's parameters (the row of every tensor) as a self-describing ``torch.save`` blob."""
@@ -442,6 +456,20 @@ class ModelStore:
         torch.save(blob, buf)
         return buf.getvalue()
 
+    def read_user_export(self, blob: bytes, version: str) -> dict:
+        """An :meth:`export_user` blob, checked: its format, and its tensors' names, shapes and dtypes
+        against ``version``'s. Raises :class:`ModelStoreError` saying which does not fit."""
+        try:
+            data = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise ModelStoreError(f"not a user-parameter export ({exc})") from exc
+        if not isinstance(data, dict) or data.get("format") != USER_FORMAT or not isinstance(data.get("tensors"), dict):
+            raise ModelStoreError(f"not a {USER_FORMAT} export")
+        got, want = _describe({k: v.unsqueeze(0) for k, v in data["tensors"].items()}), self.manifest(version)["tensors"]
+        if got != want:
+            raise ModelStoreError(f"user parameters do not match model {self.name!r} version {version!r}: {got} vs {want}")
+        return data
+
     def import_user(self, blob: bytes, *, user_id: str | None = None, base_version: str | None = None, set_latest: bool = True,
                     version: str | None = None, update: Callable[[dict, str], Mapping] | None = None) -> str:
         """Publish a new version: ``base_version`` (default latest) with one user's row replaced or added.
@@ -452,21 +480,13 @@ class ModelStore:
         with the base version's metadata and the user id, returns metadata keys to set on the new
         version (the rest is copied). Returns the new version.
         """
-        try:
-            data = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
-        except Exception as exc:  # noqa: BLE001
-            raise ModelStoreError(f"not a user-parameter export ({exc})") from exc
-        if not isinstance(data, dict) or data.get("format") != USER_FORMAT:
-            raise ModelStoreError(f"not a {USER_FORMAT} export")
-        uid = str(user_id if user_id is not None else data["user_id"])
-        params: dict[str, torch.Tensor] = data["tensors"]
         base = base_version or self.latest_version()
         if base is None:
             raise ModelStoreError(f"model {self.name!r} has no version to import into")
+        data = self.read_user_export(blob, base)
+        uid = str(user_id if user_id is not None else data["user_id"])
+        params: dict[str, torch.Tensor] = data["tensors"]
         manifest = self.manifest(base)
-        if _describe({k: v.unsqueeze(0) for k, v in params.items()}) != manifest["tensors"]:
-            raise ModelStoreError(f"user parameters do not match model {self.name!r} version {base!r}: "
-                                  f"{_describe({k: v.unsqueeze(0) for k, v in params.items()})} vs {manifest['tensors']}")
         index = self.read_index(base, manifest)
         users = index["user_id"].to_pylist()
         shards = [ShardInfo.from_dict(s) for s in manifest["shards"]]

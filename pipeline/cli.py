@@ -219,6 +219,14 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"latest: {previous} -> {target} (forecasts use it from the next cycle; the next training "
                   "fine-tunes from it)")
             return 0
+        if cmd == "prune":
+            if args.keep is None:
+                print("error: warmcast models prune needs --keep N (the newest versions to keep)", file=sys.stderr)
+                return 2
+            gone = persist.prune_versions(lake, args.keep, dry_run=args.dry_run)
+            verb = "would delete" if args.dry_run else "deleted"
+            print(f"{verb} {len(gone)} version(s)" + "".join(f"\n  {v}" for v in gone))
+            return 0
         if cmd == "export-user":
             blob = users.export_user(target, args.from_version)
             Path(args.out).write_bytes(blob)
@@ -500,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-epochs", type=int, default=5)
     p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
 
-    p = add("models", cmd_models, "the model store: list, show, verify, promote (roll back) versions; export or import one user")
-    p.add_argument("models_command", choices=("list", "show", "verify", "promote", "export-user", "import-user"))
+    p = add("models", cmd_models, "the model store: list, show, verify, promote (roll back), prune versions; export or import one user")
+    p.add_argument("models_command", choices=("list", "show", "verify", "promote", "prune", "export-user", "import-user"))
     p.add_argument("target", nargs="?", help="show / verify / promote: a version (default latest); "
                                              "export-user: the user id; import-user: the exported file")
     p.add_argument("--lake", help="lake location")
@@ -512,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as", dest="as_user", help="import-user: the user id to import the parameters as")
     p.add_argument("--base", help="import-user: the version to import into (default latest)")
     p.add_argument("--no-latest", action="store_true", help="import-user: publish without moving latest")
+    p.add_argument("--keep", type=int, help="prune: how many of the newest versions to keep (latest is always kept)")
+    p.add_argument("--dry-run", action="store_true", help="prune: list what would be deleted, delete nothing")
 
     p = add("forecast", cmd_forecast, "per-user quantile forecasts issued at a time, from data before it")
     p.add_argument("--lake", help="lake location")

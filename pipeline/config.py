@@ -149,8 +149,13 @@ class TrainSettings:
     #: LSTM units per user (models.train.TrainConfig.hidden): 64 forecasts better than 32 on
     #: ServeGen; 32 trains and forecasts ~1.5-2x faster.
     hidden: int = 64
+    #: After each publish, delete all but this many newest model versions (None: keep every one).
+    #: At hidden 64 a version takes ~140 kB per user (10k users: ~1.4 GB a day).
+    keep_versions: int | None = None
 
     def __post_init__(self) -> None:
+        if self.keep_versions is not None and self.keep_versions < 1:
+            raise ConfigError(f"train.keep_versions={self.keep_versions} must be at least 1 (or unset: keep every version)")
         if not 1 <= self.hidden <= 1024:
             raise ConfigError(f"train.hidden={self.hidden} must lie in [1, 1024]")
         if self.global_max_users is not None and self.global_max_users < 1:

@@ -78,7 +78,7 @@ def test_dag_shape(dag):
     assert dag.get_task("publish").outlets == [Asset(name="warmcast.user_models", group="warmcast")]
 
 
-def test_daily_runs_publish_whole_versions_and_fine_tune_from_the_day_before(dag, lake):
+def test_daily_runs_publish_whole_versions_and_fine_tune_from_the_day_before(dag, lake, monkeypatch):
     from models.persist import load_trained
     from pipeline.demand import demand_from_lake
     from pipeline.storage import open_location
@@ -111,11 +111,17 @@ def test_daily_runs_publish_whole_versions_and_fine_tune_from_the_day_before(dag
     assert users.load_version(v2).metadata["fine_tuned_from"] is None
     assert users.load_version(v1).user_ids == model.user_ids  # the older version stays loadable
 
-    # The next day fine-tunes from the newest version trained before it.
+    # The next day fine-tunes from the newest version trained before it; with a retention of two
+    # versions, publishing it deletes the oldest (both entries).
+    assert read_xcom(again, "publish").get("pruned") is None  # no retention set: nothing pruned
+    monkeypatch.setenv("WARMCAST_TRAIN__KEEP_VERSIONS", "2")
     day2 = run_dag(dag, DAY1 + timedelta(days=1))
     assert day2.state == "success", task_states(day2)
     v3 = read_xcom(day2, "publish")["version"]
     assert users.latest_version() == v3 and users.load_version(v3).metadata["fine_tuned_from"] == v2
+    assert read_xcom(day2, "publish")["pruned"] == [v1]
+    assert users.versions() == [v2, v3] and glob.versions() == [v2, v3]
+    assert not (lake / "models" / "users" / "versions" / v1).exists()
     assert users.version_trained_before(DAY1 + timedelta(hours=12)) == v2  # what a forecast at that time uses
 
 

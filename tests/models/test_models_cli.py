@@ -165,8 +165,14 @@ def test_bad_invocations_name_the_problem(lake_with_two_versions, tmp_path, caps
     assert rc == 2 and "needs a version" in err
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a torch file")
+    before = (ModelStore(lake, "users").versions(), ModelStore(lake, "global").versions())
     rc, _, err = run(capsys, "import-user", str(junk), "--lake", lake.root)
     assert rc == 2 and "not a user-parameter export" in err
+    small = tmp_path / "small.pt"
+    torch.save({"format": "warmcast-user-params/1", "user_id": "x", "tensors": {"w_in": torch.zeros(2)}}, small)
+    rc, _, err = run(capsys, "import-user", str(small), "--lake", lake.root)
+    assert rc == 2 and "do not match model 'users'" in err
+    assert (ModelStore(lake, "users").versions(), ModelStore(lake, "global").versions()) == before  # nothing written
     empty = tmp_path / "empty"
     rc, out, _ = run(capsys, "list", "--lake", str(empty))
     assert rc == 0 and "no model version" in out
@@ -175,3 +181,46 @@ def test_bad_invocations_name_the_problem(lake_with_two_versions, tmp_path, caps
 
         import_user_params(open_location(str(empty)), b"")
     assert not (tmp_path / "x.pt").exists()  # nothing written for a refused export
+
+
+def test_prune_keeps_the_newest_and_latest_and_leaves_unpublished_folders(lake_with_two_versions, tmp_path, capsys):
+    src, (v1, v2) = lake_with_two_versions
+    lake = _copy(src, tmp_path)
+    users, glob = ModelStore(lake, "users"), ModelStore(lake, "global")
+    blob = users.export_user(load_trained(lake)[1].user_ids[0])
+    v3 = import_user_params(lake, blob, set_latest=False)  # newest, not latest
+    users.write_shard("in-progress", 0, ["a"], {"w": torch.zeros(1, 2)})  # a training run writing its shards
+    glob.write_shard("in-progress", 0, ["global"], {"w": torch.zeros(1, 2)})
+    rc, out, _ = run(capsys, "prune", "--keep", "1", "--dry-run", "--lake", lake.root)
+    assert rc == 0 and out.splitlines() == ["would delete 1 version(s)", f"  {v1}"]
+    assert users.versions() == [v1, v2, v3]
+    rc, out, _ = run(capsys, "prune", "--keep", "1", "--lake", lake.root)
+    assert rc == 0 and f"deleted 1 version(s)\n  {v1}" in out
+    assert users.versions() == [v2, v3] and glob.versions() == [v2, v3]  # v2 is latest: kept
+    assert not (tmp_path / "lake" / "models" / "global" / "versions" / v1).exists()
+    assert (tmp_path / "lake" / "models" / "users" / "versions" / "in-progress" / "shard-00000.pt").is_file()
+    assert load_trained(lake)[0] == v2 and load_trained(lake, v3)[0] == v3
+    with pytest.raises(ModelStoreError, match="is latest"):
+        users.delete_version(v2)
+    rc, _, err = run(capsys, "prune", "--lake", lake.root)
+    assert rc == 2 and "needs --keep" in err
+    rc, _, err = run(capsys, "prune", "--keep", "0", "--lake", lake.root)
+    assert rc == 2 and "at least the newest" in err
+
+
+def test_prune_deletes_an_old_global_entry_whose_users_entry_was_never_published(lake_with_two_versions, tmp_path):
+    from models.persist import prune_versions
+
+    src, (v1, v2) = lake_with_two_versions
+    lake = _copy(src, tmp_path)
+    glob = ModelStore(lake, "global")
+    info = glob.manifest(v1)["shards"][0]
+    # a publish that failed between its two entries, before v1 and v2 ...
+    orphan = "20000101T000000000000Z-0rphan"
+    glob.publish(orphan, [glob.write_shard(orphan, 0, *glob.read_shard(v1, info))], set_latest=False)
+    manifest = tmp_path / "lake" / "models" / "global" / "versions" / orphan / "MANIFEST.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"created_at": "2000-01-01T00:00:00+00:00"}))
+    assert prune_versions(lake, 2) == [orphan]
+    # ... and one newer than every version kept may be a publish in progress: left alone
+    glob.publish("in-flight", [glob.write_shard("in-flight", 0, *glob.read_shard(v1, info))], set_latest=False)
+    assert prune_versions(lake, 1) == [v1] and "in-flight" in glob.versions()
