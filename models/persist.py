@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from models.contract import to_forecast_table
 from models.features import BUCKET
 from models.module import StackedLSTM
-from models.store import ModelStore, ModelStoreError
+from models.store import CorruptModelError, ModelStore, ModelStoreError
 from models.train import TrainConfig, TrainedModels, UserMetrics, context_buckets, forecast_windows, predict, train
 from pipeline.demand import DEFAULT_LOOKBACK, build_demand_series, demand_from_lake, read_requests
 from pipeline.schemas import DEMAND, USER_FORECAST
@@ -163,16 +163,45 @@ def train_from_lake(lake: Location, until: datetime, days: float, config: TrainC
     return save_trained(lake, trained, fine_tuned_from=previous[0] if previous else None), trained
 
 
+def load_for_forecast(lake: Location, version: str, at: datetime, user_ids: Sequence[str] | None = None) -> tuple[str, TrainedModels]:
+    """``version`` loaded for a forecast issued at ``at`` (only ``user_ids``' rows, if given). When a
+    file of it is corrupt or missing, the error is logged and the newest older version trained
+    before ``at`` that loads is served instead (its id is in the forecasts' ``model_version``);
+    :class:`~models.store.CorruptModelError` when none does."""
+    try:
+        loaded = load_trained(lake, version, user_ids)
+        assert loaded is not None
+        return loaded
+    except CorruptModelError as exc:
+        log.error("%s; serving the newest older model version trained before %s instead", exc, at.isoformat())
+        error = exc
+    for older in ModelStore(lake, USERS).versions_trained_before(at):
+        if older == version:
+            continue
+        try:
+            loaded = load_trained(lake, older, user_ids)
+        except ModelStoreError as exc:
+            log.error("%s", exc)
+            continue
+        assert loaded is not None
+        log.warning("forecast at %s served by model version %s (%s is corrupt)", at.isoformat(), older, version)
+        return loaded
+    raise error
+
+
 def forecast_from_lake(lake: Location, at: datetime, version: str | None = None) -> pa.Table:
-    """The per-user forecast table (``USER_FORECAST``) issued at ``at``, from lake data before ``at``.
+    """The per-user forecast table (``USER_FORECAST``) issued at ``at``, from lake data before ``at``,
+    by ``version`` (default: the one trained before ``at`` that the pipeline would use,
+    :meth:`ModelStore.version_trained_before`; an older one when a file of it is corrupt).
 
     Users forecast by the global model (too little history, or no model of their own) carry
     ``model_version = "<version>+global"``.
     """
-    loaded = load_trained(lake, version)
-    if loaded is None:
-        raise ValueError(f"no trained model in {lake.uri}/models: run `warmcast train` first")
-    version, trained = loaded
+    version = version or ModelStore(lake, USERS).version_trained_before(at)
+    if version is None:
+        raise ValueError(f"no model version in {lake.uri}/models was trained on data before {at.isoformat()}: "
+                         "run `warmcast train --until T` with T at or before it first")
+    version, trained = load_for_forecast(lake, version, at)
     fc = predict(trained, forecast_demand(lake, at, trained.config), at)
     versions = [f"lstm:{version}+global" if g else f"lstm:{version}" for g in fc.uses_global]
     return to_forecast_table(fc.user_ids, fc.issued_at, fc.quantiles, None, versions, fc.p_zero)
@@ -441,10 +470,22 @@ class NoModelError(ValueError):
 def plan_forecast(lake: Location, at: datetime, shard_size: int, max_shards: int) -> list[dict[str, Any]]:
     """The shards of the forecast issued at ``at``: the users of the version trained on data before
     ``at`` plus every user with requests in the context window before ``at``, sharded, each shard
-    naming that version (None: none is). Returns ``[{"shard": i, "users": [...], "version": ...}]``;
-    always at least one shard (an empty one when there are no users)."""
-    version = ModelStore(lake, USERS).version_trained_before(at)
-    users = set(ModelStore(lake, USERS).read_index(version)["user_id"].to_pylist()) if version else set()
+    naming that version (None: none is; the newest older one when its index is corrupt). Returns
+    ``[{"shard": i, "users": [...], "version": ...}]``; always at least one shard (an empty one when
+    there are no users)."""
+    store = ModelStore(lake, USERS)
+    version, users = store.version_trained_before(at), set()
+    if version is not None:
+        for candidate in [version] + [v for v in store.versions_trained_before(at) if v != version]:
+            try:
+                users = set(store.read_index(candidate)["user_id"].to_pylist())
+            except CorruptModelError as exc:  # the shard tasks fall back the same way for their files
+                log.error("%s; planning with the newest older version trained before %s", exc, at.isoformat())
+                continue
+            version = candidate
+            break
+        else:
+            version = None  # none intact: the shards forecast with the fallback baseline
     recent = read_requests(lake, at - FORECAST_CONTEXT, at, columns=["user_id"])
     users |= set(pc.unique(recent["user_id"]).to_pylist())
     shards = shard_users(users, shard_size, max_shards) or [[]]
@@ -467,7 +508,8 @@ def forecast_users(lake: Location, at: datetime, user_ids: Sequence[str], versio
 
     ``version``: the model version (from :func:`plan_forecast`; users it lacks get the global model,
     ``lstm:<version>+global``). None: the ``fallback`` baseline for everyone, or :class:`NoModelError`
-    when ``fallback == "fail"``.
+    when ``fallback == "fail"``. A corrupt version: the newest older one that loads
+    (:func:`load_for_forecast`), else the ``fallback`` baseline (``fail``: the corruption error).
     """
     users = list(user_ids)
     if not users:
@@ -478,8 +520,13 @@ def forecast_users(lake: Location, at: datetime, user_ids: Sequence[str], versio
     if version is None:  # the baseline's error quantiles need the whole context
         log.warning("no model version trained before %s: %d users forecast by the %s baseline", at.isoformat(), len(users), fallback)
         return baseline_forecast(_demand(lake, at - FORECAST_CONTEXT, at, users), at, users, fallback)
-    loaded = load_trained(lake, version, users)
-    assert loaded is not None
-    fc = predict(loaded[1], forecast_demand(lake, at, loaded[1].config, users), at, users=users)
+    try:
+        version, trained = load_for_forecast(lake, version, at, users)
+    except CorruptModelError:
+        if fallback == "fail":
+            raise
+        log.error("no intact model version trained before %s: %d users forecast by the %s baseline", at.isoformat(), len(users), fallback)
+        return baseline_forecast(_demand(lake, at - FORECAST_CONTEXT, at, users), at, users, fallback)
+    fc = predict(trained, forecast_demand(lake, at, trained.config, users), at, users=users)
     versions = [f"lstm:{version}+global" if g else f"lstm:{version}" for g in fc.uses_global]
     return to_forecast_table(fc.user_ids, fc.issued_at, fc.quantiles, None, versions, fc.p_zero)

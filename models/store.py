@@ -322,16 +322,23 @@ class ModelStore:
             window = self.training_window(latest)
             if window is not None and fits(window[1]):
                 return latest
-        best: tuple[datetime, str, str] | None = None
+        found = self.versions_trained_before(at, strict=strict)
+        return found[0] if found else None
+
+    def versions_trained_before(self, at: datetime, *, strict: bool = False) -> list[str]:
+        """Every published version whose training window ends at or before ``at`` (before it with
+        ``strict``), newest window end first (ties: the newest publish); versions whose manifest or
+        window cannot be read are left out (logged)."""
+        found: list[tuple[datetime, str, str]] = []
         for version in self.versions():
             try:
                 window, created = self.training_window(version), self.manifest(version)["created_at"]
             except ModelStoreError as exc:  # a broken version is never chosen
                 log.warning("%s; not a candidate for %s", exc, at.isoformat())
                 continue
-            if window is not None and fits(window[1]) and (best is None or (window[1], created) > best[:2]):
-                best = (window[1], created, version)
-        return None if best is None else best[2]
+            if window is not None and (window[1] < at if strict else window[1] <= at):
+                found.append((window[1], created, version))
+        return [v for *_, v in sorted(found, reverse=True)]
 
     def latest_version(self) -> str | None:
         path = self.loc.path(LATEST)

@@ -224,3 +224,45 @@ def test_prune_deletes_an_old_global_entry_whose_users_entry_was_never_published
     # ... and one newer than every version kept may be a publish in progress: left alone
     glob.publish("in-flight", [glob.write_shard("in-flight", 0, *glob.read_shard(v1, info))], set_latest=False)
     assert prune_versions(lake, 1) == [v1] and "in-flight" in glob.versions()
+
+
+def _flip(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("entry,file", [("users", "shard-00000.pt"), ("global", "shard-00000.pt"), ("users", "index.parquet")])
+def test_a_corrupt_version_is_not_served_the_previous_one_is(lake_with_two_versions, tmp_path, caplog, entry, file):
+    from models.persist import forecast_from_lake
+
+    src, (v1, v2) = lake_with_two_versions
+    lake = _copy(src, tmp_path)
+    at = UNTIL + timedelta(minutes=30)
+    users = load_trained(lake)[1].user_ids
+    expected = forecast_users(lake, at, users, v1)
+    _flip(tmp_path / "lake" / "models" / entry / "versions" / v2 / file)
+    plan = plan_forecast(lake, at, 10, 1)[0]
+    assert plan["version"] == (v1 if file == "index.parquet" else v2)
+    table = forecast_users(lake, at, users, v2)
+    assert {v.split("+")[0] for v in table["model_version"].to_pylist()} == {f"lstm:{v1}"}  # "+global": users on it
+    assert table.equals(expected)  # exactly what the previous version forecasts
+    assert f"{file} is corrupt" in caplog.text and "serving the newest older model version" in caplog.text
+    assert forecast_from_lake(lake, at).equals(expected)
+    # nothing intact: the fallback baseline (flagged), or the error with fallback = fail
+    _flip(tmp_path / "lake" / "models" / "users" / "versions" / v1 / "shard-00000.pt")
+    table = forecast_users(lake, at, users, v2)
+    assert set(table["model_version"].to_pylist()) == {"fallback:baseline:last_value"}
+    with pytest.raises(CorruptModelError, match=file):
+        forecast_users(lake, at, users, v2, fallback="fail")
+
+
+def test_forecast_uses_the_version_trained_before_its_issue_time(lake_with_two_versions, tmp_path):
+    from models.persist import forecast_from_lake
+
+    src, (v1, v2) = lake_with_two_versions
+    lake = _copy(src, tmp_path)
+    with pytest.raises(ValueError, match="no model version .* was trained on data before"):
+        forecast_from_lake(lake, UNTIL - timedelta(hours=1))  # both were trained on data up to UNTIL
+    table = forecast_from_lake(lake, UNTIL + timedelta(minutes=30))
+    assert {v.split("+")[0] for v in table["model_version"].to_pylist()} == {f"lstm:{v2}"}
