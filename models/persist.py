@@ -417,9 +417,15 @@ def prune_versions(lake: Location, keep: int, dry_run: bool = False) -> list[str
     doomed = [v for v in versions if v not in kept]
     # global entries whose users entry was never published go too, if older than every version kept
     # (a newer one may belong to a publish in progress: global is published first)
-    oldest_kept = min(users.manifest(v)["created_at"] for v in kept if v in versions) if versions else ""
+    def created(store: ModelStore, v: str) -> str:
+        try:
+            return store.manifest(v)["created_at"]
+        except ModelStoreError:  # unreadable: as old as can be (versions() lists it oldest too)
+            return ""
+
+    oldest_kept = min((created(users, v) for v in kept if v in versions), default="")
     doomed_global = [v for v in glob.versions() if v not in kept and (
-        v in doomed or (v not in versions and glob.manifest(v)["created_at"] < oldest_kept))]
+        v in doomed or (v not in versions and created(glob, v) < oldest_kept))]
     if not dry_run:
         for v in doomed:
             users.delete_version(v)
