@@ -29,12 +29,29 @@ def fused_adamw(params) -> bool | None:
     return True if devices <= {"cpu", "cuda"} else None
 
 
-def per_user_loss(model: StackedLSTM, batch: dict, state: State | None) -> tuple[Tensor, Tensor, State]:
+def per_user_loss(model: StackedLSTM, batch: dict, state: State | None, users: Tensor | None = None) -> tuple[Tensor, Tensor, State]:
     """Weighted pinball sums ``[U, 4]`` and number of scored targets ``[U]`` of one
-    :class:`~models.features.ChunkBatches` item, and the LSTM state to carry to the next one."""
+    :class:`~models.features.ChunkBatches` item, and the LSTM state to carry to the next one.
+
+    ``users``: run only these rows (ascending indices, e.g. the users early stopping has not
+    frozen); the others get zero sums and counts and keep their state (zeros after a reset).
+    Each user's values are those of the whole batch at once: its rows only enter its own."""
     state = None if batch["reset"] else state
-    sums, state = model.pinball_sums(batch["x"], batch["last"], batch["target"], batch["weight"], batch["burn_in"], state)
-    return sums, batch["weight"].sum(dim=(1, 2, 3)), state
+    n = model.n_users
+    if users is None or len(users) == n:
+        sums, state = model.pinball_sums(batch["x"], batch["last"], batch["target"], batch["weight"], batch["burn_in"], state)
+        return sums, batch["weight"].sum(dim=(1, 2, 3)), state
+    x = batch["x"]
+    h, c = (state[0].clone(), state[1].clone()) if state is not None else (
+        x.new_zeros(n, x.shape[2], model.hidden), x.new_zeros(n, x.shape[2], model.hidden))
+    sums, count = x.new_zeros(n, batch["target"].shape[-1]), x.new_zeros(n)
+    if len(users):
+        part = {k: batch[k].index_select(0, users) for k in ("x", "last", "target", "weight")}
+        start = None if state is None else (state[0].index_select(0, users), state[1].index_select(0, users))
+        params = {k: p.detach().index_select(0, users) for k, p in model.named_parameters()}
+        s, (h[users], c[users]) = model.pinball_sums(part["x"], part["last"], part["target"], part["weight"], batch["burn_in"], start, params)
+        sums[users], count[users] = s, part["weight"].sum(dim=(1, 2, 3))
+    return sums, count, (h, c)
 
 
 def train_backward(model: StackedLSTM, batch: dict, state: State | None, block_users: int | None,
@@ -156,7 +173,9 @@ class StackedForecaster(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        sums, count, self._state["val"] = per_user_loss(self.model, batch, self._state["val"])
+        # frozen users are not run: their held-out loss no longer decides anything
+        users = self.active.nonzero().squeeze(1)
+        sums, count, self._state["val"] = per_user_loss(self.model, batch, self._state["val"], users)
         self._val.append((sums, count))
 
     def on_validation_epoch_end(self) -> None:
@@ -168,6 +187,7 @@ class StackedForecaster(pl.LightningModule):
         self._val.clear()
         loss = torch.where(count > 0, sums / (7.0 * count.clamp_min(1)), torch.full_like(sums, float("inf")))
         self.update_best(loss, self.current_epoch)
+        # the mean over the users validated (frozen ones are not: their loss is inf here)
         self.log("val_loss", loss[torch.isfinite(loss)].mean() if torch.isfinite(loss).any() else loss.new_tensor(0.0), batch_size=1)
         self.log("active_users", self.active.sum().float(), batch_size=1)
         if not self.active.any():

@@ -276,3 +276,35 @@ def test_training_a_subset_of_users_gives_their_rows_of_the_whole_batchs_gradien
     assert (h[others] == 0).all() and (c[others] == 0).all() and (h[users] != 0).any()
     loss, h, c, g = run(2, users[:0])
     assert loss == 0 and torch.equal(h, state[0]) and all((v == 0).all() for v in g.values())
+
+
+def test_validating_a_subset_of_users_gives_their_rows_of_the_whole_batchs_loss():
+    """per_user_loss with ``users`` (validation skips the users early stopping has frozen): their
+    sums, counts and carried state are the whole batch's rows; the other rows get zero sums and
+    counts and keep their state (zeros after a reset); no user at all runs nothing."""
+    from models.lightning_module import per_user_loss
+
+    gen = torch.Generator().manual_seed(6)
+    n, steps, chunks, n_in, hidden = 7, 5, 3, 6, 8
+    batch = {"x": torch.randn(n, steps, chunks, n_in, generator=gen), "last": torch.rand(n, steps - 2, chunks, 4, generator=gen),
+             "target": torch.rand(n, steps - 2, chunks, 6, 4, generator=gen), "weight": (torch.rand(n, steps - 2, chunks, 6, generator=gen) > 0.2).float(),
+             "burn_in": 2, "reset": False}
+    state = (torch.randn(n, chunks, hidden, generator=gen), torch.randn(n, chunks, hidden, generator=gen))
+    model = StackedLSTM(n, n_in, hidden, seed=1)
+    with torch.no_grad():
+        model.w_out.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(2))
+    users, others = torch.tensor([1, 2, 5]), torch.tensor([0, 3, 4, 6])
+    with torch.no_grad():
+        sums0, count0, (h0, c0) = per_user_loss(model, batch, state)
+        sums, count, (h, c) = per_user_loss(model, batch, state, users)
+        assert sums0[others].abs().sum() > 0
+        torch.testing.assert_close(sums[users], sums0[users], rtol=1e-5, atol=1e-6)
+        assert torch.equal(count[users], count0[users]) and (count[others] == 0).all() and (sums[others] == 0).all()
+        torch.testing.assert_close(h[users], h0[users], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c[users], c0[users], rtol=1e-5, atol=1e-6)
+        assert torch.equal(h[others], state[0][others]) and torch.equal(c[others], state[1][others])
+        _, _, (h, c) = per_user_loss(model, dict(batch, reset=True), state, users)
+        assert (h[others] == 0).all() and (c[others] == 0).all() and (h[users] != 0).any()
+        sums, count, (h, c) = per_user_loss(model, batch, state, users[:0])
+        assert (sums == 0).all() and (count == 0).all() and torch.equal(h, state[0])
+        assert torch.equal(per_user_loss(model, batch, state, torch.arange(n))[0], sums0)  # every user: the plain path
