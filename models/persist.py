@@ -200,7 +200,7 @@ def forecast_from_lake(lake: Location, at: datetime, version: str | None = None)
     version = version or ModelStore(lake, USERS).version_trained_before(at)
     if version is None:
         raise ValueError(f"no model version in {lake.uri}/models was trained on data before {at.isoformat()}: "
-                         "run `warmcast train --until T` with T at or before it first")
+                         "run `warmcast train` first (with --until at or before it)")
     version, trained = load_for_forecast(lake, version, at)
     fc = predict(trained, forecast_demand(lake, at, trained.config), at)
     versions = [f"lstm:{version}+global" if g else f"lstm:{version}" for g in fc.uses_global]

@@ -262,7 +262,7 @@ def test_forecast_uses_the_version_trained_before_its_issue_time(lake_with_two_v
 
     src, (v1, v2) = lake_with_two_versions
     lake = _copy(src, tmp_path)
-    with pytest.raises(ValueError, match="no model version .* was trained on data before"):
+    with pytest.raises(ValueError, match="no model version .* was trained on data before .*run `warmcast train` first"):
         forecast_from_lake(lake, UNTIL - timedelta(hours=1))  # both were trained on data up to UNTIL
     table = forecast_from_lake(lake, UNTIL + timedelta(minutes=30))
     assert {v.split("+")[0] for v in table["model_version"].to_pylist()} == {f"lstm:{v2}"}
