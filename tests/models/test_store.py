@@ -202,6 +202,14 @@ def test_s3_round_trip(s3_endpoint):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="warmcast-test")["Contents"]]
     assert all(k.startswith("lake/models/lstm/") for k in keys) and not any("/." in k for k in keys)
+    # Verified and deleted on S3 too: every object of the version goes, the rest stays.
+    assert store.verify(v2) == {"users": 6, "shards": 3, "bytes": sum(s["bytes"] for s in store.manifest(v2)["shards"])}
+    with pytest.raises(ModelStoreError, match="is latest"):
+        store.delete_version(v2)
+    assert store.delete_version(v1) == 1 + 3 * 2 + 2  # manifest, 3 shards x (weights, users), index, metadata
+    assert store.versions() == [v2] and store.load_latest().version == v2
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="warmcast-test")["Contents"]]
+    assert not any(f"/{v1}/" in k for k in keys) and any(f"/{v2}/" in k for k in keys)
 
 
 def test_version_trained_before_never_picks_a_model_that_saw_later_data(tmp_path):
