@@ -21,23 +21,8 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Asset, Param, get_current_context, task
 
 USER_MODELS = Asset(name="warmcast.user_models", group="warmcast")
-PREVIOUS = "previous"
+PREVIOUS = "previous"  # models.persist.PREVIOUS (not imported here: DAG files parse without torch)
 log = logging.getLogger(__name__)
-
-
-def resolve_version(lake, wanted: str) -> str:
-    """``wanted``, or for ``previous`` the newest version published before the current ``latest``."""
-    from models.persist import USERS
-    from models.store import ModelStore, ModelStoreError
-
-    if wanted != PREVIOUS:
-        return wanted
-    store = ModelStore(lake, USERS)
-    versions, latest = store.versions(), store.latest_version()
-    if latest not in versions or versions.index(latest) == 0:
-        raise ModelStoreError(f"no version was published before latest ({latest}) in {lake.uri}/models: nothing to roll back to")
-    return versions[versions.index(latest) - 1]
-
 
 with DAG(
     dag_id="promote_model_version",
@@ -54,7 +39,7 @@ with DAG(
     @task(outlets=[USER_MODELS], retries=0, execution_timeout=timedelta(minutes=30))
     def promote() -> dict:
         """Verify the version, then move ``latest`` to it; returns the previous and the new latest."""
-        from models.persist import promote_version
+        from models.persist import promote_version, resolve_version
         from pipeline.config import load_settings
         from pipeline.storage import location_from_settings
 

@@ -25,14 +25,12 @@ from its own earlier output). Back-fill: ``airflow backfill create --dag-id trai
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Asset, task
 from airflow.sdk.configuration import conf
 
 USER_MODELS = Asset(name="warmcast.user_models", group="warmcast")
-log = logging.getLogger(__name__)
 
 START_DATE = datetime.fromisoformat(conf.get("warmcast", "start_date", fallback="2026-11-01T00:00:00+00:00"))
 
@@ -85,22 +83,14 @@ with DAG(
     @task(multiple_outputs=False, outlets=[USER_MODELS], execution_timeout=timedelta(minutes=30))
     def publish(planned: list, shards: list) -> dict:
         """Make the version visible: index, metadata, manifests, then ``latest``; then, with
-        ``train.keep_versions``, delete the older versions beyond it (a failure there is logged,
-        not raised: the version is published, and a retry would try to publish it again)."""
-        from models.persist import prune_versions, publish_training
+        ``train.keep_versions``, delete the older versions beyond it."""
+        from models.persist import publish_training
         from pipeline.config import load_settings
         from pipeline.storage import location_from_settings
 
         settings = load_settings()
-        lake = location_from_settings(settings.lake, settings)
-        result = publish_training(lake, list(planned), list(shards), _train_config(settings))
-        if settings.train.keep_versions:
-            try:
-                result["pruned"] = prune_versions(lake, settings.train.keep_versions)
-            except Exception as exc:  # noqa: BLE001 - the publish above stands whatever happens here
-                log.warning("pruning model versions failed (the new version is published): %s", exc)
-                result["pruned"] = None
-        return result
+        return publish_training(location_from_settings(settings.lake, settings), list(planned), list(shards), _train_config(settings),
+                                keep_versions=settings.train.keep_versions)
 
     planned = train_global()
     publish(planned, train_shard.expand(shard=planned))

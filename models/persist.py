@@ -331,9 +331,12 @@ def train_shard(lake: Location, shard: Mapping[str, Any], config: TrainConfig) -
 
 
 def publish_training(lake: Location, planned: Sequence[Mapping[str, Any]], shards: Sequence[Mapping[str, Any]],
-                     config: TrainConfig) -> dict[str, Any]:
+                     config: TrainConfig, keep_versions: int | None = None) -> dict[str, Any]:
     """Step 3: check that the written shards hold exactly the planned users, then publish the version
-    (the commit point). ``planned``: :func:`plan_training`'s shards; ``shards``: :func:`train_shard`'s results."""
+    (the commit point). ``planned``: :func:`plan_training`'s shards; ``shards``: :func:`train_shard`'s results.
+    ``keep_versions``: then delete all but that many newest versions (:func:`prune_versions`; the
+    result's ``pruned``); a failure there is logged, not raised: the version is published, and a retry
+    of the task would try to publish it again."""
     plan = planned[0]
     users = ModelStore(lake, USERS)
     want = {u for s in planned for u in s["users"]}
@@ -345,8 +348,15 @@ def publish_training(lake: Location, planned: Sequence[Mapping[str, Any]], shard
     version = publish_version(lake, plan["version"], plan["global"], shards, window, config, plan["global_epochs"],
                               fine_tuned_from=plan["previous"])
     log.info("published model version %s: %d users in %d shards (fine-tuned from %s)", version, len(got), len(shards), plan["previous"])
-    return {"version": version, "n_users": len(got), "n_shards": len(shards), "fine_tuned_from": plan["previous"],
-            "training_window": [plan["since"], plan["until"]]}
+    result = {"version": version, "n_users": len(got), "n_shards": len(shards), "fine_tuned_from": plan["previous"],
+              "training_window": [plan["since"], plan["until"]]}
+    if keep_versions:
+        try:
+            result["pruned"] = prune_versions(lake, keep_versions)
+        except Exception as exc:  # noqa: BLE001 - the publish above stands whatever happens here
+            log.warning("pruning model versions failed (version %s is published): %s", version, exc)
+            result["pruned"] = None
+    return result
 
 
 # ---- operating the store (the `warmcast models` command) ---------------------------------------
@@ -386,9 +396,25 @@ def verify_version(lake: Location, version: str) -> dict[str, Any]:
     return out
 
 
+#: ``promote_version``'s name for the version published before the current ``latest``.
+PREVIOUS = "previous"
+
+
+def resolve_version(lake: Location, wanted: str) -> str:
+    """``wanted``, or for :data:`PREVIOUS` the newest version published before the current ``latest``."""
+    if wanted != PREVIOUS:
+        return wanted
+    store = ModelStore(lake, USERS)
+    versions, latest = store.versions(), store.latest_version()
+    if latest not in versions or versions.index(latest) == 0:
+        raise ModelStoreError(f"no version was published before latest ({latest}) in {lake.uri}/models: nothing to roll back to")
+    return versions[versions.index(latest) - 1]
+
+
 def promote_version(lake: Location, version: str) -> str | None:
-    """Point ``latest`` at ``version`` (roll back or forward) once every file of it checks out;
-    the ``global`` pointer first, ``users`` (the commit point) last. Returns the previous latest.
+    """Point ``latest`` at ``version`` (roll back or forward; :func:`resolve_version` names the one
+    before latest) once every file of it checks out; the ``global`` pointer first, ``users`` (the
+    commit point) last. Returns the previous latest.
 
     Forecasts then use it (:meth:`ModelStore.version_trained_before` prefers ``latest`` whenever
     its training window ends before the issue time), and the next daily training fine-tunes from

@@ -215,6 +215,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                       "every checksum matches")
             return 1 if bad else 0
         if cmd == "promote":
+            target = persist.resolve_version(lake, target)
             previous = persist.promote_version(lake, target)
             print(f"latest: {previous} -> {target} (forecasts use it from the next cycle; the next training "
                   "fine-tunes from it)")
@@ -510,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("models", cmd_models, "the model store: list, show, verify, promote (roll back), prune versions; export or import one user")
     p.add_argument("models_command", choices=("list", "show", "verify", "promote", "prune", "export-user", "import-user"))
-    p.add_argument("target", nargs="?", help="show / verify / promote: a version (default latest); "
+    p.add_argument("target", nargs="?", help="show / verify / promote: a version (default latest; promote also takes "
+                                             "'previous': the one published before latest); "
                                              "export-user: the user id; import-user: the exported file")
     p.add_argument("--lake", help="lake location")
     p.add_argument("--all", action="store_true", help="verify: every version")

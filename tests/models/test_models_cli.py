@@ -95,6 +95,11 @@ def test_promote_rolls_back_what_forecasts_and_training_use(lake_with_two_versio
     assert ModelStore(lake, "users").latest_version() == v1 and ModelStore(lake, "global").latest_version() == v1
     assert plan_forecast(lake, at, 10, 1)[0]["version"] == v1
     assert load_trained(lake)[0] == v1
+    rc, out, _ = run(capsys, "promote", "previous", "--lake", lake.root)  # nothing before v1
+    assert rc == 2 and ModelStore(lake, "users").latest_version() == v1
+    promote_version(lake, v2)
+    rc, out, _ = run(capsys, "promote", "previous", "--lake", lake.root)
+    assert rc == 0 and f"latest: {v2} -> {v1}" in out
     rc, _, err = run(capsys, "promote", "20990101T000000000000Z-abcdef", "--lake", lake.root)
     assert rc == 2 and "no published version" in err
     rc, _, err = run(capsys, "promote", "../../etc", "--lake", lake.root)

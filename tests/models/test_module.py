@@ -203,18 +203,23 @@ def test_reset_head_restores_the_prior_for_one_resource():
     torch.testing.assert_close(after[1, ..., 2, :], fresh[1, ..., 2, :].detach())
 
 
+def _random_batch(seed: int, n: int, n_in: int, hidden: int, steps: int = 5, chunks: int = 3) -> tuple[dict, tuple]:
+    """A random training item (burn-in 2, no reset) of ``n`` users and an LSTM state to carry in."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"x": torch.randn(n, steps, chunks, n_in, generator=gen), "last": torch.rand(n, steps - 2, chunks, 4, generator=gen),
+             "target": torch.rand(n, steps - 2, chunks, 6, 4, generator=gen), "weight": (torch.rand(n, steps - 2, chunks, 6, generator=gen) > 0.2).float(),
+             "burn_in": 2, "reset": False}
+    return batch, (torch.randn(n, chunks, hidden, generator=gen), torch.randn(n, chunks, hidden, generator=gen))
+
+
 def test_training_in_user_blocks_gives_the_whole_batchs_gradients():
     """train_backward in blocks of users (CPU training: one block's activations in cache) gives
     the loss, gradients and carried state of the whole batch at once; a block's state rows and
     parameters are its own users'."""
     from models.lightning_module import train_backward
 
-    gen = torch.Generator().manual_seed(4)
-    n, steps, chunks, n_in = 7, 5, 3, 6
-    batch = {"x": torch.randn(n, steps, chunks, n_in, generator=gen), "last": torch.rand(n, steps - 2, chunks, 4, generator=gen),
-             "target": torch.rand(n, steps - 2, chunks, 6, 4, generator=gen), "weight": (torch.rand(n, steps - 2, chunks, 6, generator=gen) > 0.2).float(),
-             "burn_in": 2, "reset": False}
-    state = (torch.randn(n, chunks, 8, generator=gen), torch.randn(n, chunks, 8, generator=gen))
+    n, n_in = 7, 6
+    batch, state = _random_batch(4, n, n_in, 8)
     results = []
     for block in (None, 3, 1):
         model = StackedLSTM(n, n_in, 8, seed=1)
@@ -241,12 +246,8 @@ def test_training_a_subset_of_users_gives_their_rows_of_the_whole_batchs_gradien
     rows get a zero gradient and keep their state (zeros after a reset); no user at all runs nothing."""
     from models.lightning_module import train_backward
 
-    gen = torch.Generator().manual_seed(5)
-    n, steps, chunks, n_in, hidden = 7, 5, 3, 6, 8
-    batch = {"x": torch.randn(n, steps, chunks, n_in, generator=gen), "last": torch.rand(n, steps - 2, chunks, 4, generator=gen),
-             "target": torch.rand(n, steps - 2, chunks, 6, 4, generator=gen), "weight": (torch.rand(n, steps - 2, chunks, 6, generator=gen) > 0.2).float(),
-             "burn_in": 2, "reset": False}
-    state = (torch.randn(n, chunks, hidden, generator=gen), torch.randn(n, chunks, hidden, generator=gen))
+    n, n_in, hidden = 7, 6, 8
+    batch, state = _random_batch(5, n, n_in, hidden)
     users = torch.tensor([1, 2, 5])
     others = torch.tensor([0, 3, 4, 6])
 
@@ -284,12 +285,8 @@ def test_validating_a_subset_of_users_gives_their_rows_of_the_whole_batchs_loss(
     counts and keep their state (zeros after a reset); no user at all runs nothing."""
     from models.lightning_module import per_user_loss
 
-    gen = torch.Generator().manual_seed(6)
-    n, steps, chunks, n_in, hidden = 7, 5, 3, 6, 8
-    batch = {"x": torch.randn(n, steps, chunks, n_in, generator=gen), "last": torch.rand(n, steps - 2, chunks, 4, generator=gen),
-             "target": torch.rand(n, steps - 2, chunks, 6, 4, generator=gen), "weight": (torch.rand(n, steps - 2, chunks, 6, generator=gen) > 0.2).float(),
-             "burn_in": 2, "reset": False}
-    state = (torch.randn(n, chunks, hidden, generator=gen), torch.randn(n, chunks, hidden, generator=gen))
+    n, n_in, hidden = 7, 6, 8
+    batch, state = _random_batch(6, n, n_in, hidden)
     model = StackedLSTM(n, n_in, hidden, seed=1)
     with torch.no_grad():
         model.w_out.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(2))
