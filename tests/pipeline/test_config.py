@@ -80,7 +80,7 @@ def test_dag_sections_have_defaults_and_read_the_environment():
                                "WARMCAST_AGGREGATE__LEVEL": "0.8", "WARMCAST_AGGREGATE__METHOD": "independent_sample",
                                "WARMCAST_TRAIN__THREADS": "none"})
     assert (s.train.epochs, s.train.global_epochs, s.train.days, s.train.threads) == (2, 5, 14.0, None)
-    assert s.train.global_max_users == 1024 and s.train.hidden == 64
+    assert s.train.global_max_users == 1024 and s.train.hidden == 64 and s.train.keep_versions is None
     assert (s.forecast.shard_size, s.forecast.fallback) == (50, "last_value")
     assert (s.aggregate.level, s.aggregate.method, s.aggregate.n_paths) == (0.8, "independent_sample", 1000)
     assert s.train.max_shards <= 1024 and s.forecast.max_shards <= 1024
@@ -96,6 +96,7 @@ def test_dag_sections_have_defaults_and_read_the_environment():
         ("TRAIN__THREADS", "0", "train.threads=0 must be at least 1"),
         ("TRAIN__GLOBAL_MAX_USERS", "0", "train.global_max_users=0 must be at least 1"),
         ("TRAIN__HIDDEN", "0", "train.hidden=0 must lie in [1, 1024]"),
+        ("TRAIN__KEEP_VERSIONS", "0", "train.keep_versions=0 must be at least 1"),
         ("FORECAST__MAX_SHARDS", "0", "forecast.max_shards=0 must lie in [1, 1024]"),
         ("FORECAST__FALLBACK", "guess", "forecast.fallback='guess' must be one of last_value"),
         ("AGGREGATE__LEVEL", "1.0", "aggregate.level=1.0 must lie in (0, 1)"),
