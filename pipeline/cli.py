@@ -179,7 +179,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             if not rows:
                 print(f"no model version in {lake.uri}/models: run `warmcast train` or the train_user_models DAG")
                 return 0
-            print(f"  {'version':<30} {'trained on':<33} {'users':>6} {'global':>6} {'pinball':>8} {'last val':>8}  from")
+            print(f"  {'version':<30} {'trained on':<33} {'users':>6} {'on global':>9} {'pinball':>8} {'last val':>8}  from")
             for r in rows:
                 if "error" in r:
                     print(f"{'*' if r['latest'] else ' '} {r['version']:<30} error: {r['error']}")
@@ -188,9 +188,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                 lineage = (f"import of {r['imported_user']!r} into {r['base_version']}" if r["imported_user"] is not None
                            else f"fine-tuned {r['fine_tuned_from']}" if r["fine_tuned_from"] else "")
                 note = "" if r["global"] else "  (no global entry: cannot forecast)"
-                print(f"{'*' if r['latest'] else ' '} {r['version']:<30} {span:<33} {_fmt(r['users']):>6} {r['users_on_global']:>6} "
+                print(f"{'*' if r['latest'] else ' '} {r['version']:<30} {span:<33} {_fmt(r['users']):>6} {r['users_on_global']:>9} "
                       f"{_fmt(r['pinball'], '.4f'):>8} {_fmt(r['last_value_pinball'], '.4f'):>8}  {lineage}{note}")
-            print("* latest; global: users forecast by the global model (too little history); pinball: mean held-out "
+            print("* latest; on global: users forecast by the global model (too little history); pinball: mean held-out "
                   "pinball loss in real units (last val: the last-value baseline's on the same points)")
             return 0
         if cmd == "show":
