@@ -29,6 +29,14 @@ def fused_adamw(params) -> bool | None:
     return True if devices <= {"cpu", "cuda"} else None
 
 
+def _state_to_update(model: StackedLSTM, batch: dict, state: State | None) -> State:
+    """A copy of ``state`` to write the run rows into (zeros after a reset): rows not run keep theirs."""
+    x = batch["x"]
+    if state is not None:
+        return state[0].clone(), state[1].clone()
+    return x.new_zeros(model.n_users, x.shape[2], model.hidden), x.new_zeros(model.n_users, x.shape[2], model.hidden)
+
+
 def per_user_loss(model: StackedLSTM, batch: dict, state: State | None, users: Tensor | None = None) -> tuple[Tensor, Tensor, State]:
     """Weighted pinball sums ``[U, 4]`` and number of scored targets ``[U]`` of one
     :class:`~models.features.ChunkBatches` item, and the LSTM state to carry to the next one.
@@ -41,10 +49,8 @@ def per_user_loss(model: StackedLSTM, batch: dict, state: State | None, users: T
     if users is None or len(users) == n:
         sums, state = model.pinball_sums(batch["x"], batch["last"], batch["target"], batch["weight"], batch["burn_in"], state)
         return sums, batch["weight"].sum(dim=(1, 2, 3)), state
-    x = batch["x"]
-    h, c = (state[0].clone(), state[1].clone()) if state is not None else (
-        x.new_zeros(n, x.shape[2], model.hidden), x.new_zeros(n, x.shape[2], model.hidden))
-    sums, count = x.new_zeros(n, batch["target"].shape[-1]), x.new_zeros(n)
+    h, c = _state_to_update(model, batch, state)
+    sums, count = h.new_zeros(n, batch["target"].shape[-1]), h.new_zeros(n)
     if len(users):
         part = {k: batch[k].index_select(0, users) for k in ("x", "last", "target", "weight")}
         start = None if state is None else (state[0].index_select(0, users), state[1].index_select(0, users))
@@ -108,10 +114,7 @@ def train_backward(model: StackedLSTM, batch: dict, state: State | None, block_u
         cs.append(c)
     if users is None:
         return total, ((hs[0], cs[0]) if len(hs) == 1 else (torch.cat(hs), torch.cat(cs)))
-    # the rows not run keep their state (zeros after a reset)
-    x = batch["x"]
-    h, c = (state[0].clone(), state[1].clone()) if state is not None else (
-        x.new_zeros(n, x.shape[2], model.hidden), x.new_zeros(n, x.shape[2], model.hidden))
+    h, c = _state_to_update(model, batch, state)  # the rows not run keep their state
     if hs:
         h[users], c[users] = torch.cat(hs), torch.cat(cs)
     return total, (h, c)

@@ -163,6 +163,12 @@ def train_from_lake(lake: Location, until: datetime, days: float, config: TrainC
     return save_trained(lake, trained, fine_tuned_from=previous[0] if previous else None), trained
 
 
+def _with_older(lake: Location, version: str, at: datetime) -> list[str]:
+    """``version``, then every other version trained before ``at``, newest first: what a forecast at
+    ``at`` falls back through when a file of one is corrupt."""
+    return [version] + [v for v in ModelStore(lake, USERS).versions_trained_before(at) if v != version]
+
+
 def load_for_forecast(lake: Location, version: str, at: datetime, user_ids: Sequence[str] | None = None) -> tuple[str, TrainedModels]:
     """``version`` loaded for a forecast issued at ``at`` (only ``user_ids``' rows, if given). When a
     file of it is corrupt or missing, the error is logged and the newest older version trained
@@ -175,9 +181,7 @@ def load_for_forecast(lake: Location, version: str, at: datetime, user_ids: Sequ
     except CorruptModelError as exc:
         log.error("%s; serving the newest older model version trained before %s instead", exc, at.isoformat())
         error = exc
-    for older in ModelStore(lake, USERS).versions_trained_before(at):
-        if older == version:
-            continue
+    for older in _with_older(lake, version, at)[1:]:
         try:
             loaded = load_trained(lake, older, user_ids)
         except ModelStoreError as exc:
@@ -508,7 +512,7 @@ def plan_forecast(lake: Location, at: datetime, shard_size: int, max_shards: int
     store = ModelStore(lake, USERS)
     version, users = store.version_trained_before(at), set()
     if version is not None:
-        for candidate in [version] + [v for v in store.versions_trained_before(at) if v != version]:
+        for candidate in _with_older(lake, version, at):
             try:
                 users = set(store.read_index(candidate)["user_id"].to_pylist())
             except CorruptModelError as exc:  # the shard tasks fall back the same way for their files

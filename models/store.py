@@ -349,9 +349,9 @@ class ModelStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelStoreError(f"model {self.name!r}: unreadable pointer {self.loc.display(path)} ({exc})") from exc
 
-    def metadata(self, version: str) -> dict:
+    def metadata(self, version: str, manifest: dict | None = None) -> dict:
         """The checked metadata of ``version`` (training window, metrics, code version, extras)."""
-        manifest = self.manifest(version)
+        manifest = manifest or self.manifest(version)
         return json.loads(self._read_checked(version, METADATA, manifest["metadata"]["sha256"]))
 
     def read_index(self, version: str, manifest: dict | None = None) -> pa.Table:
@@ -420,7 +420,7 @@ class ModelStore:
         :class:`CorruptModelError` naming the first bad file, :class:`ModelStoreError` when the
         version is not published."""
         manifest = self.manifest(version)
-        json.loads(self._read_checked(version, METADATA, manifest["metadata"]["sha256"]))
+        self.metadata(version, manifest)
         index = self.read_index(version, manifest)
         users, size = [], 0
         for s in sorted((ShardInfo.from_dict(s) for s in manifest["shards"]), key=lambda s: s.shard):
