@@ -395,7 +395,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on embedded defaults: generate → ingest → demand → train → forecast → aggregate."""
+    """The main job on embedded defaults: generate → ingest → demand → train → forecast → aggregate →
+    scale (on a local AWS endpoint)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
@@ -409,12 +410,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     end = floor_to_slot(start + timedelta(days=args.days), settings.ingest.slot_minutes)
     landing = location_from_settings(settings.landing, settings)
     lake = location_from_settings(settings.lake, settings)
-    print(f"[1/5] generating {args.users} synthetic users x {args.days:g} days into {settings.landing}")
+    print(f"[1/6] generating {args.users} synthetic users x {args.days:g} days into {settings.landing}")
     generated = generate_landing(landing, users=args.users, days=args.days, start=start, seed=args.seed)
     print(f"      {generated.rows:,} requests")
-    print(f"[2/5] ingesting {start:%Y-%m-%d %H:%M} – {end:%Y-%m-%d %H:%M} UTC into {settings.lake}")
+    print(f"[2/6] ingesting {start:%Y-%m-%d %H:%M} – {end:%Y-%m-%d %H:%M} UTC into {settings.lake}")
     rc = _ingest_range(settings, start, end, 24, False)
-    print("[3/5] demand series")
+    print("[3/6] demand series")
     demand = demand_from_lake(lake, start, end)
     print(summarize(demand).render())
     if args.skip_models:
@@ -426,12 +427,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     # Hold out the last hour: train on data before it, forecast from its start.
     issued_at = end - timedelta(hours=1)
-    print(f"[4/5] training one LSTM per user on {start:%Y-%m-%d} – {issued_at:%Y-%m-%d %H:%M} (global model warm start)")
+    print(f"[4/6] training one LSTM per user on {start:%Y-%m-%d} – {issued_at:%Y-%m-%d %H:%M} (global model warm start)")
     version, trained = train_from_lake(lake, issued_at, (issued_at - start).total_seconds() / 86400, TrainConfig(epochs=TRAIN_EPOCHS))
     losses = user_metrics_summary(trained.metrics)
     print(f"      version {version}; held-out pinball loss (real units): "
           + ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if v is not None))
-    print(f"[5/5] forecasting from {issued_at:%Y-%m-%d %H:%M} and aggregating to a system forecast (90% band)")
+    print(f"[5/6] forecasting from {issued_at:%Y-%m-%d %H:%M} and aggregating to a system forecast (90% band)")
     user_fc = forecast_from_lake(lake, issued_at)
     profiles = pacsv.read_csv(pa.BufferReader(landing.read_bytes(landing.path(USERS_FILE))))
     result = aggregate(user_fc, profiles=profiles, history=residual_history(demand, issued_at),
@@ -453,8 +454,64 @@ def cmd_demo(args: argparse.Namespace) -> int:
             shown = f"{actual_v:9.1f}" if actual_v is not None else f"{'-':>9}"
             print(f"      {r['horizon_min']:>6}m  {r['method']:<20} {r['lower']:9.1f} {r['mean']:9.1f} {r['upper']:9.1f} {shown}")
     sized = METHOD_RECONCILED if result.reconciled is not None else METHOD_TIERED
-    print(f"      the scaler sizes pools for the {sized!r} upper bound; try `warmcast scale --help`")
-    return rc
+    print(f"      the scaler sizes pools for the {sized!r} upper bound")
+    if args.skip_scale:
+        return rc
+    return max(rc, _demo_scale(settings, issued_at))
+
+
+def _demo_scale(settings: Settings, issued_at: datetime) -> int:
+    """The demo's last step: the scaler's cycle for the forecast just stored, applied with real boto3
+    calls to a local AWS endpoint (moto) where the fleet was bootstrapped first. The demo's data is
+    from the past, so the cycle runs as at ``issued_at`` (on real AWS a forecast that old is never
+    acted on); the decisions go to the forecast store like the pipeline's."""
+    from dataclasses import replace
+
+    try:
+        from scaler.local_endpoint import LOCAL_CREDENTIALS, local_aws_endpoint
+
+        import moto  # noqa: F401
+    except ImportError:
+        print("[6/6] scaling skipped: the local AWS endpoint needs moto (pip install -e '.[dev]')")
+        return 0
+    from pipeline.forecast_cycle import ScaleError, open_store, scale_issue
+    from scaler.aws import describe_groups, make_clients
+    from scaler.aws_bootstrap import bootstrap
+    from scaler.aws_subpools import USER_TAG, describe_subpools
+    from scaler.fleet import load_fleet
+
+    fleet = load_fleet(settings.scaler.fleet)
+    with local_aws_endpoint() as url:
+        print(f"[6/6] scaling the fleet ({settings.scaler.fleet or 'scaler/fleet.example.toml'}) on a local AWS endpoint "
+              f"(moto, {url}) as at {issued_at:%Y-%m-%d %H:%M} UTC")
+        settings = replace(settings, aws=replace(settings.aws, endpoint_url=url))
+        clients = make_clients(settings.aws, **LOCAL_CREDENTIALS)
+        made = bootstrap(clients, fleet)
+        created = sum(1 for kind, _, action in made.actions if kind == "group" and action == "created")
+        print(f"      bootstrap: {created} Auto Scaling groups created with their warm pools and lifecycle hooks")
+        try:
+            summary = scale_issue(settings, issued_at, lambda: clients, wall_clock=issued_at)
+        except ScaleError as exc:
+            summary = {"error": str(exc)}
+        groups = describe_groups(clients.autoscaling, [p.name for p in fleet.pools])
+        subpools = describe_subpools(clients.autoscaling).snapshots
+    store = open_store(settings)
+    decisions = store.read_decisions(issued_at, issued_at + timedelta(seconds=1)).to_pylist()
+    print(f"      {'pool':<29} {'kind':<7} {'current':>7} {'target':>6} {'applied':<7} reason")
+    for d in decisions:
+        print(f"      {d['pool']:<29} {d['pool_kind']:<7} {d['current']:>7} {d['target']:>6} "
+              f"{'yes' if d['applied'] else 'no':<7} {d['reason']}")
+    shared = "; ".join(f"{name} {g.desired}" + (f" (warm pool {g.warm.size(g.max_size, g.desired)})" if g.warm else "")
+                       for name, g in sorted(groups.items()))
+    users = ", ".join(sorted(g.tags.get(USER_TAG, "?") for g in subpools.values()))
+    print(f"      desired capacity on the endpoint now: {shared}; user sub-pools: {len(subpools)}"
+          + (f" ({users})" if users else ""))
+    if "error" in summary:
+        print(f"error: {summary['error']}", file=sys.stderr)
+        return 1
+    print(f"      {summary['applied']} of {summary['decisions']} decisions applied with {summary['calls']} mutating calls, "
+          f"recorded in scaling_decisions ({store.display_url})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -597,13 +654,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warmcast keeps a stopped warm pool of at least this share of its active target (default 0: "
                         "the forecast alone); adds 'reactive_warm', reactive tracking with the same warm pool")
 
-    p = add("demo", cmd_demo, "the main job on embedded defaults: generate, ingest, build and summarise demand")
+    p = add("demo", cmd_demo, "the main job on embedded defaults: generate, ingest, demand, train, forecast, aggregate, "
+                             "scale on a local AWS endpoint")
     p.add_argument("--landing", help="landing location (default var/landing)")
     p.add_argument("--lake", help="lake location (default var/lake)")
     p.add_argument("--users", type=int, default=DEMO_USERS)
     p.add_argument("--days", type=float, default=DEMO_DAYS)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--skip-models", action="store_true", help="stop after the demand summary (no training)")
+    p.add_argument("--skip-scale", action="store_true", help="stop after the system forecast (no local AWS endpoint)")
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -64,7 +65,7 @@ def test_demo_on_small_defaults(tmp_path, capsys):
     rc = main(["demo", "--landing", str(tmp_path / "landing"), "--lake", str(tmp_path / "lake"), "--users", "8", "--days", "0.5", "--skip-models"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "[3/5] demand series" in out and "8 users" in out
+    assert "[3/6] demand series" in out and "8 users" in out
 
 
 def test_train_then_forecast_from_the_lake(tmp_path, capsys):
@@ -102,8 +103,9 @@ def test_demo_end_to_end_fills_the_forecast_store(tmp_path, capsys, monkeypatch)
     rc = main(["demo", "--landing", str(tmp_path / "landing"), "--lake", str(tmp_path / "lake"), "--users", "6", "--days", "4"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "[5/5]" in out and "stored 144 user" in out
+    assert "[5/6]" in out and "stored 144 user" in out
     assert "topdown_empirical" in out and "sizes pools for the 'reconciled_target' upper bound" in out
+    assert "[6/6] scaling the fleet" in out and "bootstrap: 3 Auto Scaling groups created" in out
 
     from pipeline.forecast_store import ForecastStore
 
@@ -111,3 +113,24 @@ def test_demo_end_to_end_fills_the_forecast_store(tmp_path, capsys, monkeypatch)
     assert store.count("user_forecasts") == 6 * 6 * 4
     assert store.count("system_forecasts") > 0
     assert list((tmp_path / "lake" / "forecasts" / "system").rglob("*.parquet"))  # the Parquet copy
+    # [6/6]: the scaler's cycle ran against the local endpoint and its decisions were recorded
+    issued = datetime(2026, 11, 5, 23, 0, tzinfo=timezone.utc)
+    decisions = store.read_decisions(issued, issued + timedelta(seconds=1)).to_pylist()
+    active = {d["pool"]: d for d in decisions if d["pool_kind"] == "active"}
+    assert set(active) == {"general", "memory", "gpu"}
+    assert not any(d["dry_run"] for d in decisions)
+    assert any(d["applied"] and d["target"] > d["current"] for d in active.values())  # real calls made
+    applied = sum(1 for d in decisions if d["applied"])
+    assert f"{applied} of {len(decisions)} decisions applied" in out
+
+
+def test_demo_skip_scale_stops_after_the_forecast(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WARMCAST_STORE_URL", f"sqlite:///{tmp_path}/db/warmcast.db")
+    rc = main(["demo", "--landing", str(tmp_path / "landing"), "--lake", str(tmp_path / "lake"), "--users", "4",
+               "--days", "3", "--skip-scale"])
+    assert rc == 0
+    assert "[5/6]" in capsys.readouterr().out
+
+    from pipeline.forecast_store import ForecastStore
+
+    assert ForecastStore(f"sqlite:///{tmp_path}/db/warmcast.db").count("scaling_decisions") == 0
