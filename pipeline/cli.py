@@ -152,6 +152,15 @@ def _fmt(value, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Each stage's health as of ``--at`` (default now): exit 1 when a check fails (a monitoring probe)."""
+    from pipeline.status import FAIL, pipeline_status
+
+    status = pipeline_status(_settings(args), args.at)
+    print(json.dumps(status.to_dict(), indent=1) if args.json else status.render())
+    return 1 if status.state == FAIL else 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """The model store: list, show, verify and promote (roll back) versions; export / import one user."""
     from models import persist
@@ -565,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=TRAIN_EPOCHS, help="per-user epochs (an upper bound: users stop early)")
     p.add_argument("--global-epochs", type=int, default=5)
     p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+
+    p = add("status", cmd_status, "is the pipeline keeping up? ingest lag and failed gates, quarantine share, the model "
+                                  "served, the newest forecast, the newest scaling cycle (exit 1 when a check fails)")
+    p.add_argument("--lake", help="lake location (default from settings)")
+    p.add_argument("--at", type=_time, help="as of this UTC time (default now), e.g. to look at a back-filled day")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of the table")
 
     p = add("models", cmd_models, "the model store: list, show, verify, promote (roll back), prune versions; export or import one user")
     p.add_argument("models_command", choices=("list", "show", "verify", "promote", "prune", "export-user", "import-user"))

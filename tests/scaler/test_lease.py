@@ -3,7 +3,6 @@ real PostgreSQL at ``WARMCAST_TEST_PG_URL``, and two concurrent scale cycles aga
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -13,7 +12,6 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from pipeline.forecast_store import ForecastStore
 from scaler.aws import AwsClients, describe_groups, scale_cycle
 from scaler.aws_bootstrap import bootstrap
 from scaler.fleet import fleet_from_dict
@@ -21,25 +19,11 @@ from scaler.lease import LeaseHeldError, LeaseLostError, ScalerLease
 from tests.scaler.conftest import NOW, forecast_rows
 from tests.scaler.test_aws_moto import FLEET, MUTATING
 
-PG_ENV = "WARMCAST_TEST_PG_URL"
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    """A fresh store: a SQLite file, or a schema of its own on the PostgreSQL server (dropped after)."""
-    if request.param == "sqlite":
-        s = ForecastStore(f"sqlite:///{tmp_path}/warmcast.db")
-    else:
-        url = os.environ.get(PG_ENV)
-        if not url:
-            pytest.skip(f"{PG_ENV} is not set: no PostgreSQL server to test the lease against")
-        s = ForecastStore(url, schema=f"warmcast_lease_{uuid.uuid4().hex[:12]}")
-    s.create_schema()
-    try:
-        yield s
-    finally:
-        if s.schema:
-            s.drop_schema()
+@pytest.fixture
+def store(db_store):
+    """A fresh store on each backend (tests/conftest.py)."""
+    return db_store
 
 
 def test_one_owner_at_a_time_until_release_or_expiry(store):

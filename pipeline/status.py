@@ -1,0 +1,285 @@
+"""``warmcast status``: is each stage of the pipeline keeping up, as of a time?
+
+One check per stage, each ``ok``, ``warn`` or ``fail`` with the facts behind it:
+
+* ``ingest`` — the newest ingest run that ended at or before ``at`` (from the Great Expectations
+  result every run writes, ``_validation-<start>-<end>.json``; a run that failed its gate writes one
+  too, and a successful re-run of the same interval replaces it): how far behind ``at`` it is, and
+  the intervals of the last day whose latest run failed the gate (their rows were not published);
+* ``quarantine`` — rows refused over the last day and why, against ``ingest.max_quarantine_share``;
+* ``models`` — the model version a forecast issued at ``at`` uses (the newest whose training
+  window ends before ``at``) and how old its data is; ``latest`` when it is another;
+* ``forecasts`` — the newest system forecast issued at or before ``at`` in the forecast store:
+  older than ``scaler.max_forecast_age_s`` means the scaler sizes pools reactively; how many of
+  its users were forecast by the fallback baseline;
+* ``scaler`` — the newest scaling cycle in the hour before ``at``: decisions applied, dry runs,
+  pools whose apply failed or whose plan was invalid; who holds the scaler lease.
+
+Reads only metadata (file names, a day of small JSON documents, the store's newest rows), so it
+is cheap enough for a monitoring probe: the exit status of ``warmcast status`` is 1 when any
+check fails, else 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from pipeline.config import Settings
+from pipeline.storage import Location, StorageError, location_from_settings
+
+log = logging.getLogger(__name__)
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+_RANK = {OK: 0, WARN: 1, FAIL: 2}
+
+#: Ingest behind ``at`` by more than this warns, by more than ``INGEST_FAIL_LAG`` fails (the
+#: pipeline ingests every 5 minutes; the forecasts read only what has landed).
+INGEST_WARN_LAG = timedelta(minutes=15)
+INGEST_FAIL_LAG = timedelta(hours=1)
+#: The served model's training data ending more than this before ``at`` warns / fails (trained daily).
+MODEL_WARN_AGE = timedelta(days=1, hours=12)
+MODEL_FAIL_AGE = timedelta(days=3)
+#: No scaling cycle this long before ``at`` warns (the scaler runs every 5 minutes).
+SCALER_WARN_AGE = timedelta(minutes=15)
+#: The window the ingest, quarantine and scaler checks total over.
+WINDOW = timedelta(days=1)
+
+_VALIDATION_RE = re.compile(r"^_validation-(\d{8}T\d{6}Z)-(\d{8}T\d{6}Z)\.json$")
+#: Decision reasons that mean a pool was not resized as planned (scaler/aws.py).
+_PROBLEMS = ("failed", "invalid plan", "skipped")
+
+
+@dataclass
+class Check:
+    name: str
+    state: str
+    detail: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Status:
+    at: datetime
+    checks: list[Check]
+
+    @property
+    def state(self) -> str:
+        return max((c.state for c in self.checks), key=_RANK.__getitem__, default=OK)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at.isoformat(), "state": self.state,
+                "checks": [asdict(c) for c in self.checks]}
+
+    def render(self) -> str:
+        lines = [f"warmcast status as of {self.at:%Y-%m-%d %H:%M:%S} UTC: {self.state.upper()}",
+                 f"{'check':<11} {'state':<5} detail"]
+        lines += [f"{c.name:<11} {c.state:<5} {c.detail}" for c in self.checks]
+        return "\n".join(lines)
+
+
+def _age(delta: timedelta) -> str:
+    s = delta.total_seconds()
+    if abs(s) < 120:
+        return f"{s:.0f} s"
+    if abs(s) < 7200:
+        return f"{s / 60:.0f} min"
+    if abs(s) < 2 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def _stamp(text: str) -> datetime:
+    return datetime.strptime(text, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+
+
+def validation_runs(lake: Location, at: datetime, since: datetime) -> list[tuple[datetime, datetime, str]]:
+    """``(start, end, path)`` of the ingest runs that ended in ``(since, at]``, plus the newest one
+    that ended at or before ``since`` (so the lag is known however far ingest is behind); by end."""
+    from pipeline.ingest import LAKE_TABLE
+
+    root = lake.path(LAKE_TABLE)
+    dates = [d for d in lake.list_dirs(root) if posixpath.basename(d)[len("date="):] <= f"{at:%Y-%m-%d}"]
+    found: list[tuple[datetime, datetime, str]] = []
+    for d in reversed(dates):  # newest day first; a run's document sits in its first slot's hour
+        for path in lake.list_files(d):
+            m = _VALIDATION_RE.match(posixpath.basename(path))
+            if m:
+                start, end = _stamp(m.group(1)), _stamp(m.group(2))
+                if end <= at:
+                    found.append((start, end, path))
+        # documents sit in the hour their run *starts*: a day's partition can hold a run ending later,
+        # so stop only once a run that ended at or before ``since`` is in hand and this day is older
+        if any(end <= since for _, end, _ in found) and posixpath.basename(d)[len("date="):] < f"{since:%Y-%m-%d}":
+            break
+    found.sort(key=lambda r: r[1])
+    older = [r for r in found if r[1] <= since]
+    return older[-1:] + [r for r in found if r[1] > since]
+
+
+def check_ingest(lake: Location, settings: Settings, at: datetime) -> tuple[Check, Check]:
+    """The ``ingest`` and ``quarantine`` checks (both from the runs' validation documents)."""
+    since = at - WINDOW
+    try:
+        runs = validation_runs(lake, at, since)
+    except (OSError, StorageError) as exc:
+        err = f"cannot read the lake {lake.uri}: {exc}"
+        return Check("ingest", FAIL, err), Check("quarantine", FAIL, err)
+    if not runs:
+        none = f"no ingest run has ended by then in {lake.uri}"
+        return Check("ingest", FAIL, none), Check("quarantine", OK, "nothing ingested")
+    newest_end = runs[-1][1]
+    lag = at - newest_end
+    rows_in = rows_q = 0
+    reasons: Counter[str] = Counter()
+    failed: dict[tuple[datetime, datetime], str] = {}
+    unreadable: list[str] = []
+    for start, end, path in runs:
+        if end <= since:
+            continue  # only there for the lag
+        try:
+            report = json.loads(lake.read_bytes(path))["report"]
+        except (OSError, ValueError, KeyError) as exc:
+            unreadable.append(f"{lake.display(path)}: {exc}")
+            continue
+        rows_in += int(report.get("rows_in", 0))
+        rows_q += int(report.get("rows_quarantined", 0))
+        reasons.update({k: int(v) for k, v in (report.get("reasons") or {}).items()})
+        if not report.get("gate_passed", False):
+            failed[(start, end)] = ", ".join(report.get("failed_expectations") or []) or "gate failed"
+    state = OK if lag <= INGEST_WARN_LAG else WARN if lag <= INGEST_FAIL_LAG else FAIL
+    detail = f"newest run ended {newest_end:%Y-%m-%d %H:%M} UTC, {_age(lag)} before"
+    if failed:
+        state = FAIL
+        (s, e), why = max(failed.items())
+        detail += (f"; {len(failed)} interval(s) of the last day failed the validation gate and were not published "
+                   f"(newest {s:%m-%d %H:%M}–{e:%H:%M}: {why}); fix the landing files and re-run them")
+    if unreadable:
+        state = max(state, WARN, key=_RANK.__getitem__)
+        detail += f"; {len(unreadable)} validation document(s) unreadable, e.g. {unreadable[0]}"
+    ingest = Check("ingest", state, detail, {
+        "newest_run_end": newest_end.isoformat(), "lag_s": lag.total_seconds(),
+        "failed_intervals": [[s.isoformat(), e.isoformat(), why] for (s, e), why in sorted(failed.items())],
+        "unreadable": unreadable})
+    share = rows_q / rows_in if rows_in else 0.0
+    limit = settings.ingest.max_quarantine_share
+    top = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
+    q_state = OK if share <= limit / 2 else WARN if share <= limit else FAIL
+    q_detail = (f"{rows_q:,} of {rows_in:,} rows refused over the last day ({share:.2%}; a run's gate fails above "
+                f"{limit:.0%})" + (f": {top}" if top else "") if rows_in else "nothing ingested over the last day")
+    quarantine = Check("quarantine", q_state, q_detail, {"rows_in": rows_in, "rows_quarantined": rows_q,
+                                                        "share": share, "reasons": dict(reasons)})
+    return ingest, quarantine
+
+
+def check_models(lake: Location, at: datetime) -> Check:
+    from models.persist import USERS
+    from models.store import ModelStore, ModelStoreError
+
+    store = ModelStore(lake, USERS)
+    try:
+        served = store.version_trained_before(at)
+        latest = store.latest_version()
+        window = store.training_window(served) if served else None
+        meta = store.metadata(served) if served else {}
+    except (ModelStoreError, OSError, StorageError) as exc:
+        return Check("models", FAIL, f"cannot read the model store: {exc}")
+    if served is None:
+        return Check("models", WARN, "no model version trained before then: users are forecast by the "
+                                     "`forecast.fallback` baseline (run `warmcast train` or the train_user_models DAG)",
+                     {"served": None, "latest": latest})
+    age = at - window[1] if window else None
+    state = OK if age is not None and age <= MODEL_WARN_AGE else WARN if age is not None and age <= MODEL_FAIL_AGE else FAIL
+    n_users, on_global = meta.get("n_users"), len(meta.get("uses_global", []))
+    detail = (f"{served}: trained on data until {window[1]:%Y-%m-%d %H:%M} UTC ({_age(age)} before), "
+              f"{n_users} users ({on_global} on the global model)" if window else f"{served}: no training window in its metadata")
+    if latest != served:
+        detail += f"; latest is {latest} (trained on later data: used from its window's end)"
+    return Check("models", state, detail, {"served": served, "latest": latest, "users": n_users, "users_on_global": on_global,
+                                           "trained_until": window[1].isoformat() if window else None,
+                                           "age_s": age.total_seconds() if age is not None else None})
+
+
+def check_forecasts(store: Any, settings: Settings, at: datetime) -> Check:
+    import pyarrow.compute as pc
+
+    try:
+        system = store.latest_system_forecast(at)
+    except Exception as exc:  # noqa: BLE001 (the store's errors name the database; shown, not raised)
+        return Check("forecasts", FAIL, f"cannot read the forecast store: {exc}")
+    if system.num_rows == 0:
+        return Check("forecasts", FAIL, f"no system forecast issued by then in {store.display_url}: the scaler has "
+                                        "nothing to act on", {"issued_at": None})
+    issued = system["issued_at"][0].as_py()
+    age = at - issued
+    limit = settings.scaler.max_forecast_age_s
+    state = OK if age.total_seconds() <= limit else FAIL
+    users = store.read_user_forecasts(issued)
+    ids = users["user_id"].unique()
+    fallback = users.filter(pc.starts_with(users["model_version"], "fallback:"))["user_id"].unique()
+    detail = (f"newest issued {issued:%Y-%m-%d %H:%M} UTC ({_age(age)} before), {len(ids)} users"
+              + (f", {len(fallback)} of them on the fallback baseline" if len(fallback) else ""))
+    if state == FAIL:
+        detail += f"; older than scaler.max_forecast_age_s={limit:g}: the scaler sizes pools reactively"
+    return Check("forecasts", state, detail, {"issued_at": issued.isoformat(), "age_s": age.total_seconds(),
+                                              "users": len(ids), "users_on_fallback": len(fallback),
+                                              "methods": sorted(set(system["method"].to_pylist()))})
+
+
+def check_scaler(store: Any, at: datetime) -> Check:
+    from scaler.lease import ScalerLease
+
+    try:
+        rows = store.read_decisions(at - timedelta(hours=1), at + timedelta(microseconds=1)).to_pylist()
+        holder = ScalerLease(store).holder()
+    except Exception as exc:  # noqa: BLE001
+        return Check("scaler", FAIL, f"cannot read the forecast store: {exc}")
+    lease = None
+    if holder is not None:
+        expires = holder["expires_at"]
+        expires = expires.replace(tzinfo=timezone.utc) if expires.tzinfo is None else expires
+        lease = {"owner": holder["owner"], "expires_at": expires.isoformat(), "live": expires > at}
+    if not rows:
+        return Check("scaler", WARN, "no scaling decision in the hour before (is forecast_and_scale running?)",
+                     {"decided_at": None, "lease": lease})
+    newest = max(r["decided_at"] for r in rows)
+    cycle = [r for r in rows if r["decided_at"] == newest]
+    problems = [r for r in cycle if r["reason"].startswith(_PROBLEMS)]
+    dry = all(r["dry_run"] for r in cycle)
+    applied = sum(1 for r in cycle if r["applied"])
+    age = at - newest
+    state = FAIL if problems else WARN if age > SCALER_WARN_AGE else OK
+    detail = (f"newest cycle {newest:%Y-%m-%d %H:%M} UTC ({_age(age)} before): {len(cycle)} decisions, "
+              + ("a dry run (recorded, nothing called)" if dry else f"{applied} applied"))
+    if problems:
+        detail += "; not applied as planned: " + "; ".join(f"{r['pool']} {r['pool_kind']}: {r['reason'].split(';')[0]}"
+                                                          for r in problems[:3])
+    if lease and lease["live"]:
+        detail += f"; lease held by {lease['owner']} until {lease['expires_at']}"
+    return Check("scaler", state, detail, {"decided_at": newest.isoformat(), "decisions": len(cycle), "applied": applied,
+                                           "dry_run": dry, "problems": [f"{r['pool']}/{r['pool_kind']}: {r['reason']}"
+                                                                         for r in problems], "lease": lease})
+
+
+def pipeline_status(settings: Settings, at: datetime | None = None, *, store: Any = None) -> Status:
+    """Every check as of ``at`` (default now) for the lake and forecast store of ``settings``."""
+    from pipeline.forecast_cycle import open_store
+
+    at = at or datetime.now(timezone.utc)
+    lake = location_from_settings(settings.lake, settings)
+    ingest, quarantine = check_ingest(lake, settings, at)
+    checks = [ingest, quarantine, check_models(lake, at)]
+    if store is None:
+        try:
+            store = open_store(settings)
+        except Exception as exc:  # noqa: BLE001
+            msg = f"cannot open the forecast store: {exc}"
+            return Status(at, checks + [Check("forecasts", FAIL, msg), Check("scaler", FAIL, msg)])
+    checks += [check_forecasts(store, settings, at), check_scaler(store, at)]
+    return Status(at, checks)
