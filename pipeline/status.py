@@ -12,6 +12,8 @@ One check per stage, each ``ok``, ``warn`` or ``fail`` with the facts behind it:
 * ``forecasts`` — the newest system forecast issued at or before ``at`` in the forecast store:
   older than ``scaler.max_forecast_age_s`` means the scaler sizes pools reactively; how many of
   its users were forecast by the fallback baseline;
+* ``bands`` — the last day's system forecasts against the system's actual demand: how often it
+  exceeded the bound the scaler sized for, and how often the 90 % band held it;
 * ``scaler`` — the newest scaling cycle in the hour before ``at``: decisions applied, dry runs,
   pools whose apply failed or whose plan was invalid; who holds the scaler lease.
 
@@ -232,6 +234,80 @@ def check_forecasts(store: Any, settings: Settings, at: datetime) -> Check:
                                               "methods": sorted(set(system["method"].to_pylist()))})
 
 
+#: ``bands`` warns when, over the last day's scored issues, the bound the scaler sizes for was
+#: exceeded more often than this on some resource, or the 90 % sampled band covered less than
+#: ``BAND_MIN_COVERAGE`` of the actual demand; with fewer than ``BAND_MIN_ISSUES`` issues it only reports.
+SIZED_MAX_EXCEEDED = 0.10
+#: The resources pools are sized on (the request count is forecast but not provisioned).
+SIZED_RESOURCES = ("cpu_cores", "memory_gb", "gpus")
+BAND_MIN_COVERAGE = 0.80
+BAND_MIN_ISSUES = 24
+
+
+def check_bands(store: Any, lake: Location, at: datetime) -> Check:
+    """``bands``: the last day's system forecasts scored against the system's actual demand (the
+    lake's demand series summed over users) wherever the bucket forecast is over by ``at``: how
+    often actual demand exceeded ``reconciled_target``'s upper bound (what the scaler sizes for: the
+    pools were short) and how often the ``copula_sample`` band held it, per resource of
+    :data:`SIZED_RESOURCES`."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.aggregate import METHOD_COPULA, METHOD_RECONCILED, system_history
+    from pipeline.demand import demand_from_lake
+    from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES
+
+    step = timedelta(seconds=BUCKET_SECONDS)
+    n = int(WINDOW / step)
+    start = at - n * step
+    try:
+        rows = store.read_system_forecasts(start - 6 * step, at)
+    except Exception as exc:  # noqa: BLE001
+        return Check("bands", FAIL, f"cannot read the forecast store: {exc}")
+    rows = rows.filter(pc.is_in(rows["method"], pa.array([METHOD_RECONCILED, METHOD_COPULA]))).to_pylist()
+    scored: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    issues: set[datetime] = set()
+    totals = None
+    for r in rows:
+        target = r["issued_at"] + timedelta(minutes=r["horizon_min"]) - step
+        if target < start or target + step > at or r["resource"] not in SIZED_RESOURCES:
+            continue
+        if totals is None:
+            try:
+                totals = system_history(demand_from_lake(lake, start, at), at, window=n)
+            except (OSError, StorageError) as exc:
+                return Check("bands", WARN, f"cannot read the lake's demand to score the forecasts: {exc}")
+        actual = float(totals[int((target - start) / step), DEMAND_RESOURCES.index(r["resource"])])
+        scored.setdefault((r["method"], r["resource"]), []).append((r["lower"], r["upper"], actual))
+        issues.add(r["issued_at"])
+    if not issues:
+        return Check("bands", OK, "no forecast of the last day has its bucket over yet: nothing to score")
+    facts: dict[str, Any] = {"issues": len(issues), "sized_exceeded": {}, "band_coverage": {}}
+    for (method, resource), v in sorted(scored.items()):
+        a = np.array(v)
+        if method == METHOD_RECONCILED:
+            facts["sized_exceeded"][resource] = float(np.mean(a[:, 2] > a[:, 1] + 1e-9))
+        else:
+            facts["band_coverage"][resource] = float(np.mean((a[:, 0] - 1e-9 <= a[:, 2]) & (a[:, 2] <= a[:, 1] + 1e-9)))
+    worst_exc = max(facts["sized_exceeded"].items(), key=lambda kv: kv[1], default=None)
+    worst_cov = min(facts["band_coverage"].items(), key=lambda kv: kv[1], default=None)
+    parts = []
+    if worst_exc:
+        parts.append(f"actual demand above the sized-for bound in {worst_exc[1]:.1%} of scored buckets ({worst_exc[0]}, the worst resource)")
+    if worst_cov:
+        parts.append(f"90 % band held {worst_cov[1]:.1%} ({worst_cov[0]}, the worst)")
+    bad = len(issues) >= BAND_MIN_ISSUES and (
+        (worst_exc is not None and worst_exc[1] > SIZED_MAX_EXCEEDED) or (worst_cov is not None and worst_cov[1] < BAND_MIN_COVERAGE))
+    detail = f"{len(issues)} issues of the last day scored: " + "; ".join(parts)
+    if len(issues) < BAND_MIN_ISSUES:
+        detail += f" (fewer than {BAND_MIN_ISSUES} issues: not judged)"
+    elif bad:
+        detail += (f"; beyond {SIZED_MAX_EXCEEDED:.0%} exceeded / {BAND_MIN_COVERAGE:.0%} covered: the forecasts are "
+                   "running short of demand (new users, a shift in load, or a model gone stale)")
+    return Check("bands", WARN if bad else OK, detail, facts)
+
+
 def check_scaler(store: Any, at: datetime) -> Check:
     from scaler.lease import ScalerLease
 
@@ -280,6 +356,6 @@ def pipeline_status(settings: Settings, at: datetime | None = None, *, store: An
             store = open_store(settings)
         except Exception as exc:  # noqa: BLE001
             msg = f"cannot open the forecast store: {exc}"
-            return Status(at, checks + [Check("forecasts", FAIL, msg), Check("scaler", FAIL, msg)])
-    checks += [check_forecasts(store, settings, at), check_scaler(store, at)]
+            return Status(at, checks + [Check(name, FAIL, msg) for name in ("forecasts", "bands", "scaler")])
+    checks += [check_forecasts(store, settings, at), check_bands(store, lake, at), check_scaler(store, at)]
     return Status(at, checks)

@@ -205,7 +205,41 @@ def test_cli_exit_status_and_json(env, capsys, monkeypatch):
     args = ["status", "--lake", str(env.lake), "--at", "2026-03-02T10:11:00Z"]
     assert main(args + ["--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["state"] == OK and [c["name"] for c in doc["checks"]] == ["ingest", "quarantine", "models", "forecasts", "scaler"]
+    assert doc["state"] == OK and [c["name"] for c in doc["checks"]] == ["ingest", "quarantine", "models", "forecasts", "bands", "scaler"]
     assert main(args[:-1] + ["2026-03-02T12:00:00Z"]) == 1  # ingest and forecasts stale by then
     out = capsys.readouterr().out
     assert out.startswith("warmcast status as of 2026-03-02 12:00:00 UTC: FAIL")
+
+
+def test_bands_scores_the_last_days_forecasts_against_the_lakes_demand(env, db_store):
+    from pipeline.aggregate import system_history
+    from pipeline.demand import demand_from_lake
+
+    env.land(240)  # 10:00-12:00
+    env.ingest_slots(H10, H10 + timedelta(hours=2))
+    end = H10 + timedelta(hours=2)
+    actual = system_history(demand_from_lake(open_location(str(env.lake)), H10, end), end, window=24)[:, 1]  # cpu_cores
+    assert actual.min() > 0
+    rows, expected = [], []
+    for k in range(24):  # issues every 5 minutes from 10:00 to 11:55
+        issued = H10 + k * FIVE
+        for h in (5, 15, 30):
+            b = k + h // 5 - 1  # the bucket the forecast is for
+            short = k % 3 == 0  # every third issue sizes for half the demand
+            a = actual[b] if b < 24 else 1.0
+            rows += [{"issued_at": issued, "horizon_min": h, "resource": "cpu_cores", "method": "reconciled_target",
+                      "mean": a, "lower": 0.0, "upper": a * (0.5 if short else 1.5), "level": 1.0, "n_users": 1},
+                     {"issued_at": issued, "horizon_min": h, "resource": "cpu_cores", "method": "copula_sample",
+                      "mean": a, "lower": a * 0.9, "upper": a * (1.1 if k % 4 else 0.95), "level": 0.9, "n_users": 1}]
+            if b < 24:
+                expected.append((short, k % 4 != 0))
+    db_store.write_system_forecast(pa.Table.from_pylist(rows, schema=SYSTEM_FORECAST))
+    _, checks = env.status(end, db_store)
+    bands = checks["bands"]
+    assert bands.facts["issues"] == 24
+    assert bands.facts["sized_exceeded"] == {"cpu_cores": pytest.approx(sum(s for s, _ in expected) / len(expected))}
+    assert bands.facts["band_coverage"] == {"cpu_cores": pytest.approx(sum(c for _, c in expected) / len(expected))}
+    assert bands.state == WARN and "running short" in bands.detail  # a third of the buckets short
+    _, checks = env.status(H10 + timedelta(minutes=40), db_store)  # only the issues before then, fewer than 24
+    assert checks["bands"].state == OK and "not judged" in checks["bands"].detail
+    assert checks["bands"].facts["issues"] == 8  # 10:00-10:35: their 5-minute forecasts are over by 10:40
