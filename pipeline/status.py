@@ -283,28 +283,38 @@ def check_bands(store: Any, lake: Location, at: datetime) -> Check:
         issues.add(r["issued_at"])
     if not issues:
         return Check("bands", OK, "no forecast of the last day has its bucket over yet: nothing to score")
-    facts: dict[str, Any] = {"issues": len(issues), "sized_exceeded": {}, "band_coverage": {}}
+    facts: dict[str, Any] = {"issues": len(issues), "sized_exceeded": {}, "band_coverage": {}, "band_above": {},
+                             "band_below": {}}
     for (method, resource), v in sorted(scored.items()):
-        a = np.array(v)
+        lower, upper, actual = np.array(v).T
+        above, below = float(np.mean(actual > upper + 1e-9)), float(np.mean(actual < lower - 1e-9))
         if method == METHOD_RECONCILED:
-            facts["sized_exceeded"][resource] = float(np.mean(a[:, 2] > a[:, 1] + 1e-9))
+            facts["sized_exceeded"][resource] = above
         else:
-            facts["band_coverage"][resource] = float(np.mean((a[:, 0] - 1e-9 <= a[:, 2]) & (a[:, 2] <= a[:, 1] + 1e-9)))
+            facts["band_coverage"][resource] = 1.0 - above - below
+            facts["band_above"][resource], facts["band_below"][resource] = above, below
     worst_exc = max(facts["sized_exceeded"].items(), key=lambda kv: kv[1], default=None)
     worst_cov = min(facts["band_coverage"].items(), key=lambda kv: kv[1], default=None)
-    parts = []
+    judged = len(issues) >= BAND_MIN_ISSUES
+    parts, problems = [], []
     if worst_exc:
-        parts.append(f"actual demand above the sized-for bound in {worst_exc[1]:.1%} of scored buckets ({worst_exc[0]}, the worst resource)")
+        parts.append(f"demand above the bound the pools were sized for in {worst_exc[1]:.1%} of the buckets "
+                     f"({worst_exc[0]}, the worst resource)")
+        if judged and worst_exc[1] > SIZED_MAX_EXCEEDED:
+            problems.append(f"the pools were sized short of demand more than {SIZED_MAX_EXCEEDED:.0%} of the time")
     if worst_cov:
-        parts.append(f"90 % band held {worst_cov[1]:.1%} ({worst_cov[0]}, the worst)")
-    bad = len(issues) >= BAND_MIN_ISSUES and (
-        (worst_exc is not None and worst_exc[1] > SIZED_MAX_EXCEEDED) or (worst_cov is not None and worst_cov[1] < BAND_MIN_COVERAGE))
+        r = worst_cov[0]
+        parts.append(f"the 90 % band held {worst_cov[1]:.1%} ({r}, the worst: {facts['band_above'][r]:.1%} above it, "
+                     f"{facts['band_below'][r]:.1%} below)")
+        if judged and worst_cov[1] < BAND_MIN_COVERAGE:
+            problems.append(f"the 90 % band held less than {BAND_MIN_COVERAGE:.0%}: too narrow"
+                            + (", mostly short of demand" if facts["band_above"][r] > facts["band_below"][r] else ""))
     detail = f"{len(issues)} issues of the last day scored: " + "; ".join(parts)
-    if len(issues) < BAND_MIN_ISSUES:
+    if not judged:
         detail += f" (fewer than {BAND_MIN_ISSUES} issues: not judged)"
-    elif bad:
-        detail += (f"; beyond {SIZED_MAX_EXCEEDED:.0%} exceeded / {BAND_MIN_COVERAGE:.0%} covered: the forecasts are "
-                   "running short of demand (new users, a shift in load, or a model gone stale)")
+    elif problems:
+        detail += "; " + "; ".join(problems) + " (new users, a shift in load, or a model gone stale?)"
+    bad = bool(problems)
     return Check("bands", WARN if bad else OK, detail, facts)
 
 

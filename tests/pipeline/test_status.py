@@ -230,16 +230,22 @@ def test_bands_scores_the_last_days_forecasts_against_the_lakes_demand(env, db_s
             rows += [{"issued_at": issued, "horizon_min": h, "resource": "cpu_cores", "method": "reconciled_target",
                       "mean": a, "lower": 0.0, "upper": a * (0.5 if short else 1.5), "level": 1.0, "n_users": 1},
                      {"issued_at": issued, "horizon_min": h, "resource": "cpu_cores", "method": "copula_sample",
-                      "mean": a, "lower": a * 0.9, "upper": a * (1.1 if k % 4 else 0.95), "level": 0.9, "n_users": 1}]
+                      "mean": a, "lower": a * 0.9, "upper": a * (1.1 if k % 8 else 0.95), "level": 0.9, "n_users": 1}]
             if b < 24:
-                expected.append((short, k % 4 != 0))
+                expected.append((short, k % 8 != 0))
     db_store.write_system_forecast(pa.Table.from_pylist(rows, schema=SYSTEM_FORECAST))
     _, checks = env.status(end, db_store)
     bands = checks["bands"]
     assert bands.facts["issues"] == 24
     assert bands.facts["sized_exceeded"] == {"cpu_cores": pytest.approx(sum(s for s, _ in expected) / len(expected))}
     assert bands.facts["band_coverage"] == {"cpu_cores": pytest.approx(sum(c for _, c in expected) / len(expected))}
-    assert bands.state == WARN and "running short" in bands.detail  # a third of the buckets short
+    assert bands.state == WARN and "sized short of demand" in bands.detail  # a third of the buckets short
+    assert "band held" in bands.detail and "too narrow" not in bands.detail  # 7 in 8 held: above the 80 % floor
+    narrow = [dict(r, upper=r["mean"] * 0.95) for r in rows if r["method"] == "copula_sample"]
+    db_store.write_system_forecast(pa.Table.from_pylist(narrow, schema=SYSTEM_FORECAST))  # upserts: every band short
+    _, checks = env.status(end, db_store)
+    assert checks["bands"].facts["band_coverage"] == {"cpu_cores": 0.0} and checks["bands"].facts["band_above"] == {"cpu_cores": 1.0}
+    assert "too narrow, mostly short of demand" in checks["bands"].detail
     _, checks = env.status(H10 + timedelta(minutes=40), db_store)  # only the issues before then, fewer than 24
     assert checks["bands"].state == OK and "not judged" in checks["bands"].detail
     assert checks["bands"].facts["issues"] == 8  # 10:00-10:35: their 5-minute forecasts are over by 10:40
