@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from datetime import datetime, timedelta, timezone
@@ -158,6 +159,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     status = pipeline_status(_settings(args), args.at)
     print(json.dumps(status.to_dict(), indent=1) if args.json else status.render())
+    if args.prometheus:
+        from pipeline.storage import open_location
+
+        folder, name = os.path.split(os.path.abspath(args.prometheus))
+        open_location(folder).write_bytes(os.path.join(folder, name), status.prometheus().encode())  # atomic: tmp + rename
     return 1 if status.state == FAIL else 0
 
 
@@ -580,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lake", help="lake location (default from settings)")
     p.add_argument("--at", type=_time, help="as of this UTC time (default now), e.g. to look at a back-filled day")
     p.add_argument("--json", action="store_true", help="one JSON document instead of the table")
+    p.add_argument("--prometheus", metavar="FILE", help="also write the checks as Prometheus gauges to FILE (replaced "
+                                                        "atomically: for node_exporter's textfile collector, e.g. "
+                                                        "/var/lib/node_exporter/textfile/warmcast.prom)")
 
     p = add("models", cmd_models, "the model store: list, show, verify, promote (roll back), prune versions; export or import one user")
     p.add_argument("models_command", choices=("list", "show", "verify", "promote", "prune", "export-user", "import-user"))

@@ -79,6 +79,52 @@ class Status:
         return {"at": self.at.isoformat(), "state": self.state,
                 "checks": [asdict(c) for c in self.checks]}
 
+    def prometheus(self) -> str:
+        """The status in Prometheus' text format (for node_exporter's textfile collector): each
+        check's state (0 ok, 1 warn, 2 fail) and the figures behind it, as gauges."""
+        by = {c.name: c.facts for c in self.checks}
+        metrics: list[tuple[str, str, list[tuple[str, float]]]] = [
+            ("warmcast_status_time_seconds", "Time the status was taken as of (UNIX seconds).", [("", self.at.timestamp())]),
+            ("warmcast_check_state", "State of each warmcast status check: 0 ok, 1 warn, 2 fail.",
+             [(f'{{check="{c.name}"}}', _RANK[c.state]) for c in self.checks])]
+
+        def gauge(name: str, help_: str, value: Any, labels: str = "") -> None:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if metrics[-1][0] == name:
+                    metrics[-1][2].append((labels, float(value)))
+                else:
+                    metrics.append((name, help_, [(labels, float(value))]))
+
+        gauge("warmcast_ingest_lag_seconds", "Seconds from the newest ingest run's end to the status time.",
+              by.get("ingest", {}).get("lag_s"))
+        gauge("warmcast_ingest_failed_intervals", "Intervals of the last day whose latest ingest run failed its gate.",
+              len(by["ingest"]["failed_intervals"]) if "failed_intervals" in by.get("ingest", {}) else None)
+        gauge("warmcast_quarantine_share", "Share of the last day's rows ingest refused.", by.get("quarantine", {}).get("share"))
+        gauge("warmcast_model_age_seconds", "Seconds from the served model's training data end to the status time.",
+              by.get("models", {}).get("age_s"))
+        gauge("warmcast_forecast_age_seconds", "Seconds since the newest system forecast was issued.",
+              by.get("forecasts", {}).get("age_s"))
+        gauge("warmcast_forecast_users_on_fallback", "Users of the newest forecast forecast by the fallback baseline.",
+              by.get("forecasts", {}).get("users_on_fallback"))
+        bands = by.get("bands", {})
+        for key, name, help_ in (("sized_exceeded", "warmcast_bands_sized_exceeded_ratio",
+                                  "Share of the last day's buckets whose demand exceeded the bound the pools were sized for."),
+                                 ("band_coverage", "warmcast_bands_coverage_ratio",
+                                  "Share of the last day's buckets whose demand the 90 % band held.")):
+            for resource, value in sorted(bands.get(key, {}).items()):
+                gauge(name, help_, value, f'{{resource="{resource}"}}')
+        scaler = by.get("scaler", {})
+        if scaler.get("decided_at"):
+            gauge("warmcast_scaler_cycle_age_seconds", "Seconds since the newest scaling cycle.",
+                  (self.at - datetime.fromisoformat(scaler["decided_at"])).total_seconds())
+            gauge("warmcast_scaler_problem_decisions", "Decisions of the newest cycle not applied as planned.",
+                  len(scaler.get("problems", [])))
+        lines = []
+        for name, help_, samples in metrics:
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
+            lines += [f"{name}{labels} {value:.17g}" for labels, value in samples]
+        return "\n".join(lines) + "\n"
+
     def render(self) -> str:
         lines = [f"warmcast status as of {self.at:%Y-%m-%d %H:%M:%S} UTC: {self.state.upper()}",
                  f"{'check':<11} {'state':<5} detail"]

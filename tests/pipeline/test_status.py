@@ -206,9 +206,18 @@ def test_cli_exit_status_and_json(env, capsys, monkeypatch):
     assert main(args + ["--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["state"] == OK and [c["name"] for c in doc["checks"]] == ["ingest", "quarantine", "models", "forecasts", "bands", "scaler"]
-    assert main(args[:-1] + ["2026-03-02T12:00:00Z"]) == 1  # ingest and forecasts stale by then
+    prom = env.lake.parent / "textfile" / "warmcast.prom"
+    prom.parent.mkdir()
+    assert main(args[:-1] + ["2026-03-02T12:00:00Z", "--prometheus", str(prom)]) == 1  # ingest and forecasts stale by then
     out = capsys.readouterr().out
     assert out.startswith("warmcast status as of 2026-03-02 12:00:00 UTC: FAIL")
+    gauges = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in prom.read_text().splitlines()
+              if not line.startswith("#")}
+    assert gauges['warmcast_check_state{check="ingest"}'] == 2 and gauges['warmcast_check_state{check="models"}'] == 0
+    assert gauges["warmcast_ingest_lag_seconds"] == 110 * 60 and gauges["warmcast_forecast_age_seconds"] == 110 * 60
+    assert gauges["warmcast_model_age_seconds"] == 2 * 3600 and gauges["warmcast_quarantine_share"] == 0
+    assert gauges["warmcast_status_time_seconds"] == datetime(2026, 3, 2, 12, tzinfo=UTC).timestamp()
+    assert "# TYPE warmcast_check_state gauge" in prom.read_text() and list(prom.parent.iterdir()) == [prom]
 
 
 def test_bands_scores_the_last_days_forecasts_against_the_lakes_demand(env, db_store):
