@@ -167,6 +167,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if status.state == FAIL else 0
 
 
+def cmd_shadow(args: argparse.Namespace) -> int:
+    """warmcast's recorded proposals against what the groups had, on the demand that came (scaler/shadow.py)."""
+    from pipeline.storage import location_from_settings
+    from scaler.fleet import load_fleet
+    from scaler.shadow import shadow_report, system_demand
+
+    settings = _settings(args)
+    if args.until <= args.since:
+        raise ValueError(f"--until {args.until.isoformat()} is not after --since {args.since.isoformat()}")
+    for name, t in (("--since", args.since), ("--until", args.until)):
+        if t.timestamp() % 300:
+            raise ValueError(f"{name} {t.isoformat()} is not on the 5-minute grid")
+    fleet = load_fleet(args.fleet or settings.scaler.fleet)
+    boot = max([p.pool.shape.boot_s for p in fleet.pools]
+               + ([fleet.subpools.policy.shape.boot_s] if fleet.subpools is not None else []))
+    from pipeline.forecast_cycle import open_store
+
+    decisions = open_store(settings).read_decisions(args.since - timedelta(seconds=boot + 300), args.until)
+    if decisions.num_rows == 0:
+        print(f"error: no scaling decisions recorded in [{args.since.isoformat()}, {args.until.isoformat()}) "
+              f"in {open_store(settings).display_url}", file=sys.stderr)
+        return 2
+    lake = location_from_settings(settings.lake, settings)
+    report = shadow_report(decisions, system_demand(lake, args.since, args.until), args.since, args.until, fleet)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.render())
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """The model store: list, show, verify and promote (roll back) versions; export / import one user."""
     from models import persist
@@ -589,6 +617,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prometheus", metavar="FILE", help="also write the checks as Prometheus gauges to FILE (replaced "
                                                         "atomically: for node_exporter's textfile collector, e.g. "
                                                         "/var/lib/node_exporter/textfile/warmcast.prom)")
+
+    p = add("shadow", cmd_shadow, "shadow-mode report: warmcast's recorded proposals against the capacity the groups "
+                                  "had, both scored on the demand that came (short buckets, shortfall, instance-hours, cost)")
+    p.add_argument("--lake", help="lake location (default from settings)")
+    p.add_argument("--since", type=_time, required=True, help="first bucket scored (UTC, on the 5-minute grid)")
+    p.add_argument("--until", type=_time, required=True, help="end of the last bucket scored")
+    p.add_argument("--fleet", help="fleet file with the pools' shapes and prices (default: [scaler] fleet)")
+    p.add_argument("--json", action="store_true")
 
     p = add("models", cmd_models, "the model store: list, show, verify, promote (roll back), prune versions; export or import one user")
     p.add_argument("models_command", choices=("list", "show", "verify", "promote", "prune", "export-user", "import-user"))
