@@ -169,6 +169,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_shadow(args: argparse.Namespace) -> int:
     """warmcast's recorded proposals against what the groups had, on the demand that came (scaler/shadow.py)."""
+    from pipeline.forecast_cycle import open_store
     from pipeline.storage import location_from_settings
     from scaler.fleet import load_fleet
     from scaler.shadow import shadow_report, system_demand
@@ -182,12 +183,11 @@ def cmd_shadow(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet or settings.scaler.fleet)
     boot = max([p.pool.shape.boot_s for p in fleet.pools]
                + ([fleet.subpools.policy.shape.boot_s] if fleet.subpools is not None else []))
-    from pipeline.forecast_cycle import open_store
-
-    decisions = open_store(settings).read_decisions(args.since - timedelta(seconds=boot + 300), args.until)
+    store = open_store(settings)
+    decisions = store.read_decisions(args.since - timedelta(seconds=boot + 300), args.until)
     if decisions.num_rows == 0:
         print(f"error: no scaling decisions recorded in [{args.since.isoformat()}, {args.until.isoformat()}) "
-              f"in {open_store(settings).display_url}", file=sys.stderr)
+              f"in {store.display_url}", file=sys.stderr)
         return 2
     lake = location_from_settings(settings.lake, settings)
     report = shadow_report(decisions, system_demand(lake, args.since, args.until), args.since, args.until, fleet)
@@ -610,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
 
     p = add("status", cmd_status, "is the pipeline keeping up? ingest lag and failed gates, quarantine share, the model "
-                                  "served, the newest forecast, the newest scaling cycle (exit 1 when a check fails)")
+                                  "served, the newest forecast, the last day's bands against actual demand, the newest "
+                                  "scaling cycle (exit 1 when a check fails)")
     p.add_argument("--lake", help="lake location (default from settings)")
     p.add_argument("--at", type=_time, help="as of this UTC time (default now), e.g. to look at a back-filled day")
     p.add_argument("--json", action="store_true", help="one JSON document instead of the table")

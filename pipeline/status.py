@@ -25,7 +25,6 @@ check fails, else 0.
 from __future__ import annotations
 
 import json
-import logging
 import posixpath
 import re
 from collections import Counter
@@ -35,8 +34,6 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.storage import Location, StorageError, location_from_settings
-
-log = logging.getLogger(__name__)
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 _RANK = {OK: 0, WARN: 1, FAIL: 2}
