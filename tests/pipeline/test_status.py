@@ -258,3 +258,19 @@ def test_bands_scores_the_last_days_forecasts_against_the_lakes_demand(env, db_s
     _, checks = env.status(H10 + timedelta(minutes=40), db_store)  # only the issues before then, fewer than 24
     assert checks["bands"].state == OK and "not judged" in checks["bands"].detail
     assert checks["bands"].facts["issues"] == 8  # 10:00-10:35: their 5-minute forecasts are over by 10:40
+
+
+def test_status_reads_an_s3_lake(s3_endpoint, tmp_path):
+    settings = load_settings(overrides={"lake": "s3://warmcast-test/lake-status", "landing": "s3://warmcast-test/landing-status",
+                                        "store_url": f"sqlite:///{tmp_path}/warmcast.db", "aws": {"s3_endpoint_url": s3_endpoint},
+                                        "ingest": {"share_gate_min_rows": 10**9}}, environ={})
+    landing = open_location("s3://warmcast-test/landing-status", s3_endpoint_url=s3_endpoint)
+    rows = make_request_table([{"request_id": f"r{i}", "user_id": "u1", "ts": H10 + timedelta(minutes=i)} for i in range(10)])
+    write_landing(landing, rows, "a", "parquet")
+    for k in range(2):
+        ingest_interval(settings, H10 + k * FIVE, H10 + (k + 1) * FIVE)
+    status = pipeline_status(settings, H10 + timedelta(minutes=11))
+    checks = {c.name: c for c in status.checks}
+    assert checks["ingest"].state == OK and checks["ingest"].facts["lag_s"] == 60
+    assert checks["quarantine"].facts["rows_in"] == 10
+    assert checks["models"].state == WARN  # no model version in that lake
