@@ -397,8 +397,10 @@ def check_scaler(store: Any, at: datetime) -> Check:
 
 
 def pipeline_status(settings: Settings, at: datetime | None = None, *, store: Any = None) -> Status:
-    """Every check as of ``at`` (default now) for the lake and forecast store of ``settings``."""
-    from pipeline.forecast_cycle import open_store
+    """Every check as of ``at`` (default now) for the lake and forecast store of ``settings``. Reads
+    only: the store's tables are not created (a probe may run with a read-only database role), so a
+    store the pipeline never wrote to fails the store's checks, naming the error."""
+    from pipeline.forecast_store import ForecastStore
 
     at = at or datetime.now(timezone.utc)
     lake = location_from_settings(settings.lake, settings)
@@ -406,7 +408,7 @@ def pipeline_status(settings: Settings, at: datetime | None = None, *, store: An
     checks = [ingest, quarantine, check_models(lake, at)]
     if store is None:
         try:
-            store = open_store(settings)
+            store = ForecastStore(settings.store_url)
         except Exception as exc:  # noqa: BLE001
             msg = f"cannot open the forecast store: {exc}"
             return Status(at, checks + [Check(name, FAIL, msg) for name in ("forecasts", "bands", "scaler")])

@@ -274,3 +274,15 @@ def test_status_reads_an_s3_lake(s3_endpoint, tmp_path):
     assert checks["ingest"].state == OK and checks["ingest"].facts["lag_s"] == 60
     assert checks["quarantine"].facts["rows_in"] == 10
     assert checks["models"].state == WARN  # no model version in that lake
+
+
+def test_status_never_writes_to_the_store(env, tmp_path):
+    db = tmp_path / "store" / "warmcast.db"
+    db.parent.mkdir()
+    env.db = f"sqlite:///{db}"
+    status, checks = env.status(H10)
+    assert checks["forecasts"].state == FAIL and "cannot read the forecast store" in checks["forecasts"].detail
+    assert checks["scaler"].state == FAIL and status.state == FAIL
+    import sqlite3
+
+    assert sqlite3.connect(db).execute("select name from sqlite_master").fetchall() == []  # no table was created
