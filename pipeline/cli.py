@@ -169,7 +169,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_shadow(args: argparse.Namespace) -> int:
     """warmcast's recorded proposals against what the groups had, on the demand that came (scaler/shadow.py)."""
-    from pipeline.forecast_cycle import open_store
+    from pipeline.forecast_store import ForecastStore
     from pipeline.storage import location_from_settings
     from scaler.fleet import load_fleet
     from scaler.shadow import shadow_report, system_demand
@@ -183,7 +183,7 @@ def cmd_shadow(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet or settings.scaler.fleet)
     boot = max([p.pool.shape.boot_s for p in fleet.pools]
                + ([fleet.subpools.policy.shape.boot_s] if fleet.subpools is not None else []))
-    store = open_store(settings)
+    store = ForecastStore(settings.store_url)  # read only: no table is created
     decisions = store.read_decisions(args.since - timedelta(seconds=boot + 300), args.until)
     if decisions.num_rows == 0:
         print(f"error: no scaling decisions recorded in [{args.since.isoformat()}, {args.until.isoformat()}) "
@@ -538,7 +538,7 @@ def _demo_scale(settings: Settings, issued_at: datetime) -> int:
             summary = {"error": str(exc)}
         groups = describe_groups(clients.autoscaling, [p.name for p in fleet.pools])
         subpools = describe_subpools(clients.autoscaling).snapshots
-    store = open_store(settings)
+    store = ForecastStore(settings.store_url)  # read only: no table is created
     decisions = store.read_decisions(issued_at, issued_at + timedelta(seconds=1)).to_pylist()
     print(f"      {'pool':<29} {'kind':<7} {'current':>7} {'target':>6} {'applied':<7} reason")
     for d in decisions:
