@@ -538,7 +538,7 @@ def _demo_scale(settings: Settings, issued_at: datetime) -> int:
             summary = {"error": str(exc)}
         groups = describe_groups(clients.autoscaling, [p.name for p in fleet.pools])
         subpools = describe_subpools(clients.autoscaling).snapshots
-    store = ForecastStore(settings.store_url)  # read only: no table is created
+    store = open_store(settings)
     decisions = store.read_decisions(issued_at, issued_at + timedelta(seconds=1)).to_pylist()
     print(f"      {'pool':<29} {'kind':<7} {'current':>7} {'target':>6} {'applied':<7} reason")
     for d in decisions:
