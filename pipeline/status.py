@@ -303,7 +303,8 @@ def check_bands(store: Any, lake: Location, at: datetime) -> Check:
 
     step = timedelta(seconds=BUCKET_SECONDS)
     n = int(WINDOW / step)
-    start = at - n * step
+    end = datetime.fromtimestamp(at.timestamp() // BUCKET_SECONDS * BUCKET_SECONDS, tz=timezone.utc)  # the grid
+    start = end - n * step
     try:
         rows = store.read_system_forecasts(start - 6 * step, at)
     except Exception as exc:  # noqa: BLE001
@@ -314,11 +315,11 @@ def check_bands(store: Any, lake: Location, at: datetime) -> Check:
     totals = None
     for r in rows:
         target = r["issued_at"] + timedelta(minutes=r["horizon_min"]) - step
-        if target < start or target + step > at or r["resource"] not in SIZED_RESOURCES:
+        if target < start or target + step > end or r["resource"] not in SIZED_RESOURCES:
             continue
         if totals is None:
             try:
-                totals = system_history(demand_from_lake(lake, start, at), at, window=n)
+                totals = system_history(demand_from_lake(lake, start, end), end, window=n)
             except (OSError, StorageError) as exc:
                 return Check("bands", WARN, f"cannot read the lake's demand to score the forecasts: {exc}")
         actual = float(totals[int((target - start) / step), DEMAND_RESOURCES.index(r["resource"])])

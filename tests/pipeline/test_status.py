@@ -255,6 +255,8 @@ def test_bands_scores_the_last_days_forecasts_against_the_lakes_demand(env, db_s
     _, checks = env.status(end, db_store)
     assert checks["bands"].facts["band_coverage"] == {"cpu_cores": 0.0} and checks["bands"].facts["band_above"] == {"cpu_cores": 1.0}
     assert "too narrow, mostly short of demand" in checks["bands"].detail
+    _, checks = env.status(end + timedelta(minutes=4, seconds=59), db_store)  # off the grid: the same buckets
+    assert checks["bands"].facts["sized_exceeded"] == bands.facts["sized_exceeded"]
     _, checks = env.status(H10 + timedelta(minutes=40), db_store)  # only the issues before then, fewer than 24
     assert checks["bands"].state == OK and "not judged" in checks["bands"].detail
     assert checks["bands"].facts["issues"] == 8  # 10:00-10:35: their 5-minute forecasts are over by 10:40
