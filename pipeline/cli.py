@@ -172,7 +172,7 @@ def cmd_shadow(args: argparse.Namespace) -> int:
     from pipeline.forecast_store import ForecastStore
     from pipeline.storage import location_from_settings
     from scaler.fleet import load_fleet
-    from scaler.shadow import shadow_report, system_demand
+    from scaler.shadow import shadow_from_store
 
     settings = _settings(args)
     if args.until <= args.since:
@@ -181,16 +181,12 @@ def cmd_shadow(args: argparse.Namespace) -> int:
         if t.timestamp() % 300:
             raise ValueError(f"{name} {t.isoformat()} is not on the 5-minute grid")
     fleet = load_fleet(args.fleet or settings.scaler.fleet)
-    boot = max([p.pool.shape.boot_s for p in fleet.pools]
-               + ([fleet.subpools.policy.shape.boot_s] if fleet.subpools is not None else []))
     store = ForecastStore(settings.store_url)  # read only: no table is created
-    decisions = store.read_decisions(args.since - timedelta(seconds=boot + 300), args.until)
-    if decisions.num_rows == 0:
+    report = shadow_from_store(store, location_from_settings(settings.lake, settings), args.since, args.until, fleet)
+    if report is None:
         print(f"error: no scaling decisions recorded in [{args.since.isoformat()}, {args.until.isoformat()}) "
               f"in {store.display_url}", file=sys.stderr)
         return 2
-    lake = location_from_settings(settings.lake, settings)
-    report = shadow_report(decisions, system_demand(lake, args.since, args.until), args.since, args.until, fleet)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.render())
     return 0
 

@@ -201,3 +201,15 @@ def system_demand(lake: Any, start: datetime, end: datetime) -> np.ndarray:
         parts.append(system_history(demand_from_lake(lake, t, stop), stop, window=round((stop - t) / STEP)))
         t = stop
     return np.concatenate(parts) if parts else np.zeros((0, len(DEMAND_RESOURCES)))
+
+
+def shadow_from_store(store: Any, lake: Any, start: datetime, end: datetime, fleet: FleetConfig) -> ShadowReport | None:
+    """:func:`shadow_report` of ``[start, end)`` from a forecast store's recorded decisions (and those a
+    boot time and a cycle before ``start``, which set the ready capacity of its first buckets) and the
+    lake's demand; None when no decision was recorded in ``[start, end)``."""
+    boot = max([p.pool.shape.boot_s for p in fleet.pools]
+               + ([fleet.subpools.policy.shape.boot_s] if fleet.subpools is not None else []))
+    decisions = store.read_decisions(start - timedelta(seconds=boot + BUCKET_SECONDS), end)
+    if not any(start <= t < end for t in decisions["decided_at"].to_pylist()):
+        return None
+    return shadow_report(decisions, system_demand(lake, start, end), start, end, fleet)
