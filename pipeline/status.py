@@ -297,9 +297,9 @@ def check_bands(store: Any, lake: Location, at: datetime) -> Check:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pipeline.aggregate import METHOD_COPULA, METHOD_RECONCILED, system_history
-    from pipeline.demand import demand_from_lake
-    from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES
+    from pipeline.aggregate import METHOD_COPULA, METHOD_RECONCILED
+    from pipeline.demand import system_demand_from_lake
+    from pipeline.schemas import BUCKET_SECONDS
 
     step = timedelta(seconds=BUCKET_SECONDS)
     n = int(WINDOW / step)
@@ -319,10 +319,10 @@ def check_bands(store: Any, lake: Location, at: datetime) -> Check:
             continue
         if totals is None:
             try:
-                totals = system_history(demand_from_lake(lake, start, end), end, window=n)
+                totals = system_demand_from_lake(lake, start, end)
             except (OSError, StorageError) as exc:
                 return Check("bands", WARN, f"cannot read the lake's demand to score the forecasts: {exc}")
-        actual = float(totals[int((target - start) / step), DEMAND_RESOURCES.index(r["resource"])])
+        actual = float(getattr(totals, r["resource"])[int((target - start) / step)])
         scored.setdefault((r["method"], r["resource"]), []).append((r["lower"], r["upper"], actual))
         issues.add(r["issued_at"])
     if not issues:

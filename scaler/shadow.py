@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.demand import SystemDemand, system_demand_from_lake
 from pipeline.schemas import BUCKET_SECONDS, DEMAND_RESOURCES
 from scaler.fleet import FleetConfig
 from scaler.policy import InstanceShape
@@ -58,11 +59,11 @@ class Side:
     def scores(self, demand: np.ndarray) -> dict[str, Any]:
         short = demand > self.ready + 1e-9
         gap = np.clip(demand - self.ready, 0, None) * BUCKET_SECONDS / 3600
-        used = self.ready.sum(0)
+        capacity = self.ready.sum(0)
         return {
             "short_bucket_share": {r: float(short[:, k].mean()) if len(short) else 0.0 for k, r in enumerate(RESOURCES)},
             "shortfall_hours": {r: float(gap[:, k].sum()) for k, r in enumerate(RESOURCES)},
-            "utilisation": {r: float(demand[:, k].sum() / used[k]) if used[k] > 0 else None for k, r in enumerate(RESOURCES)},
+            "utilisation": {r: float(demand[:, k].sum() / capacity[k]) if capacity[k] > 0 else None for k, r in enumerate(RESOURCES)},
             "instance_hours": {p: float(h) for p, h in sorted(self.instance_hours.items())},
             "instance_hours_total": float(sum(self.instance_hours.values())),
             "cost_usd": float(self.cost_usd),
@@ -188,21 +189,6 @@ def shadow_report(decisions: pa.Table, demand: np.ndarray, start: datetime, end:
                         sorted(skipped), gaps)
 
 
-def system_demand(lake: Any, start: datetime, end: datetime) -> np.ndarray:
-    """The system's demand per bucket of ``[start, end)`` from the lake, ``[B, 4]``, read a day at
-    a time (a week of a large platform's requests need not fit in memory at once)."""
-    from pipeline.aggregate import system_history
-    from pipeline.demand import demand_from_lake
-
-    parts = []
-    t = start
-    while t < end:
-        stop = min(end, t + timedelta(days=1))
-        parts.append(system_history(demand_from_lake(lake, t, stop), stop, window=round((stop - t) / STEP)))
-        t = stop
-    return np.concatenate(parts) if parts else np.zeros((0, len(DEMAND_RESOURCES)))
-
-
 def shadow_from_store(store: Any, lake: Any, start: datetime, end: datetime, fleet: FleetConfig) -> ShadowReport | None:
     """:func:`shadow_report` of ``[start, end)`` from a forecast store's recorded decisions (and those a
     boot time and a cycle before ``start``, which set the ready capacity of its first buckets) and the
@@ -212,4 +198,9 @@ def shadow_from_store(store: Any, lake: Any, start: datetime, end: datetime, fle
     decisions = store.read_decisions(start - timedelta(seconds=boot + BUCKET_SECONDS), end)
     if not any(start <= t < end for t in decisions["decided_at"].to_pylist()):
         return None
-    return shadow_report(decisions, system_demand(lake, start, end), start, end, fleet)
+    return shadow_report(decisions, demand_array(system_demand_from_lake(lake, start, end)), start, end, fleet)
+
+
+def demand_array(demand: SystemDemand) -> np.ndarray:
+    """A :class:`~pipeline.demand.SystemDemand` as the ``[B, 4]`` array :func:`shadow_report` takes."""
+    return np.stack([getattr(demand, r) for r in DEMAND_RESOURCES], axis=1)

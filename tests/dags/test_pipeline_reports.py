@@ -38,7 +38,8 @@ def test_a_day_with_decisions_gets_both_reports(dag, tmp_path, monkeypatch):
     from pipeline.schemas import SCALING_DECISION
     from pipeline.storage import open_location
     from scaler.fleet import load_fleet
-    from scaler.shadow import shadow_report, system_demand
+    from pipeline.demand import system_demand_from_lake
+    from scaler.shadow import demand_array, shadow_report
 
     landing, lake = make_lake(tmp_path, users=4, start=DAY, days=1.0, seed=3)
     db = f"sqlite:///{tmp_path}/warmcast.db"
@@ -62,7 +63,7 @@ def test_a_day_with_decisions_gets_both_reports(dag, tmp_path, monkeypatch):
     shadow = json.loads((folder / "shadow.json").read_text())
     settings = load_settings()
     want = shadow_report(store.read_decisions(DAY - timedelta(minutes=20), DAY + timedelta(days=1)),
-                         system_demand(open_location(str(lake)), DAY, DAY + timedelta(days=1)), DAY, DAY + timedelta(days=1),
+                         demand_array(system_demand_from_lake(open_location(str(lake)), DAY, DAY + timedelta(days=1))), DAY, DAY + timedelta(days=1),
                          load_fleet(settings.scaler.fleet))
     assert shadow == json.loads(json.dumps(want.to_dict()))
     assert shadow["buckets"] == 287 and shadow["pools"] == ["general"]  # from a boot time (general: 240 s) after 00:00

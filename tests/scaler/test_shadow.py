@@ -98,7 +98,8 @@ def test_cli_reads_the_decisions_and_the_lakes_demand(tmp_path, capsys, monkeypa
     from pipeline.ingest import ingest_interval
     from pipeline.landing import write_landing
     from pipeline.storage import open_location
-    from scaler.shadow import system_demand
+    from pipeline.demand import system_demand_from_lake
+    from scaler.shadow import demand_array
 
     landing, lake, db = tmp_path / "landing", tmp_path / "lake", f"sqlite:///{tmp_path}/warmcast.db"
     rows = make_request_table([{"request_id": f"r{i}", "user_id": "u1", "ts": T0 + timedelta(seconds=20 * i)} for i in range(90)])
@@ -116,7 +117,7 @@ def test_cli_reads_the_decisions_and_the_lakes_demand(tmp_path, capsys, monkeypa
             "--fleet", str(fleet_file)]
     assert main(args + ["--json"]) == 0
     got = json.loads(capsys.readouterr().out)
-    demand = system_demand(open_location(str(lake)), T0, T0 + 6 * FIVE)
+    demand = demand_array(system_demand_from_lake(open_location(str(lake)), T0, T0 + 6 * FIVE))
     assert demand[:, 1].sum() > 0  # the requests' cores reached the demand series
     from scaler.fleet import load_fleet
 
