@@ -35,6 +35,7 @@ test-slow: $(STAMP)
 ## bench: the headline benchmarks, one JSON line each
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/lake_reads.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/forecast.py
 	$(PY) benchmarks/aggregate.py

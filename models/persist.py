@@ -37,7 +37,7 @@ from models.features import BUCKET
 from models.module import StackedLSTM
 from models.store import CorruptModelError, ModelStore, ModelStoreError
 from models.train import TrainConfig, TrainedModels, UserMetrics, context_buckets, forecast_windows, predict, train
-from pipeline.demand import DEFAULT_LOOKBACK, build_demand_series, demand_from_lake, read_requests
+from pipeline.demand import active_users, demand_from_lake
 from pipeline.schemas import DEMAND, USER_FORECAST
 from pipeline.storage import Location
 
@@ -235,9 +235,7 @@ def shard_users(user_ids: Sequence[str], shard_size: int, max_shards: int) -> li
 
 def _demand(lake: Location, since: datetime, until: datetime, user_ids: Sequence[str] | None = None) -> pa.Table:
     """Demand buckets in ``[since, until)`` of ``user_ids`` (default everyone), from requests before ``until``."""
-    if user_ids is None:
-        return demand_from_lake(lake, since, until)
-    return build_demand_series(read_requests(lake, since - DEFAULT_LOOKBACK, until, users=list(user_ids)), since, until)
+    return demand_from_lake(lake, since, until, users=None if user_ids is None else list(user_ids))
 
 
 def forecast_demand(lake: Location, at: datetime, config: TrainConfig, user_ids: Sequence[str] | None = None) -> pa.Table:
@@ -260,7 +258,7 @@ def forecast_demand(lake: Location, at: datetime, config: TrainConfig, user_ids:
     context_start = at - context_buckets(config) * BUCKET
 
     def active(lo: datetime, hi: datetime) -> set[str]:
-        return set(pc.unique(read_requests(lake, lo, hi, users=users, columns=["user_id"])["user_id"]).to_pylist()) if lo < hi else set()
+        return active_users(lake, lo, hi, users)
 
     in_windows = [set(pc.unique(p["user_id"]).to_pylist()) for p in parts]
     gaps = [active(windows[k - 1][1], windows[k][0]) for k in range(1, len(windows))]
@@ -522,8 +520,7 @@ def plan_forecast(lake: Location, at: datetime, shard_size: int, max_shards: int
             break
         else:
             version = None  # none intact: the shards forecast with the fallback baseline
-    recent = read_requests(lake, at - FORECAST_CONTEXT, at, columns=["user_id"])
-    users |= set(pc.unique(recent["user_id"]).to_pylist())
+    users |= active_users(lake, at - FORECAST_CONTEXT, at)
     shards = shard_users(users, shard_size, max_shards) or [[]]
     return [{"shard": i, "users": u, "version": version} for i, u in enumerate(shards)]
 

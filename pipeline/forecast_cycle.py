@@ -229,19 +229,31 @@ def store_issue(settings: Settings, at: datetime, shards: Sequence[Mapping[str, 
 
 #: Days of request logs before the issue time that rank each user's software configurations.
 SUBPOOL_CONFIG_DAYS = 1.0
+#: What :func:`scaler.subpools.software_config_usage` reads (not the request and program ids: on
+#: a busy platform they are most of a day's bytes).
+SUBPOOL_CONFIG_COLUMNS = ("user_id", "software_config", "ts", "cpu_cores", "duration_s")
 
 
 def _subpool_inputs(settings: Settings, fleet: Any, store: Any, at: datetime, clients: Any) -> dict[str, Any]:
     """``scale_cycle``'s sub-pool arguments: this issue's user forecasts (from the store) and the
-    most-requested software configurations of the users that have one (from the lake's logs)."""
-    from pipeline.demand import read_requests
-    from scaler.subpools import top_software_configs
-
+    most-requested software configurations of the users that have one (from the lake's logs,
+    streamed: a day of a busy platform's requests is never in memory at once)."""
     users = store.read_user_forecasts(at)
-    since = at - timedelta(days=SUBPOOL_CONFIG_DAYS)
-    requests = read_requests(_lake(settings), since, at)
-    configs = top_software_configs(requests, fleet.subpools.policy.top_k, start=since, end=at) if requests.num_rows else {}
+    configs = software_configs_from_lake(_lake(settings), at - timedelta(days=SUBPOOL_CONFIG_DAYS), at, fleet.subpools.policy.top_k)
     return {"subpools": fleet.subpools, "user_forecast": users, "user_configs": configs, "ec2": clients.ec2}
+
+
+def software_configs_from_lake(lake: Location, since: datetime, until: datetime, k: int) -> dict[str, tuple[str, ...]]:
+    """:func:`scaler.subpools.top_software_configs` of the lake's requests in ``[since, until)``,
+    streamed: each batch's usage per user and configuration (the ids read as their Parquet
+    dictionaries), then the ranking of their sum."""
+    from pipeline.demand import lake_batches
+    from scaler.subpools import rank_software_configs, software_config_usage
+
+    usage = [software_config_usage(pa.Table.from_batches([b]))
+             for b in lake_batches(lake, since, until, SUBPOOL_CONFIG_COLUMNS, dictionary_columns=("user_id", "software_config"))
+             if b.num_rows]
+    return rank_software_configs(pa.concat_tables(usage), k) if usage else {}
 
 
 def scale_issue(settings: Settings, at: datetime, make_clients: Callable[[], Any], *,

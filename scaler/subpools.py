@@ -183,16 +183,12 @@ class SubpoolsPlan:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def top_software_configs(requests: pa.Table, k: int = 3, *, start: datetime | None = None,
-                         end: datetime | None = None) -> dict[str, tuple[str, ...]]:
-    """Each user's ``k`` most-requested software configurations from ``REQUEST_LOG`` rows.
-
-    Counts requests with ``ts`` in ``[start, end)`` (either bound optional); ties go to the
-    configuration with more core-seconds, then by name. Users and configurations that are not
-    well-formed ids are left out (they would end up in tags and launch user data).
-    """
-    if k < 1:
-        raise ValueError(f"k={k} must be >= 1")
+def software_config_usage(requests: pa.Table, *, start: datetime | None = None, end: datetime | None = None) -> pa.Table:
+    """Requests and core-seconds per user and software configuration of ``REQUEST_LOG`` rows with
+    ``ts`` in ``[start, end)`` (either bound optional): ``user_id``, ``software_config`` (strings),
+    ``requests`` (int64), ``core_seconds`` (float64; 0 without ``cpu_cores`` and ``duration_s``).
+    Usages of parts of a log (e.g. one batch at a time) add up: :func:`rank_software_configs`
+    takes them concatenated."""
     missing = [c for c in ("user_id", "software_config") if c not in requests.column_names]
     if missing:
         raise ValueError(f"request table lacks {missing} (REQUEST_LOG contract)")
@@ -209,8 +205,20 @@ def top_software_configs(requests: pa.Table, k: int = 3, *, start: datetime | No
     has_work = {"cpu_cores", "duration_s"} <= set(t.column_names)
     work = pc.multiply(t["cpu_cores"], t["duration_s"]) if has_work else pa.array(np.zeros(t.num_rows))
     g = (pa.table({"user_id": t["user_id"], "software_config": t["software_config"], "work": work})
-         .group_by(["user_id", "software_config"]).aggregate([([], "count_all"), ("work", "sum")])
-         .sort_by([("user_id", "ascending"), ("count_all", "descending"), ("work_sum", "descending"),
+         .group_by(["user_id", "software_config"]).aggregate([([], "count_all"), ("work", "sum")]))
+    return pa.table({"user_id": g["user_id"].cast(pa.string()), "software_config": g["software_config"].cast(pa.string()),
+                     "requests": g["count_all"].cast(pa.int64()), "core_seconds": g["work_sum"].cast(pa.float64())})
+
+
+def rank_software_configs(usage: pa.Table, k: int = 3) -> dict[str, tuple[str, ...]]:
+    """Each user's ``k`` most-requested software configurations from :func:`software_config_usage`
+    rows (parts concatenated are summed first). Ties go to the configuration with more
+    core-seconds, then by name. Users and configurations that are not well-formed ids are left out
+    (they would end up in tags and launch user data)."""
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
+    g = (usage.group_by(["user_id", "software_config"]).aggregate([("requests", "sum"), ("core_seconds", "sum")])
+         .sort_by([("user_id", "ascending"), ("requests_sum", "descending"), ("core_seconds_sum", "descending"),
                    ("software_config", "ascending")]))
     out: dict[str, list[str]] = {}
     for user, cfg in zip(g["user_id"].to_pylist(), g["software_config"].to_pylist()):
@@ -220,6 +228,19 @@ def top_software_configs(requests: pa.Table, k: int = 3, *, start: datetime | No
         if len(got) < k:
             got.append(cfg)
     return {u: tuple(c) for u, c in out.items()}
+
+
+def top_software_configs(requests: pa.Table, k: int = 3, *, start: datetime | None = None,
+                         end: datetime | None = None) -> dict[str, tuple[str, ...]]:
+    """Each user's ``k`` most-requested software configurations from ``REQUEST_LOG`` rows.
+
+    Counts requests with ``ts`` in ``[start, end)`` (either bound optional); ties go to the
+    configuration with more core-seconds, then by name. Users and configurations that are not
+    well-formed ids are left out (they would end up in tags and launch user data).
+    """
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
+    return rank_software_configs(software_config_usage(requests, start=start, end=end), k)
 
 
 def read_user_demand(forecast: pa.Table | None, now: datetime, *, max_age_s: float,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from hypothesis import given, settings
@@ -139,3 +140,59 @@ def test_one_minute_buckets_and_the_system_sum_share_the_overlap_arithmetic():
         build_demand_series(reqs, step_s=120)
     with pytest.raises(ValueError, match="bucket grid"):
         system_demand([reqs], T0 + timedelta(seconds=7), T0 + timedelta(minutes=5), step_s=60)
+
+
+@pytest.fixture(scope="module")
+def synthetic_lake(tmp_path_factory):
+    """Twelve synthetic users over six hours, ingested: long requests cross buckets and hours."""
+    from pipeline.generate import generate_requests
+
+    root = tmp_path_factory.mktemp("streamed")
+    landing = open_location(str(root / "landing"))
+    write_landing(landing, pa.concat_tables(list(generate_requests(12, 0.25, T0, seed=4, target_rows=6000))), "gen")
+    settings = load_settings(overrides={"lake": str(root / "lake"), "landing": str(root / "landing")}, environ={})
+    ingest_interval(settings, T0, T0 + timedelta(hours=6))
+    return open_location(str(root / "lake"))
+
+
+def _assert_same_demand(got, want):
+    assert got.num_rows == want.num_rows > 0
+    for name in ("user_id", "ts", "requests"):
+        assert got.column(name).to_pylist() == want.column(name).to_pylist()
+    for name in ("cpu_cores", "memory_gb", "gpus"):  # the same sums, in another order
+        assert got.column(name).to_pylist() == pytest.approx(want.column(name).to_pylist(), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("batch_rows, fold_rows", [(1 << 20, 1 << 22), (97, 50)])
+def test_the_streamed_lake_read_equals_the_demand_of_all_rows_at_once(synthetic_lake, monkeypatch, batch_rows, fold_rows):
+    """demand_from_lake sums each batch on its own (and folds the partial sums when they pile up):
+    the same series as build_demand_series of every row read at once, with the look-back, a user
+    filter, and in batches of 97 rows with a fold every ~50 partial rows."""
+    import pipeline.demand as demand
+
+    monkeypatch.setattr(demand, "_BATCH_ROWS", batch_rows)
+    monkeypatch.setattr(demand, "_FOLD_ROWS", fold_rows)
+    since, until = T0 + timedelta(hours=2, minutes=5), T0 + timedelta(hours=5)
+    whole = build_demand_series(read_requests(synthetic_lake, since - demand.DEFAULT_LOOKBACK, until), since, until)
+    _assert_same_demand(demand_from_lake(synthetic_lake, since, until), whole)
+    some = sorted(set(whole.column("user_id").to_pylist()))[::3]
+    _assert_same_demand(demand_from_lake(synthetic_lake, since, until, users=some),
+                        whole.filter(pc.is_in(whole["user_id"], pa.array(some))))
+    everything = demand_from_lake(synthetic_lake)  # no bounds: every row
+    _assert_same_demand(everything, build_demand_series(read_requests(synthetic_lake)))
+    assert demand_from_lake(synthetic_lake, T0 + timedelta(days=3), T0 + timedelta(days=4)).num_rows == 0
+    assert demand_from_lake(open_location(str(synthetic_lake.root) + "-none"), since, until).num_rows == 0
+
+
+def test_active_users_reads_the_id_dictionary_alone(synthetic_lake, monkeypatch):
+    import pipeline.demand as demand
+    from pipeline.demand import active_users
+
+    monkeypatch.setattr(demand, "_BATCH_ROWS", 97)
+    for lo, hi in ((T0, T0 + timedelta(hours=6)), (T0 + timedelta(hours=1, minutes=3), T0 + timedelta(hours=1, minutes=9))):
+        want = set(read_requests(synthetic_lake, lo, hi, columns=["user_id"]).column("user_id").to_pylist())
+        assert want and active_users(synthetic_lake, lo, hi) == want
+        few = sorted(want)[:2] + ["nobody"]
+        assert active_users(synthetic_lake, lo, hi, users=few) == set(few[:2])
+    assert active_users(synthetic_lake, T0 + timedelta(hours=1), T0 + timedelta(hours=1)) == set()
+    assert active_users(open_location(str(synthetic_lake.root) + "-none"), T0, T0 + timedelta(hours=1)) == set()

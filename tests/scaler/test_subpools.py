@@ -7,12 +7,14 @@ import math
 from datetime import datetime, timedelta
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from pipeline.schemas import REQUEST_LOG
 from scaler.policy import InstanceShape, Pool, PoolPolicy, PoolState, plan_pools
 from scaler.subpools import (SUBPOOL_PREFIX, SubpoolPolicy, SubpoolState, plan_subpools, read_user_demand,
-                             subpool_group_name, top_software_configs)
+                             subpool_group_name, rank_software_configs, software_config_usage,
+                             top_software_configs)
 from tests.scaler.conftest import NOW, forecast_rows, user_forecast_table
 
 SHAPE = InstanceShape(vcpu=8, memory_gb=32, hourly_price_usd=0.4, boot_s=240)
@@ -52,6 +54,25 @@ def test_top_software_configs_counts_requests_breaks_ties_by_work_and_respects_t
     assert top_software_configs(both, k=1, start=NOW + timedelta(minutes=30)) == {"alice": ("late",)}
     with pytest.raises(ValueError, match="software_config"):
         top_software_configs(t.drop_columns(["software_config"]))
+
+
+def test_usages_of_parts_of_a_log_add_up_to_the_whole_logs_ranking():
+    """The scaler cycle ranks a day of requests batch by batch: per-part usages concatenated give
+    the ranking of the whole log, ties (on count, broken by core-seconds across parts) included;
+    dictionary-encoded ids (as the lake's Parquet dictionaries are read) come out as strings."""
+    t = requests([("alice", "py", 1)] * 3 + [("alice", "torch", 1)] * 2 + [("alice", "node", 8)] * 2
+                 + [("alice", "r", 1)] + [("bob", "node", 1)] + [("bob", "py", 1)] * 2 + [("../etc", "py", 1)])
+    parts = [t.slice(i, 2) for i in range(0, t.num_rows, 2)]  # node's two requests land in different parts
+    parts[1] = parts[1].set_column(1, "user_id", pc.dictionary_encode(parts[1]["user_id"]))
+    usage = pa.concat_tables([software_config_usage(p) for p in parts])
+    assert usage.schema.field("user_id").type == pa.string()
+    for k in (1, 2, 3):
+        assert rank_software_configs(usage, k) == top_software_configs(t, k=k)
+    assert rank_software_configs(usage, 3) == {"alice": ("py", "node", "torch"), "bob": ("py", "node")}
+    whole = software_config_usage(t).sort_by([("user_id", "ascending"), ("software_config", "ascending")])
+    assert whole.to_pylist()[0] == {"user_id": "../etc", "software_config": "py", "requests": 1, "core_seconds": 10.0}
+    with pytest.raises(ValueError, match="k=0"):
+        rank_software_configs(usage, 0)
 
 
 def test_user_demand_is_the_running_max_of_the_quantile_and_bad_users_are_skipped():
