@@ -69,8 +69,6 @@ MODELS = (LSTM, GLOBAL, *METHODS)
 REPORT_HORIZONS = (5, 15, 30)
 #: Forecast rows written to ``forecasts.parquet`` at most (about 100 bytes each once compressed).
 MAX_FORECAST_ROWS = 1_000_000
-#: Hours of request logs read at once when building the demand series from a lake.
-LAKE_CHUNK_HOURS = 6
 
 
 @dataclass(frozen=True)
@@ -382,22 +380,6 @@ def lake_hours(lake: Location) -> tuple[datetime, datetime] | None:
     return day(dates[0]) + timedelta(hours=first_hours[0]), day(dates[-1]) + timedelta(hours=last_hours[-1] + 1)
 
 
-def demand_from_lake_chunked(lake: Location, since: datetime, until: datetime, chunk: timedelta = timedelta(hours=LAKE_CHUNK_HOURS)) -> pa.Table:
-    """:func:`pipeline.demand.demand_from_lake` over ``[since, until)``, ``chunk`` at a time.
-
-    The same buckets and values (each chunk reads its requests' look-back), but only one chunk
-    of raw request logs is in memory at once: two weeks of a large trace are hundreds of
-    millions of requests, while their demand series is small.
-    """
-    parts, t = [], since
-    while t < until:
-        stop = min(until, t + chunk)
-        parts.append(demand_from_lake(lake, t, stop))
-        t = stop
-    parts = [p for p in parts if p.num_rows]
-    return pa.concat_tables(parts).combine_chunks() if parts else DEMAND.empty_table()
-
-
 def backtest_lake(lake: Location, config: BacktestConfig, until: datetime | None = None) -> BacktestResult:
     """:func:`backtest` on the lake's demand series (all of it, or up to ``until``)."""
     span = lake_hours(lake)
@@ -406,7 +388,7 @@ def backtest_lake(lake: Location, config: BacktestConfig, until: datetime | None
     first, last = span
     stop = until or last
     since = first if config.train_days is None else max(first, stop - timedelta(days=config.train_days + config.holdout_days))
-    demand = demand_from_lake_chunked(lake, since, stop)
+    demand = demand_from_lake(lake, since, stop)  # streamed: a batch of raw requests in memory at a time
     if demand.num_rows == 0:
         raise ValueError(f"no demand in {lake.uri} between {since.isoformat()} and {stop.isoformat()}: ingest first")
     return backtest(demand, config, until=until)

@@ -873,7 +873,7 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
     if forecaster == "lstm" and set(LSTM_POLICIES) & set(policies):
         from datetime import timedelta
 
-        from models.backtest import demand_from_lake_chunked
+        from pipeline.demand import demand_from_lake
 
         per_bucket = max(1, round(300 / trace.step_s))
         eval_start = -(-eval_start // per_bucket) * per_bucket  # the first origin on the 5-minute grid
@@ -881,7 +881,7 @@ def run_evaluation(loc, source: str, out, *, since=None, until=None, step_s: flo
             raise ValueError(f"the trace has {trace.steps} steps; a warm-up of {eval_start} leaves no training or no "
                              "scored period for the LSTMs")
         scored = trace.start + timedelta(seconds=eval_start * trace.step_s)
-        demand = demand_from_lake_chunked(loc, since, until)
+        demand = demand_from_lake(loc, since, until)
         if progress:
             progress(f"{LSTM_POLICY}: training per-user LSTMs on {since.isoformat()} – {scored.isoformat()} "
                      f"(epochs {lstm.epochs}, global {lstm.global_epochs})")

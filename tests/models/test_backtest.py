@@ -214,3 +214,33 @@ def test_cli_backtest_writes_metrics_and_forecasts(tmp_path, capsys, monkeypatch
     assert metrics["train"]["config"]["calibration_floor"] is True
     assert main([*common, "--holdout-days", "0.25", "--no-calibration-floor"]) == 0
     assert json.loads((out / "metrics.json").read_text())["train"]["config"]["calibration_floor"] is False
+
+
+def test_backtest_lake_counts_a_long_request_in_every_bucket_it_runs(tmp_path, monkeypatch):
+    """The lake's demand for a backtest is read in one streamed pass from its first hour: a request
+    running 14 h counts 4 cores in each of its buckets. (Until 2026-12-06 the demand was built 6 h
+    at a time, each piece reading 6 h back, so such a request vanished from a piece that started more
+    than 6 h after it: 4 → 0 cores from 12:00 to 14:01.)"""
+    import models.backtest as bt
+    from pipeline.config import load_settings
+    from pipeline.generate import make_request_table
+    from pipeline.ingest import ingest_interval
+    from pipeline.landing import write_landing
+    from pipeline.storage import open_location
+
+    start = datetime(2026, 11, 2, tzinfo=timezone.utc)
+    rows = [{"user_id": "batch", "ts": start + timedelta(minutes=1), "duration_s": 14 * 3600.0, "cpu_cores": 4.0},
+            {"user_id": "batch", "ts": start + timedelta(hours=17, minutes=58), "cpu_cores": 1.0}]  # the lake spans 18 h
+    rows += [{"user_id": "short", "ts": start + timedelta(hours=h, minutes=30)} for h in range(0, 18, 2)]  # typical 1 s ones
+    write_landing(open_location(str(tmp_path / "landing")), make_request_table(rows), "a")
+    ingest_interval(load_settings(overrides={"lake": str(tmp_path / "lake"), "landing": str(tmp_path / "landing")}, environ={}),
+                    start, start + timedelta(hours=18))
+    seen = {}
+    monkeypatch.setattr(bt, "backtest", lambda demand, config, until=None: seen.setdefault("demand", demand))
+    bt.backtest_lake(open_location(str(tmp_path / "lake")), CONFIG)
+    d = seen["demand"].filter(pc.equal(seen["demand"]["user_id"], "batch"))
+    cores = dict(zip(d["ts"].to_pylist(), d["cpu_cores"].to_pylist()))
+    running = [start + k * BUCKET for k in range(1, 168)]  # every whole bucket of the 14 hours
+    assert [cores[t] for t in running] == pytest.approx([4.0] * len(running))
+    assert cores[start] == pytest.approx(4.0 * 240 / 300)  # it started a minute into the first bucket
+    assert cores[start + timedelta(hours=14)] == pytest.approx(4.0 * 60 / 300)  # and ran a minute into the 169th
