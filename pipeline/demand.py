@@ -38,8 +38,15 @@ from pipeline.storage import Location
 
 _US = 1_000_000
 _BUCKET_US = BUCKET_SECONDS * _US
-#: Requests that started this long before ``since`` are read so their overlap counts.
+#: Every request that arrived this long before a window is read (its overlap counts); earlier ones
+#: only when they ran longer than this (see :data:`LONG_REQUEST_HORIZON`).
 DEFAULT_LOOKBACK = timedelta(hours=6)
+#: How long before a window a request may have arrived and still run in it: ingest quarantines
+#: longer requests (``ingest.max_duration_s``, 7 days by default). Requests that arrived between
+#: this and the look-back before a window are found through the Parquet files' statistics (the
+#: largest ``duration_s`` of each file), so nearly every file there is skipped unread: a week of
+#: ServeGen's files (128 M requests, none that long) costs ~0.3 s.
+LONG_REQUEST_HORIZON = timedelta(days=7)
 #: Bucket lengths a demand series may have, seconds.
 STEP_SECONDS = (60, BUCKET_SECONDS)
 _PARTITIONING = ds.partitioning(pa.schema([("date", pa.string()), ("hour", pa.string())]), flavor="hive")
@@ -246,12 +253,12 @@ _SYSTEM_COLUMNS = ["ts", "duration_s", "cpu_cores", "memory_mb", "gpus"]
 
 def system_demand_from_lake(lake: Location, since: datetime, until: datetime, step_s: float = BUCKET_SECONDS,
                             lookback: timedelta = DEFAULT_LOOKBACK) -> SystemDemand:
-    """:func:`system_demand` of the lake's request logs, streamed batch by batch (requests that
-    arrived up to ``lookback`` before ``since`` are read so their overlap counts)."""
+    """:func:`system_demand` of the lake's request logs, streamed batch by batch (every request
+    running in the window counts by its overlap, as in :func:`demand_from_lake`)."""
     path = lake.path("request_logs")
     if not lake.is_dir(path) and not lake.uri.startswith("s3://"):
         raise FileNotFoundError(f"no request logs in the lake {lake.uri} (looked for {path}); run `warmcast ingest` first")
-    return system_demand(_request_batches(path, lake, since - lookback, until), since, until, step_s)
+    return system_demand(_request_batches(path, lake, since, until, lookback), since, until, step_s)
 
 
 def system_demand_from_landing(landing: Location, since: datetime, until: datetime, step_s: float = BUCKET_SECONDS,
@@ -262,17 +269,35 @@ def system_demand_from_landing(landing: Location, since: datetime, until: dateti
     files = [f for f in landing.list_files() if _LANDING_PARQUET.search(f)]
     if not files:
         raise FileNotFoundError(f"no Parquet request-log files in date=/hour= partitions under {landing.uri}")
-    return system_demand(_request_batches(files, landing, since - lookback, until), since, until, step_s)
+    return system_demand(_request_batches(files, landing, since, until, lookback), since, until, step_s)
 
 
 _LANDING_PARQUET = re.compile(r"(?:^|/)date=\d{4}-\d{2}-\d{2}/hour=\d{2}/[^/]+\.parquet$")
 
 
-def _request_batches(source: str | list[str], loc: Location, since: datetime, until: datetime) -> Iterable[pa.RecordBatch]:
+def _request_batches(source: str | list[str], loc: Location, since: datetime, until: datetime,
+                     lookback: timedelta) -> Iterable[pa.RecordBatch]:
     base = source if isinstance(source, str) else loc.root
     dataset = ds.dataset(source, filesystem=loc.fs, format="parquet", partitioning=_PARTITIONING,
                          partition_base_dir=base)
-    yield from dataset.to_batches(columns=_SYSTEM_COLUMNS, filter=_window_filter(since, until), batch_size=_BATCH_ROWS)
+    yield from _running_batches(dataset, since, until, lookback, _SYSTEM_COLUMNS)
+
+
+def _running_batches(dataset: ds.Dataset, since: datetime | None, until: datetime | None, lookback: timedelta,
+                     columns: Sequence[str], users: Sequence[str] | None = None) -> Iterable[pa.RecordBatch]:
+    """The rows of every request that may run in ``[since, until)`` (of ``users``): those that
+    arrived from ``lookback`` before ``since`` on, then the ones that arrived up to
+    :data:`LONG_REQUEST_HORIZON` before it and ran longer than ``lookback`` (a filter on
+    ``duration_s`` that the files' statistics answer for nearly every file without reading it).
+    Without ``since``, every row before ``until``."""
+    cols = list(columns)
+    if since is None:
+        yield from dataset.to_batches(columns=cols, filter=_window_filter(None, until, users), batch_size=_BATCH_ROWS)
+        return
+    yield from dataset.to_batches(columns=cols, filter=_window_filter(since - lookback, until, users), batch_size=_BATCH_ROWS)
+    if lookback < LONG_REQUEST_HORIZON:
+        early = _window_filter(since - LONG_REQUEST_HORIZON, since - lookback, users) & (ds.field("duration_s") > lookback.total_seconds())
+        yield from dataset.to_batches(columns=cols, filter=early, batch_size=_BATCH_ROWS)
 
 
 def _window_filter(since: datetime | None, until: datetime | None, users: Sequence[str] | None = None) -> ds.Expression | None:
@@ -335,21 +360,24 @@ def demand_from_lake(lake: Location, since: datetime | None = None, until: datet
                      users: Sequence[str] | None = None) -> pa.Table:
     """Demand series for buckets in ``[since, until)`` from the lake, of ``users`` (default everyone).
 
-    Requests that arrived up to ``lookback`` before ``since`` are read too, so a long request
-    that started earlier still counts in the first buckets. Streamed: the lake is read a batch
+    Every request that runs in a bucket counts there by its overlap, however long before
+    ``since`` it arrived (up to :data:`LONG_REQUEST_HORIZON`): those from ``lookback`` before on
+    are read, earlier ones only if they ran longer than it. Streamed: the lake is read a batch
     at a time (only :data:`DEMAND_INPUT_COLUMNS`), each batch summed per user and bucket at
     once, so memory follows the demand series, not the request count (a day of ServeGen, 15 M
     requests: 1.1 GB peak and 3.3 s, against 7.8 GB and 17 s for every row at once;
     ``benchmarks/lake_reads.py``). The same values as
-    :func:`build_demand_series` of the rows :func:`read_requests` returns, up to the order of
-    the floating-point sums.
+    :func:`build_demand_series` of every row before ``until``, up to the order of the
+    floating-point sums.
     """
-    read_since = None if since is None else since - lookback
     lo = None if since is None else int(since.timestamp()) * _US
     hi = None if until is None else int(until.timestamp()) * _US
+    dataset = _lake_dataset(lake)
+    if dataset is None:
+        return DEMAND.empty_table()
     partials: list[pa.Table] = []
     rows = 0
-    for batch in lake_batches(lake, read_since, until, DEMAND_INPUT_COLUMNS, users):
+    for batch in _running_batches(dataset, since, until, lookback, DEMAND_INPUT_COLUMNS, users):
         if batch.num_rows == 0:
             continue
         part = _aggregate([_spread(pa.Table.from_batches([batch]), lo, hi)])

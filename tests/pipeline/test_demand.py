@@ -173,7 +173,7 @@ def test_the_streamed_lake_read_equals_the_demand_of_all_rows_at_once(synthetic_
     monkeypatch.setattr(demand, "_BATCH_ROWS", batch_rows)
     monkeypatch.setattr(demand, "_FOLD_ROWS", fold_rows)
     since, until = T0 + timedelta(hours=2, minutes=5), T0 + timedelta(hours=5)
-    whole = build_demand_series(read_requests(synthetic_lake, since - demand.DEFAULT_LOOKBACK, until), since, until)
+    whole = build_demand_series(read_requests(synthetic_lake, until=until), since, until)
     _assert_same_demand(demand_from_lake(synthetic_lake, since, until), whole)
     some = sorted(set(whole.column("user_id").to_pylist()))[::3]
     _assert_same_demand(demand_from_lake(synthetic_lake, since, until, users=some),
@@ -196,3 +196,33 @@ def test_active_users_reads_the_id_dictionary_alone(synthetic_lake, monkeypatch)
         assert active_users(synthetic_lake, lo, hi, users=few) == set(few[:2])
     assert active_users(synthetic_lake, T0 + timedelta(hours=1), T0 + timedelta(hours=1)) == set()
     assert active_users(open_location(str(synthetic_lake.root) + "-none"), T0, T0 + timedelta(hours=1)) == set()
+
+
+def test_a_request_that_began_before_the_look_back_still_counts_while_it_runs(tmp_path):
+    """A 14-hour job (the nightly-batch kind) seen from windows that start 8 and 12 hours after it
+    began: every read of the lake counts its 4 cores while it runs, beyond the 6-hour look-back
+    (found through the files' duration statistics), and a short request from before the look-back
+    does not count."""
+    from pipeline.demand import system_demand_from_lake
+
+    landing = open_location(str(tmp_path / "landing"))
+    rows = [{"user_id": "batch", "ts": T0 + timedelta(minutes=1), "duration_s": 14 * 3600.0, "cpu_cores": 4.0},
+            {"user_id": "batch", "ts": T0 + timedelta(minutes=2), "duration_s": 60.0, "cpu_cores": 8.0}]
+    rows += [{"user_id": "short", "ts": T0 + timedelta(hours=h, minutes=30)} for h in range(0, 18, 2)]
+    write_landing(landing, make_request_table(rows), "a")
+    settings = load_settings(overrides={"lake": str(tmp_path / "lake"), "landing": str(tmp_path / "landing")}, environ={})
+    ingest_interval(settings, T0, T0 + timedelta(hours=18))
+    lake = open_location(str(tmp_path / "lake"))
+    for since in (T0 + timedelta(hours=8), T0 + timedelta(hours=12)):
+        until = T0 + timedelta(hours=16)
+        d = demand_from_lake(lake, since, until)
+        batch = {r["ts"]: r["cpu_cores"] for r in d.to_pylist() if r["user_id"] == "batch"}
+        end = T0 + timedelta(hours=14)  # the job runs [00:01, 14:01)
+        running = [since + k * timedelta(minutes=5) for k in range(int((end - since) / timedelta(minutes=5)))]
+        assert [batch[t] for t in running] == pytest.approx([4.0] * len(running)), since
+        assert batch[end] == pytest.approx(4.0 * 60 / 300)
+        assert sum(r["requests"] for r in d.to_pylist() if r["user_id"] == "batch") == 0  # it arrived before the window
+        system = system_demand_from_lake(lake, since, until)
+        assert system.cpu_cores[: len(running)].tolist() == pytest.approx([4.0 + (1 / 300 if (t - T0).seconds % 7200 == 1800 else 0)
+                                                                          for t in running])
+        assert d.filter(pc.equal(d["user_id"], "batch")).num_rows == len(running) + 1
