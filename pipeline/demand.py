@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 
 from pipeline.schemas import BUCKET_SECONDS, DEMAND, REQUEST_LOG
 from pipeline.storage import Location
@@ -255,10 +256,11 @@ def system_demand_from_lake(lake: Location, since: datetime, until: datetime, st
                             lookback: timedelta = DEFAULT_LOOKBACK) -> SystemDemand:
     """:func:`system_demand` of the lake's request logs, streamed batch by batch (every request
     running in the window counts by its overlap, as in :func:`demand_from_lake`)."""
-    path = lake.path("request_logs")
-    if not lake.is_dir(path) and not lake.uri.startswith("s3://"):
-        raise FileNotFoundError(f"no request logs in the lake {lake.uri} (looked for {path}); run `warmcast ingest` first")
-    return system_demand(_request_batches(path, lake, since, until, lookback), since, until, step_s)
+    dataset = _lake_dataset(lake, since=since - LONG_REQUEST_HORIZON, until=until)
+    if dataset is None:
+        raise FileNotFoundError(f"no request logs in the lake {lake.uri} (looked for {lake.path('request_logs')}); "
+                                "run `warmcast ingest` first")
+    return system_demand(_running_batches(dataset, since, until, lookback, _SYSTEM_COLUMNS), since, until, step_s)
 
 
 def system_demand_from_landing(landing: Location, since: datetime, until: datetime, step_s: float = BUCKET_SECONDS,
@@ -275,11 +277,9 @@ def system_demand_from_landing(landing: Location, since: datetime, until: dateti
 _LANDING_PARQUET = re.compile(r"(?:^|/)date=\d{4}-\d{2}-\d{2}/hour=\d{2}/[^/]+\.parquet$")
 
 
-def _request_batches(source: str | list[str], loc: Location, since: datetime, until: datetime,
+def _request_batches(files: list[str], loc: Location, since: datetime, until: datetime,
                      lookback: timedelta) -> Iterable[pa.RecordBatch]:
-    base = source if isinstance(source, str) else loc.root
-    dataset = ds.dataset(source, filesystem=loc.fs, format="parquet", partitioning=_PARTITIONING,
-                         partition_base_dir=base)
+    dataset = ds.dataset(files, filesystem=loc.fs, format="parquet", partitioning=_PARTITIONING, partition_base_dir=loc.root)
     yield from _running_batches(dataset, since, until, lookback, _SYSTEM_COLUMNS)
 
 
@@ -321,13 +321,39 @@ def _window_filter(since: datetime | None, until: datetime | None, users: Sequen
     return flt
 
 
-def _lake_dataset(lake: Location, dictionary_columns: Sequence[str] = ()) -> ds.Dataset | None:
-    """The lake's request logs as a dataset; None when it has none yet."""
+def _lake_dataset(lake: Location, dictionary_columns: Sequence[str] = (), since: datetime | None = None,
+                  until: datetime | None = None) -> ds.Dataset | None:
+    """The lake's request logs as a dataset; None when it has none yet. With both ``since`` and
+    ``until``, only the ``date=`` partitions of the days from ``since`` to ``until`` are listed:
+    a lake keeps growing, and listing a year of it (over 100,000 files, each 5-minute slot one)
+    for every read would cost an S3 lake a hundred LIST calls where a day costs one."""
     path = lake.path("request_logs")
     if not lake.is_dir(path) and not lake.uri.startswith("s3://"):
         return None
     fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=set(dictionary_columns))) if dictionary_columns else "parquet"
-    return ds.dataset(path, filesystem=lake.fs, format=fmt, partitioning=_PARTITIONING)
+    if since is None or until is None or (until.date() - since.date()).days > _LIST_DAYS_MAX:
+        return ds.dataset(path, filesystem=lake.fs, format=fmt, partitioning=_PARTITIONING)
+    files = []
+    day, last = since.date(), until.date()
+    while day <= last:
+        selector = pafs.FileSelector(lake.path("request_logs", f"date={day.isoformat()}"), recursive=True, allow_not_found=True)
+        files += [i.path for i in lake.fs.get_file_info(selector) if i.type == pafs.FileType.File and _is_data_file(i.path)]
+        day += timedelta(days=1)
+    if not files:  # nothing in those days: no rows (a dataset of no files would not know the columns)
+        return ds.dataset(REQUEST_LOG.empty_table().append_column("date", pa.array([], pa.string()))
+                          .append_column("hour", pa.array([], pa.string())))
+    return ds.dataset(sorted(files), filesystem=lake.fs, format=fmt, partitioning=_PARTITIONING, partition_base_dir=path)
+
+
+#: Longer windows list the whole lake at once (one listing beats this many per-day ones).
+_LIST_DAYS_MAX = 62
+
+
+def _is_data_file(path: str) -> bool:
+    """A lake data file, as a directory scan finds them: Parquet, not hidden or ``_``-prefixed (the
+    validation results and staged files beside the partitions)."""
+    name = path.rsplit("/", 1)[-1]
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
 
 
 def lake_batches(lake: Location, since: datetime | None, until: datetime | None, columns: Sequence[str],
@@ -336,7 +362,7 @@ def lake_batches(lake: Location, since: datetime | None, until: datetime | None,
     (default all), ``columns`` only, a batch of at most :data:`_BATCH_ROWS` rows at a time (none
     when the lake has no request logs yet). ``dictionary_columns`` come as the Parquet
     dictionaries they are stored as (ids: a few distinct values over millions of rows)."""
-    dataset = _lake_dataset(lake, dictionary_columns)
+    dataset = _lake_dataset(lake, dictionary_columns, since, until)
     if dataset is None:
         return
     yield from dataset.to_batches(columns=list(columns), filter=_window_filter(since, until, users), batch_size=_BATCH_ROWS)
@@ -349,7 +375,7 @@ def read_requests(lake: Location, since: datetime | None = None, until: datetime
     demand or the users active in a window, :func:`demand_from_lake` and :func:`active_users`
     stream instead."""
     schema = REQUEST_LOG if columns is None else pa.schema([REQUEST_LOG.field(c) for c in columns])
-    dataset = _lake_dataset(lake)
+    dataset = _lake_dataset(lake, since=since, until=until)
     if dataset is None:
         return schema.empty_table()
     table = dataset.to_table(columns=schema.names, filter=_window_filter(since, until, users))
@@ -372,7 +398,7 @@ def demand_from_lake(lake: Location, since: datetime | None = None, until: datet
     """
     lo = None if since is None else int(since.timestamp()) * _US
     hi = None if until is None else int(until.timestamp()) * _US
-    dataset = _lake_dataset(lake)
+    dataset = _lake_dataset(lake, since=None if since is None else since - LONG_REQUEST_HORIZON, until=until)
     if dataset is None:
         return DEMAND.empty_table()
     partials: list[pa.Table] = []

@@ -226,3 +226,36 @@ def test_a_request_that_began_before_the_look_back_still_counts_while_it_runs(tm
         assert system.cpu_cores[: len(running)].tolist() == pytest.approx([4.0 + (1 / 300 if (t - T0).seconds % 7200 == 1800 else 0)
                                                                           for t in running])
         assert d.filter(pc.equal(d["user_id"], "batch")).num_rows == len(running) + 1
+
+
+def test_a_window_lists_only_its_days_partitions(tmp_path):
+    """A read with both bounds lists the ``date=`` partitions of its days only (and finds the same
+    rows as a scan of the whole lake); the validation results and anything ``_``- or
+    ``.``-prefixed beside the partitions are not data."""
+    from pipeline.demand import _lake_dataset
+
+    landing = open_location(str(tmp_path / "landing"))
+    days = [T0 + timedelta(days=k, hours=1) for k in (0, 1, 2, 9)]
+    write_landing(landing, make_request_table([{"user_id": f"u{k}", "ts": t} for k, t in enumerate(days)]), "a")
+    settings = load_settings(overrides={"lake": str(tmp_path / "lake"), "landing": str(tmp_path / "landing")}, environ={})
+    for t in days:
+        ingest_interval(settings, t - timedelta(hours=1), t + timedelta(hours=1))
+    lake = open_location(str(tmp_path / "lake"))
+    stray = tmp_path / "lake" / "request_logs" / f"date={days[0]:%Y-%m-%d}" / f"hour={days[0]:%H}" / ".partial.parquet"
+    stray.write_bytes(b"not parquet")
+    window = _lake_dataset(lake, since=T0 + timedelta(days=1), until=T0 + timedelta(days=2, hours=3))
+    assert sorted({f.split("/date=")[1][:10] for f in window.files}) == ["2026-03-03", "2026-03-04"]
+    assert all(f.endswith(".parquet") and "/_" not in f and "/." not in f for f in window.files)
+    whole = _lake_dataset(lake)
+    assert len(whole.files) > len(window.files)
+    since, until = T0 + timedelta(days=1), T0 + timedelta(days=2, hours=3)
+    assert read_requests(lake, since, until)["user_id"].to_pylist() == ["u1", "u2"]
+    assert demand_from_lake(lake, since, until)["user_id"].unique().to_pylist() == ["u1", "u2"]
+    assert read_requests(lake)["user_id"].to_pylist() == ["u0", "u1", "u2", "u3"]  # no bounds: the whole lake
+    # days without a file (the lake exists): no rows, not an error
+    from pipeline.demand import active_users, system_demand_from_lake
+
+    gap = (T0 + timedelta(days=4), T0 + timedelta(days=5))
+    assert read_requests(lake, *gap).num_rows == 0 and read_requests(lake, *gap).schema == read_requests(lake).schema
+    assert demand_from_lake(lake, *gap).num_rows == 0 and active_users(lake, *gap) == set()
+    assert system_demand_from_lake(lake, T0 + timedelta(days=30), T0 + timedelta(days=31)).cpu_cores.sum() == 0
