@@ -59,6 +59,9 @@ _BATCH_ROWS = 1 << 20
 DEMAND_INPUT_COLUMNS = ("user_id", "ts", "duration_s", "cpu_cores", "memory_mb", "gpus")
 #: Rows of per-batch partial sums a streamed read keeps before folding them into one table.
 _FOLD_ROWS = 1 << 22
+#: A window read lists the ``date=`` partitions of its days one by one; longer windows list the
+#: whole lake at once (one listing beats this many per-day ones).
+_LIST_DAYS_MAX = 62
 
 
 def _bucket_span(start_us: np.ndarray, duration_s: np.ndarray, step_us: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -343,10 +346,6 @@ def _lake_dataset(lake: Location, dictionary_columns: Sequence[str] = (), since:
         return ds.dataset(REQUEST_LOG.empty_table().append_column("date", pa.array([], pa.string()))
                           .append_column("hour", pa.array([], pa.string())))
     return ds.dataset(sorted(files), filesystem=lake.fs, format=fmt, partitioning=_PARTITIONING, partition_base_dir=path)
-
-
-#: Longer windows list the whole lake at once (one listing beats this many per-day ones).
-_LIST_DAYS_MAX = 62
 
 
 def _is_data_file(path: str) -> bool:
