@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -315,8 +315,8 @@ def _window_filter(since: datetime | None, until: datetime | None, users: Sequen
     if users is not None:
         conds.append(ds.field("user_id").isin(list(users)))
     if since is not None or until is not None:
-        lo = (since or datetime(1970, 1, 1, tzinfo=until.tzinfo)).date().isoformat()
-        hi = until.date().isoformat() if until else "9999-12-31"
+        lo = _utc_day(since).isoformat() if since else "1970-01-01"
+        hi = _utc_day(until).isoformat() if until else "9999-12-31"
         conds.append((ds.field("date") >= lo) & (ds.field("date") <= hi))
     flt = None
     for cond in conds:
@@ -334,10 +334,10 @@ def _lake_dataset(lake: Location, dictionary_columns: Sequence[str] = (), since:
     if not lake.is_dir(path) and not lake.uri.startswith("s3://"):
         return None
     fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=set(dictionary_columns))) if dictionary_columns else "parquet"
-    if since is None or until is None or (until.date() - since.date()).days > _LIST_DAYS_MAX:
+    if since is None or until is None or (_utc_day(until) - _utc_day(since)).days > _LIST_DAYS_MAX:
         return ds.dataset(path, filesystem=lake.fs, format=fmt, partitioning=_PARTITIONING)
     files = []
-    day, last = since.date(), until.date()
+    day, last = _utc_day(since), _utc_day(until)
     while day <= last:
         selector = pafs.FileSelector(lake.path("request_logs", f"date={day.isoformat()}"), recursive=True, allow_not_found=True)
         files += [i.path for i in lake.fs.get_file_info(selector) if i.type == pafs.FileType.File and _is_data_file(i.path)]
@@ -346,6 +346,11 @@ def _lake_dataset(lake: Location, dictionary_columns: Sequence[str] = (), since:
         return ds.dataset(REQUEST_LOG.empty_table().append_column("date", pa.array([], pa.string()))
                           .append_column("hour", pa.array([], pa.string())))
     return ds.dataset(sorted(files), filesystem=lake.fs, format=fmt, partitioning=_PARTITIONING, partition_base_dir=path)
+
+
+def _utc_day(t: datetime) -> date:
+    """The UTC day of ``t`` (the lake's ``date=`` partitions are UTC days; naive times are UTC)."""
+    return (t.astimezone(timezone.utc) if t.tzinfo else t).date()
 
 
 def _is_data_file(path: str) -> bool:

@@ -252,6 +252,10 @@ def test_a_window_lists_only_its_days_partitions(tmp_path):
     assert read_requests(lake, since, until)["user_id"].to_pylist() == ["u1", "u2"]
     assert demand_from_lake(lake, since, until)["user_id"].unique().to_pylist() == ["u1", "u2"]
     assert read_requests(lake)["user_id"].to_pylist() == ["u0", "u1", "u2", "u3"]  # no bounds: the whole lake
+    plus2 = timezone(timedelta(hours=2))  # the same window written in another zone: the same UTC days
+    assert read_requests(lake, since.astimezone(plus2), until.astimezone(plus2)).equals(read_requests(lake, since, until))
+    early = (T0 + timedelta(days=1, minutes=30)).astimezone(timezone(timedelta(hours=14)))  # 10:30 UTC is the next day at +14:00
+    assert read_requests(lake, early, early + timedelta(hours=1))["user_id"].to_pylist() == ["u1"]
     # days without a file (the lake exists): no rows, not an error
     from pipeline.demand import active_users, system_demand_from_lake
 
