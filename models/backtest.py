@@ -61,7 +61,7 @@ from models.calibration import CALIBRATION_BUFFERS, calibrated, head_quantiles, 
 from models.module import N_HORIZONS, N_QUANTILES, N_RESOURCES, StackedLSTM
 from models.train import TrainConfig, TrainedModels, holdout_batches, train
 from pipeline.demand import demand_from_lake
-from pipeline.schemas import DEMAND, DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, USER_FORECAST, zero_bounds
+from pipeline.schemas import DEMAND_RESOURCES, HORIZONS_MIN, QUANTILE_COLUMNS, USER_FORECAST, zero_bounds
 from pipeline.storage import Location
 
 LSTM, GLOBAL = "lstm", "global"
